@@ -1,0 +1,69 @@
+"""mmload: a GPU-accelerated multimodal dataloader for PyTorch.
+
+The public API is small and lazy: ``import mmload`` imports neither DALI, cuDF, numba.cuda nor
+ray (nor the loader's own modules) until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DecodeError",
+    "DeviceError",
+    "ErrorPolicy",
+    "ImageConfig",
+    "IterableDataset",
+    "JoinError",
+    "Loader",
+    "MmloadError",
+    "ShardError",
+    "ShuffleConfig",
+    "World",
+    "__version__",
+]
+
+_WHERE = {
+    "ConfigError": "mmload.errors",
+    "DecodeError": "mmload.errors",
+    "DeviceError": "mmload.errors",
+    "JoinError": "mmload.errors",
+    "MmloadError": "mmload.errors",
+    "ShardError": "mmload.errors",
+    "ErrorPolicy": "mmload.config",
+    "ImageConfig": "mmload.config",
+    "ShuffleConfig": "mmload.config",
+    "IterableDataset": "mmload.loader",
+    "Loader": "mmload.loader",
+    "World": "mmload.plan",
+}
+
+if TYPE_CHECKING:
+    from mmload.config import ErrorPolicy, ImageConfig, ShuffleConfig
+    from mmload.errors import (
+        ConfigError,
+        DecodeError,
+        DeviceError,
+        JoinError,
+        MmloadError,
+        ShardError,
+    )
+    from mmload.loader import IterableDataset, Loader
+    from mmload.plan import World
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmload' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

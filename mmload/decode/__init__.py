@@ -1,0 +1,39 @@
+"""Decoding: per-field decoders, image batch decode (DALI or PIL), bad-sample replacement.
+
+See README.md in this folder for the flow.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from mmload.config import ImageConfig
+from mmload.decode.batch import BatchDecoder, FieldPlan, ImageDecoder
+from mmload.errors import ConfigError
+
+__all__ = ["BatchDecoder", "FieldPlan", "ImageDecoder", "make_image_decoder"]
+
+
+def make_image_decoder(
+    cfg: ImageConfig,
+    max_batch: int,
+    *,
+    device: Literal["cpu", "cuda"],
+    device_id: int | None,
+    threads: int,
+) -> ImageDecoder:
+    """The image decoder for ``cfg.backend``: DALI (``auto`` when installed) or PIL."""
+    from mmload.decode.dali import DaliImageDecoder, dali_available
+
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "dali" if dali_available() else "pil"
+    if backend == "dali":
+        if not dali_available():
+            raise ConfigError(
+                "image backend 'dali' needs nvidia-dali-cuda130 (pip install nvidia-dali-cuda130)"
+            )
+        return DaliImageDecoder(cfg, max_batch, device=device, device_id=device_id, threads=threads)
+    from mmload.decode.image import PilImageDecoder
+
+    return PilImageDecoder(cfg, threads)

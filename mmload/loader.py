@@ -1,0 +1,346 @@
+"""``Loader`` and the drop-in ``IterableDataset``: the public face of the data path.
+
+Both take the same arguments and yield whole batches: ``{"__key__": [B keys], field: tensor or
+list, ...}``. ``Loader`` runs its stages in background threads of the calling process and keeps
+the resume cursor itself; ``IterableDataset`` runs inside ``torch.utils.data.DataLoader``
+workers (``batch_size=None``), each worker producing every ``num_workers``-th batch of its rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.utils.data
+
+from mmload.config import ErrorPolicy, ImageConfig, ShuffleConfig
+from mmload.device import parse_device
+from mmload.distributed.world import resolve_world
+from mmload.errors import BadEntry, ConfigError
+from mmload.pipeline import LoaderOptions, Pipeline, default_threads, iter_epoch, validate_fields
+from mmload.plan import LoaderState, Schedule
+from mmload.sources import Dataset
+from mmload.stats import Stats
+
+__all__ = ["IterableDataset", "Loader"]
+
+log = logging.getLogger(__name__)
+
+Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+class _Base:
+    """Construction and resume state shared by Loader and IterableDataset."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        batch_size: int,
+        device: str | torch.device = "cpu",
+        shuffle: bool | ShuffleConfig = False,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        fields: Sequence[str] | None = None,
+        image: ImageConfig | None = None,
+        image_fields: Sequence[str] | None = None,
+        key_column: str | None = "__key__",
+        on_error: str = "raise",
+        max_bad_samples: int | float = 0,
+        threads: int | None = None,
+        prefetch: int = 2,
+        cache_dir: str | os.PathLike[str] | None = None,
+        index_cache: bool = True,
+        allow_pipe: bool = False,
+        epoch: int = 0,
+    ) -> None:
+        if isinstance(shuffle, bool):
+            shuffle_cfg = ShuffleConfig() if shuffle else None
+        elif isinstance(shuffle, ShuffleConfig):
+            shuffle_cfg = shuffle
+        else:
+            raise ConfigError(f"shuffle={shuffle!r}: must be a bool or ShuffleConfig")
+        policy = ErrorPolicy(on_error, max_bad_samples)  # type: ignore[arg-type]
+        self.world = resolve_world(rank, world_size)
+        self.opts = LoaderOptions(
+            batch_size=batch_size,
+            device=parse_device(device),
+            shuffle=shuffle_cfg,
+            seed=seed,
+            drop_last=bool(drop_last),
+            fields=validate_fields(fields),
+            image_fields=frozenset(image_fields) if image_fields is not None else None,
+            image=image if image is not None else ImageConfig(),
+            key_column=key_column,
+            policy=policy,
+            threads=threads if threads is not None else default_threads(),
+            prefetch=prefetch,
+        )
+        self._threads_given = threads is not None
+        ds = Dataset.open(
+            source,
+            key_column=key_column,
+            skip_bad=policy.on_error == "skip",
+            cache_dir=cache_dir,
+            index_cache=index_cache,
+            allow_pipe=allow_pipe,
+        )
+        self._pipe = Pipeline(ds, self.opts)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch={epoch!r}: must be a non-negative int")
+        self._epoch = epoch
+        self._start = 0
+        self._stats = Stats()
+        if ds.bad:
+            self._stats.add_listed(ds.bad)
+
+    # -- plan and state -----------------------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in one epoch of the data set (all ranks)."""
+        return self._pipe.ds.num_samples
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def _schedule(self, start: int | None = None) -> Schedule:
+        return self._pipe.schedule(self.world.world_size, self._start if start is None else start)
+
+    def __len__(self) -> int:
+        """Batches this rank gets in a whole epoch."""
+        return self._schedule(0).num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning; the current epoch (e.g. after a resume) is kept."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ConfigError(f"epoch={epoch!r}: must be a non-negative int")
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._start = 0
+
+    def _state(self, consumed: int) -> dict[str, int]:
+        epoch = self._epoch
+        if consumed >= self.num_samples:
+            epoch, consumed = epoch + 1, 0
+        return LoaderState(
+            epoch=epoch,
+            seed=self.opts.seed,
+            samples_consumed=consumed,
+            num_samples=self.num_samples,
+            global_batch_size=self.opts.batch_size * self.world.world_size,
+        ).to_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume exactly where ``state`` was taken; any world size works (same global order)."""
+        st = LoaderState.from_dict(state)
+        if st.seed != self.opts.seed:
+            raise ConfigError(
+                f"state_dict seed {st.seed} differs from this loader's seed {self.opts.seed}"
+            )
+        if st.num_samples != self.num_samples:
+            raise ConfigError(
+                f"state_dict was taken over {st.num_samples} samples, this data set has "
+                f"{self.num_samples}: the shards changed, so the order cannot be resumed"
+            )
+        if not 0 <= st.samples_consumed <= st.num_samples:
+            raise ConfigError(f"state_dict samples_consumed={st.samples_consumed} out of range")
+        gbs = self.opts.batch_size * self.world.world_size
+        if st.global_batch_size != gbs:
+            log.warning(
+                "resuming with global batch size %d (saved with %d): the remaining samples are "
+                "exact, but batches are cut differently from the original run",
+                gbs,
+                st.global_batch_size,
+            )
+        self._epoch = st.epoch
+        self._start = st.samples_consumed
+
+    def _stats_dict(self, stats: Stats) -> dict[str, Any]:
+        sched = self._schedule()
+        ds = self._pipe.ds
+        return {
+            **stats.snapshot(),
+            "epoch": self._epoch,
+            "samples_consumed": self._start,
+            "num_samples": self.num_samples,
+            "num_shards": len(ds.shards),
+            "index_seconds": ds.index_seconds,
+            "padded_per_epoch": self._schedule(0).padded,
+            "dropped_per_epoch": self._schedule(0).dropped,
+            "batches_per_epoch": self._schedule(0).num_batches,
+            "remaining_batches": sched.num_batches,
+            "rank": self.world.rank,
+            "world_size": self.world.world_size,
+        }
+
+    def close(self) -> None:
+        self._pipe.close()
+
+
+class Loader(_Base):
+    """Iterates batches of ``source`` on ``device``; resumable; a context manager.
+
+    ``source``: tar/Parquet/Arrow shards as a path, brace pattern, glob, directory, fsspec URL or
+    a list of these. Each batch is a dict: ``"__key__"`` (list of ``batch_size`` keys) and one
+    entry per field: images ``[B, 3, H, W]`` (``image.dtype``, default float16, normalised),
+    ``.cls`` ``int64 [B]``, numeric columns as tensors, text/json/bytes as lists.
+
+    Iterating runs one epoch from the resume cursor; after a whole epoch the next iteration
+    starts the next epoch (call ``set_epoch`` to choose). ``state_dict()`` after batch ``k``
+    resumes at batch ``k + 1``, also on another world size.
+    """
+
+    def __init__(self, source: Source, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        self._active: Iterator[Any] | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._closed:
+            raise ConfigError("this Loader is closed")
+        self._close_active()
+        gen = self._iterate()
+        self._active = gen
+        return gen
+
+    def _iterate(self) -> Iterator[dict[str, Any]]:
+        epoch = self._epoch
+        sched = self._schedule()
+        world = self.world
+        self._stats.start_epoch(self._pipe.process_budget(world))
+        if self._start == 0:
+            self._stats.add("samples_padded", sched.padded)
+            self._stats.add("samples_dropped", sched.dropped)
+        for k, batch in iter_epoch(self._pipe, epoch, sched, world, self._stats):
+            self._start = sched.consumed_after(k + 1)
+            yield batch
+        self._epoch, self._start = epoch + 1, 0
+
+    def _close_active(self) -> None:
+        if self._active is not None:
+            self._active.close()  # type: ignore[attr-defined]
+            self._active = None
+
+    def state_dict(self) -> dict[str, int]:
+        """The resume cursor after the batches yielded so far: a few ints (JSON-safe)."""
+        return self._state(self._start)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, timings, padded/dropped samples and the bad samples (key, shard, reason)."""
+        return self._stats_dict(self._stats)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._close_active()
+        super().close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            self.close()
+
+
+class IterableDataset(_Base, torch.utils.data.IterableDataset):  # type: ignore[misc]
+    """Drop-in ``torch.utils.data.IterableDataset`` yielding whole batches.
+
+    Use ``DataLoader(ds, batch_size=None, num_workers=N)``: worker ``w`` produces the rank's
+    batches ``w, w + N, ...``, which DataLoader returns in round-robin order, so the batch
+    sequence is the same for any ``N`` and no sample is duplicated or missing. Call
+    ``set_epoch(e)`` before each epoch (worker processes cannot advance it), and checkpoint with
+    ``state_dict(batches_consumed)``. ``stats()`` merges the statistics that workers spool to disk.
+    ``device="cuda"`` works with ``num_workers=0`` only (CUDA cannot be used in forked workers).
+    """
+
+    def __init__(self, source: Source, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        self._spool = tempfile.mkdtemp(prefix="mmload-stats-")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        world = self.world if info is None else self.world.with_worker(info.id, info.num_workers)
+        if info is not None and self.opts.device.type == "cuda":
+            raise ConfigError(
+                "IterableDataset(device='cuda') cannot run in DataLoader worker processes; use "
+                "num_workers=0, or mmload.Loader, or device='cpu' with pin_memory=True"
+            )
+        if info is not None and not self._threads_given:
+            self._pipe.opts = replace(self.opts, threads=default_threads(info.num_workers))
+        stats = self._stats if info is None else self._worker_stats()
+        stats.start_epoch(self._pipe.process_budget(world))
+        sched = self._schedule()
+        try:
+            for i, (_k, batch) in enumerate(
+                iter_epoch(self._pipe, self._epoch, sched, world, stats)
+            ):
+                if info is not None and (i % 50 == 0 or stats.counters["bad_samples"]):
+                    self._spool_write(stats, info.id)
+                yield batch
+        finally:
+            if info is not None:
+                self._spool_write(stats, info.id)
+
+    def _worker_stats(self) -> Stats:
+        # One Stats per worker process, kept across epochs when workers are persistent.
+        mine = getattr(self, "_wstats", None)
+        if mine is None or mine[0] != os.getpid():
+            mine = (os.getpid(), Stats())
+            self._wstats = mine
+        return mine[1]
+
+    def _spool_write(self, stats: Stats, worker: int) -> None:
+        path = os.path.join(self._spool, f"worker-{worker}-{os.getpid()}.json")
+        snap = stats.snapshot()
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"counters": {k: snap[k] for k in stats.counters}, "bad": snap["bad"]}, f)
+        os.replace(tmp, path)
+
+    def state_dict(self, batches_consumed: int) -> dict[str, int]:
+        """The resume cursor after the trainer consumed ``batches_consumed`` batches of the
+        current iteration (counted from where this epoch started or resumed)."""
+        sched = self._schedule()
+        if not 0 <= batches_consumed <= sched.num_batches:
+            raise ConfigError(
+                f"batches_consumed={batches_consumed}: "
+                f"this iteration has {sched.num_batches} batches"
+            )
+        return self._state(sched.consumed_after(batches_consumed))
+
+    def stats(self) -> dict[str, Any]:
+        """In-process statistics merged with what every worker process spooled."""
+        merged = Stats()
+        merged.counters.update(self._stats.counters)
+        merged.bad.extend(self._stats.bad)
+        for name in sorted(os.listdir(self._spool)) if os.path.isdir(self._spool) else []:
+            if not name.endswith(".json"):
+                continue
+            with open(os.path.join(self._spool, name), encoding="utf-8") as f:
+                d = json.load(f)
+            for k, v in d["counters"].items():
+                merged.counters[k] = merged.counters.get(k, 0) + v
+            merged.bad.extend(BadEntry(**b) for b in d["bad"])
+        return self._stats_dict(merged)
+
+    def close(self) -> None:
+        super().close()
+        if os.path.isdir(self._spool):
+            for name in os.listdir(self._spool):
+                os.unlink(os.path.join(self._spool, name))
+            os.rmdir(self._spool)

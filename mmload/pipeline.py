@@ -1,0 +1,217 @@
+"""The data path of one process, assembled in one readable function.
+
+``Pipeline`` holds what lives across epochs (the indexed data set, the field plan, the image
+decoder); ``Pipeline.run`` builds the stage chain of one epoch for one rank/worker:
+
+    batch numbers -> [read thread: plan -> ids -> Dataset.read] -> [decode thread: BatchDecoder]
+                  -> [copy thread: host->device, when device is cuda] -> consumer
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmload.config import ErrorPolicy, ImageConfig, ShuffleConfig
+from mmload.decode import BatchDecoder, FieldPlan, ImageDecoder, make_image_decoder
+from mmload.decode.fields import field_kind
+from mmload.device import DeviceCopier
+from mmload.errors import ConfigError, ShardError
+from mmload.plan import EpochOrder, Schedule, World
+from mmload.sources import Dataset
+from mmload.stages import Stage
+from mmload.stats import Stats
+
+__all__ = ["LoaderOptions", "Pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """Everything ``Loader``/``IterableDataset`` take besides the source, validated."""
+
+    batch_size: int
+    device: torch.device
+    shuffle: ShuffleConfig | None
+    seed: int
+    drop_last: bool
+    fields: tuple[str, ...] | None
+    image_fields: frozenset[str] | None
+    image: ImageConfig
+    key_column: str | None
+    policy: ErrorPolicy
+    threads: int
+    prefetch: int
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or self.batch_size < 1
+        ):
+            raise ConfigError(f"batch_size={self.batch_size!r}: must be a positive int")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r}: must be a non-negative int")
+        if self.threads < 1:
+            raise ConfigError(f"threads={self.threads!r}: must be >= 1")
+        if self.prefetch < 1:
+            raise ConfigError(f"prefetch={self.prefetch!r}: must be >= 1")
+
+
+def _field_plan(ds: Dataset, opts: LoaderOptions) -> FieldPlan:
+    """Fields of every batch: ``opts.fields``, else those of the data set's first sample."""
+    first = ds.read(np.array([0], dtype=np.int64))[0]
+    if isinstance(first, ShardError):
+        if opts.fields is None:
+            raise first
+        first = {}
+    names = opts.fields
+    if names is None:
+        names = tuple(sorted(k for k in first if not k.startswith("__")))
+        log.info("batch fields (from the first sample): %s", ", ".join(names))
+    kinds = {n: field_kind(n, first.get(n, b""), opts.image_fields) for n in names}
+    return FieldPlan(tuple(names), kinds)
+
+
+class Pipeline:
+    """Per-process state shared by every epoch of a Loader or IterableDataset."""
+
+    def __init__(self, ds: Dataset, opts: LoaderOptions) -> None:
+        self.ds = ds
+        self.opts = opts
+        self.fields = _field_plan(ds, opts)
+        self._read_fields = set(self.fields.names)
+        self._image_decoder: ImageDecoder | None = None
+        self._order: EpochOrder | None = None
+        global_budget = opts.policy.budget(ds.num_samples)
+        if len(ds.bad) > global_budget:
+            b = ds.bad[-1]
+            raise ShardError(
+                f"{len(ds.bad)} bad shards/samples found while indexing exceed "
+                f"max_bad_samples={opts.policy.max_bad_samples}; last: {b.reason}",
+                shard=b.shard,
+                key=b.key,
+            )
+        self.global_budget = global_budget
+
+    # -- plan ---------------------------------------------------------------------------------
+
+    def order(self, epoch: int) -> EpochOrder:
+        if self._order is None or self._order.epoch != epoch:
+            self._order = EpochOrder(
+                self.ds.chunk_counts, seed=self.opts.seed, epoch=epoch, shuffle=self.opts.shuffle
+            )
+        return self._order
+
+    def schedule(self, world_size: int, start: int) -> Schedule:
+        return Schedule(
+            num_samples=self.ds.num_samples,
+            batch_size=self.opts.batch_size,
+            world_size=world_size,
+            start=start,
+            drop_last=self.opts.drop_last,
+        )
+
+    def process_budget(self, world: World) -> int:
+        """This rank/worker's share of the epoch's bad-sample budget (rounded up)."""
+        left = max(self.global_budget - len(self.ds.bad), 0)
+        return math.ceil(left / (world.world_size * world.num_workers)) if left else 0
+
+    # -- one epoch ----------------------------------------------------------------------------
+
+    def _decoder(self) -> ImageDecoder | None:
+        if self._image_decoder is None and self.fields.image_fields:
+            dev = self.opts.device
+            self._image_decoder = make_image_decoder(
+                self.opts.image,
+                self.opts.batch_size,
+                device="cuda" if dev.type == "cuda" else "cpu",
+                device_id=dev.index,
+                threads=self.opts.threads,
+            )
+        return self._image_decoder
+
+    def run(
+        self, epoch: int, schedule: Schedule, world: World, stats: Stats
+    ) -> Stage[Any, tuple[int, dict[str, Any]]]:
+        """The stage chain yielding ``(k, batch)`` for ``world``'s batches of one epoch."""
+        order = self.order(epoch)
+        decoder = BatchDecoder(
+            self.fields, self.opts.image, self._decoder(), self.opts.policy, stats, self.opts.seed
+        )
+        read_fields = self._read_fields
+
+        def read(k: int) -> tuple[int, list[Any]]:
+            t0 = time.perf_counter()
+            ids = order[schedule.positions(world.rank, k)]
+            raw = self.ds.read(ids, read_fields)
+            stats.time("read", time.perf_counter() - t0)
+            return k, raw
+
+        def decode(item: tuple[int, list[Any]]) -> tuple[int, dict[str, Any]]:
+            k, raw = item
+            return k, decoder(raw, epoch)
+
+        depth = self.opts.prefetch
+        reader = Stage(schedule.worker_batches(world), read, depth=depth, name="read")
+        decoded: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
+            reader, decode, depth=depth, name="decode"
+        )
+        if self.opts.device.type != "cuda":
+            return decoded
+        copier = DeviceCopier(self.opts.device)
+
+        def copy(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+            k, batch = item
+            moved, event = copier(batch)
+            return k, {"__event__": (copier, event), **moved}
+
+        return Stage(decoded, copy, depth=depth, name="copy")
+
+    def close(self) -> None:
+        if self._image_decoder is not None:
+            self._image_decoder.close()
+            self._image_decoder = None
+        self.ds.close()
+
+
+def default_threads(num_workers: int = 1) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+
+
+def iter_epoch(
+    pipe: Pipeline, epoch: int, schedule: Schedule, world: World, stats: Stats
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(k, batch)`` pairs, ready for the consumer (device copies synchronised)."""
+    run = pipe.run(epoch, schedule, world, stats)
+    try:
+        for k, batch in run:
+            marker = batch.pop("__event__", None)
+            if marker is not None:
+                copier, event = marker
+                batch = copier.ready(batch, event)
+            stats.add("batches")
+            stats.add("samples", len(batch["__key__"]))
+            yield k, batch
+    finally:
+        run.close()
+
+
+def validate_fields(fields: Sequence[str] | None) -> tuple[str, ...] | None:
+    if fields is None:
+        return None
+    if isinstance(fields, str):
+        return (fields,)
+    out = tuple(fields)
+    if not out or not all(isinstance(f, str) and f for f in out):
+        raise ConfigError(f"fields={fields!r}: must be a non-empty sequence of field names")
+    return out

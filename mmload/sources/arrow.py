@@ -1,0 +1,175 @@
+"""Arrow IPC and Parquet shards: one row is one sample, read by record batch / row group.
+
+A *chunk* is a Parquet row group or an Arrow record batch; the plan shuffles chunks, then
+samples within groups of chunks, so a reader keeps only a few decoded chunks in memory.
+Binary columns are media fields (their bytes are returned unchanged), other columns are values.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from mmload.errors import ShardError
+
+__all__ = ["TableIndex", "TableReader", "index_table"]
+
+
+@dataclass
+class TableIndex:
+    """Row counts per chunk and the column names of one Arrow/Parquet shard."""
+
+    kind: str
+    chunk_rows: np.ndarray
+    columns: list[str]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.chunk_rows.sum())
+
+    def to_json(self) -> dict[str, object]:
+        return {"kind": self.kind, "chunk_rows": self.chunk_rows.tolist(), "columns": self.columns}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TableIndex:
+        return cls(d["kind"], np.asarray(d["chunk_rows"], dtype=np.int64), list(d["columns"]))
+
+
+def _open_arrow(
+    path: str, shard: str
+) -> tuple[pa.RecordBatchFileReader | None, list[pa.RecordBatch]]:
+    """An IPC *file* is memory-mapped for random access; an IPC *stream* is read whole."""
+    source = pa.memory_map(path, "r")
+    try:
+        return ipc.open_file(source), []
+    except pa.ArrowInvalid:
+        pass
+    try:
+        with ipc.open_stream(pa.memory_map(path, "r")) as r:
+            return None, list(r)
+    except pa.ArrowInvalid as e:
+        raise ShardError(f"not an Arrow IPC file or stream: {e}", shard=shard) from None
+
+
+def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> TableIndex:
+    """Read the footer/metadata of an Arrow or Parquet shard (no column data)."""
+    try:
+        if kind == "parquet":
+            try:
+                md = pq.ParquetFile(path).metadata
+            except (pa.ArrowInvalid, OSError) as e:
+                if isinstance(e, FileNotFoundError):
+                    raise
+                raise ShardError(f"not a readable Parquet file: {e}", shard=shard) from None
+            rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], np.int64)
+            columns = list(md.schema.to_arrow_schema().names)
+        else:
+            reader, batches = _open_arrow(path, shard)
+            if reader is not None:
+                rows = np.array(
+                    [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)],
+                    np.int64,
+                )
+                columns = list(reader.schema.names)
+            else:
+                rows = np.array([b.num_rows for b in batches], np.int64)
+                columns = list(batches[0].schema.names) if batches else []
+    except FileNotFoundError:
+        raise ShardError("shard file not found", shard=shard) from None
+    if key_column is not None and key_column not in columns:
+        raise ShardError(
+            f"key column {key_column!r} is missing (columns: {columns}); "
+            "pass key_column=<name>, or key_column=None to number rows",
+            shard=shard,
+        )
+    return TableIndex(kind, rows, columns)
+
+
+def _column_values(col: pa.Array) -> list[Any]:
+    t = col.type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return col.to_pylist()
+    if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
+        return [None if v is None else np.asarray(v) for v in col.to_pylist()]
+    if pa.types.is_timestamp(t):
+        return col.cast(pa.int64()).to_pylist()
+    return col.to_pylist()
+
+
+class TableReader:
+    """Reads rows of one shard, keeping up to ``cache_chunks`` decoded chunks (LRU)."""
+
+    def __init__(
+        self, path: str, index: TableIndex, *, shard: str, key_column: str | None, cache_chunks: int
+    ) -> None:
+        self.path = path
+        self.index = index
+        self.shard = shard
+        self.key_column = key_column
+        self._cache: OrderedDict[tuple[int, tuple[str, ...]], pa.RecordBatch | pa.Table] = (
+            OrderedDict()
+        )
+        self._cache_chunks = max(1, cache_chunks)
+        self._lock = threading.Lock()
+        self._pf: pq.ParquetFile | None = None
+        self._arrow: tuple[pa.RecordBatchFileReader | None, list[pa.RecordBatch]] | None = None
+
+    def _chunk(self, c: int, columns: tuple[str, ...]) -> pa.RecordBatch | pa.Table:
+        hit = self._cache.get((c, columns))
+        if hit is not None:
+            self._cache.move_to_end((c, columns))
+            return hit
+        try:
+            if self.index.kind == "parquet":
+                if self._pf is None:
+                    self._pf = pq.ParquetFile(self.path)
+                data: pa.RecordBatch | pa.Table = self._pf.read_row_group(c, columns=list(columns))
+            else:
+                if self._arrow is None:
+                    self._arrow = _open_arrow(self.path, self.shard)
+                reader, batches = self._arrow
+                data = reader.get_batch(c) if reader is not None else batches[c]
+                data = data.select(list(columns))
+        except (pa.ArrowException, OSError) as e:
+            raise ShardError(f"cannot read chunk {c}: {e}", shard=self.shard) from None
+        if data.num_rows != int(self.index.chunk_rows[c]):
+            raise ShardError(
+                f"chunk {c} has {data.num_rows} rows, the index says {self.index.chunk_rows[c]} "
+                "(shard changed after indexing?)",
+                shard=self.shard,
+            )
+        self._cache[(c, columns)] = data
+        if len(self._cache) > self._cache_chunks:
+            self._cache.popitem(last=False)
+        return data
+
+    def read(self, chunk: int, rows: np.ndarray, fields: set[str] | None) -> list[dict[str, Any]]:
+        """Samples ``rows`` (row numbers within ``chunk``) as dicts with ``__key__``."""
+        wanted = [
+            c for c in self.index.columns if fields is None or c in fields or c == self.key_column
+        ]
+        with self._lock:
+            data = self._chunk(chunk, tuple(wanted))
+        taken = data.take(pa.array(rows, pa.int64()))
+        cols = {name: _column_values(taken.column(name)) for name in wanted}
+        first_row = int(self.index.chunk_rows[:chunk].sum())
+        out: list[dict[str, Any]] = []
+        for j, r in enumerate(rows):
+            s = {name: vals[j] for name, vals in cols.items() if name != self.key_column}
+            if self.key_column is None:
+                key = f"{first_row + int(r)}"
+            else:
+                k = cols[self.key_column][j]
+                if k is None:
+                    raise ShardError(f"row {first_row + int(r)} has a null key", shard=self.shard)
+                key = k if isinstance(k, str) else str(k)
+            s["__key__"] = key
+            out.append(s)
+        return out

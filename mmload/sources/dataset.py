@@ -1,0 +1,266 @@
+"""A data set: its shards, their indexes, the chunk table the plan needs, and sample reads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmload.errors import BadEntry, ShardError
+from mmload.sources.arrow import TableIndex, TableReader
+from mmload.sources.fetch import default_cache_dir, localize
+from mmload.sources.index import ShardIndex, load_index
+from mmload.sources.spec import ShardSpec, expand
+from mmload.sources.tar import TarIndex
+
+__all__ = ["Dataset", "RawSample", "ShardInfo"]
+
+log = logging.getLogger(__name__)
+
+RawSample = dict[str, Any]
+"""One sample as read: ``__key__``, ``__shard__``, ``__id__`` and one entry per field."""
+
+_MAX_OPEN_FILES = 256
+
+
+@dataclass
+class ShardInfo:
+    spec: ShardSpec
+    path: str
+    index: ShardIndex
+
+    @property
+    def num_samples(self) -> int:
+        return self.index.num_samples
+
+
+@dataclass
+class Dataset:
+    """Shards with their indexes, and the chunk table over which the plan runs.
+
+    ``chunk_counts[c]`` samples belong to chunk ``c``; global sample ids are numbered chunk
+    after chunk. ``bad`` lists what indexing found bad (with ``on_error="skip"``).
+    """
+
+    shards: list[ShardInfo]
+    key_column: str | None
+    cache_chunks: int
+    bad: list[BadEntry] = field(default_factory=list)
+    index_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        counts: list[np.ndarray] = []
+        shard_of: list[np.ndarray] = []
+        first_row: list[np.ndarray] = []
+        for s, info in enumerate(self.shards):
+            idx = info.index
+            rows = idx.chunk_rows if isinstance(idx, TableIndex) else np.array([idx.num_samples])
+            counts.append(rows.astype(np.int64))
+            shard_of.append(np.full(len(rows), s, np.int64))
+            first_row.append(np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64))
+        self.chunk_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        self.chunk_shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int64)
+        self.chunk_first_row = np.concatenate(first_row) if first_row else np.zeros(0, np.int64)
+        self.chunk_start = np.concatenate([[0], np.cumsum(self.chunk_counts)]).astype(np.int64)
+        self._reset_handles()
+
+    def _reset_handles(self) -> None:
+        # Descriptors, readers and the lock belong to one process: a forked DataLoader worker
+        # must not inherit a lock another thread held at fork time.
+        self._pid = os.getpid()
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._tables: dict[int, TableReader] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.chunk_start[-1])
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        *,
+        key_column: str | None = "__key__",
+        skip_bad: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        index_cache: bool = True,
+        allow_pipe: bool = False,
+        cache_chunks: int = 64,
+        threads: int = 16,
+    ) -> Dataset:
+        """Expand ``spec``, fetch remote shards to ``cache_dir`` and index every shard.
+
+        With ``skip_bad`` a shard that cannot be opened is left out and listed in ``bad``;
+        otherwise its :class:`ShardError` is raised.
+        """
+        t0 = time.perf_counter()
+        specs = expand(spec, allow_pipe=allow_pipe)
+        cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+        def one(sp: ShardSpec) -> ShardInfo | BadEntry:
+            try:
+                path = localize(sp, cdir)
+                index = load_index(
+                    path,
+                    sp.kind,
+                    shard=sp.url,
+                    key_column=key_column,
+                    skip=skip_bad,
+                    cache_dir=cdir if index_cache else None,
+                )
+            except ShardError as e:
+                if not skip_bad:
+                    raise
+                return BadEntry(sp.url, e.key, e.reason)
+            return ShardInfo(sp, path, index)
+
+        with ThreadPoolExecutor(max(1, min(threads, len(specs)))) as pool:
+            results = list(pool.map(one, specs))
+        shards = [r for r in results if isinstance(r, ShardInfo)]
+        bad = [r for r in results if isinstance(r, BadEntry)]
+        for info in shards:
+            if isinstance(info.index, TarIndex):
+                bad += info.index.bad
+        if not shards:
+            raise ShardError("no readable shard in the spec", shard=str(spec))
+        ds = cls(shards, key_column, cache_chunks, bad, time.perf_counter() - t0)
+        log.info(
+            "indexed %d shards, %d samples in %.3fs", len(shards), ds.num_samples, ds.index_seconds
+        )
+        return ds
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chunk, shard, row within shard) of each global sample id."""
+        chunk = np.searchsorted(self.chunk_start, ids, side="right") - 1
+        row = ids - self.chunk_start[chunk] + self.chunk_first_row[chunk]
+        return chunk, self.chunk_shard[chunk], row
+
+    def _fd(self, s: int) -> int:
+        if self._pid != os.getpid():
+            self._reset_handles()
+        with self._lock:
+            fd = self._fds.get(s)
+            if fd is not None:
+                self._fds.move_to_end(s)
+                return fd
+            try:
+                fd = os.open(self.shards[s].path, os.O_RDONLY)
+            except OSError as e:
+                raise ShardError(
+                    f"cannot open shard: {e.strerror}", shard=self.shards[s].spec.url
+                ) from None
+            self._fds[s] = fd
+            if len(self._fds) > _MAX_OPEN_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def _table(self, s: int) -> TableReader:
+        if self._pid != os.getpid():
+            self._reset_handles()
+        with self._lock:
+            r = self._tables.get(s)
+            if r is None:
+                info = self.shards[s]
+                assert isinstance(info.index, TableIndex)
+                r = TableReader(
+                    info.path,
+                    info.index,
+                    shard=info.spec.url,
+                    key_column=self.key_column,
+                    cache_chunks=self.cache_chunks,
+                )
+                self._tables[s] = r
+            return r
+
+    def _read_tar(self, s: int, row: int, fields: set[str] | None) -> RawSample:
+        info = self.shards[s]
+        idx = info.index
+        assert isinstance(idx, TarIndex)
+        key = idx.keys[row]
+        sample: RawSample = {"__key__": key}
+        fd = self._fd(s)
+        for m in idx.members(row):
+            fld = idx.fields[m]
+            if fields is not None and fld not in fields:
+                continue
+            size = int(idx.sizes[m])
+            data = os.pread(fd, size, int(idx.offsets[m]))
+            if len(data) != size:
+                raise ShardError(
+                    f"short read of field {fld!r}: {len(data)} of {size} bytes "
+                    "(shard truncated after indexing?)",
+                    shard=info.spec.url,
+                    key=key,
+                )
+            sample[fld] = data
+        return sample
+
+    def read(self, ids: np.ndarray, fields: set[str] | None = None) -> list[RawSample | ShardError]:
+        """Read samples by global id, in order; a sample that cannot be read is its ShardError.
+
+        ``fields`` limits which members/columns are read (None: all).
+        """
+        chunk, shard, row = self.locate(np.asarray(ids, dtype=np.int64))
+        out: list[RawSample | ShardError] = [ShardError("unread", shard="")] * len(ids)
+        table_rows: dict[tuple[int, int], list[int]] = {}
+        for j in range(len(ids)):
+            s = int(shard[j])
+            if isinstance(self.shards[s].index, TarIndex):
+                try:
+                    sample = self._read_tar(s, int(row[j]), fields)
+                except ShardError as e:
+                    out[j] = e
+                    continue
+                sample["__shard__"] = self.shards[s].spec.url
+                sample["__id__"] = int(ids[j])
+                out[j] = sample
+            else:
+                table_rows.setdefault((s, int(chunk[j])), []).append(j)
+        for (s, c), js in table_rows.items():
+            reader = self._table(s)
+            local = row[js] - self.chunk_first_row[c]
+            try:
+                samples = reader.read(int(c - np.searchsorted(self.chunk_shard, s)), local, fields)
+            except ShardError as e:
+                for j in js:
+                    out[j] = e
+                continue
+            for j, smp in zip(js, samples, strict=True):
+                smp["__shard__"] = self.shards[s].spec.url
+                smp["__id__"] = int(ids[j])
+                out[j] = smp
+        return out
+
+    def close(self) -> None:
+        if self._pid != os.getpid():
+            self._reset_handles()
+            return
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._tables.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for k in ("_pid", "_fds", "_tables", "_lock"):
+            del state[k]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_handles()

@@ -1,0 +1,88 @@
+"""Background stages: a thread that maps a function over an upstream iterable into a bounded queue.
+
+A stage is a small iterable over its upstream. The worker thread stops on a stop event, every
+queue wait has a timeout, and an exception in the worker is re-raised in the consumer with the
+worker's traceback attached. ``close()`` is idempotent and also closes the upstream.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Stage"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+_POLL = 0.1
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class Stage(Generic[T, U]):
+    """``fn`` applied to each item of ``upstream`` in a background thread, ``depth`` ahead."""
+
+    def __init__(
+        self, upstream: Iterable[T], fn: Callable[[T], U], *, depth: int, name: str
+    ) -> None:
+        self._upstream = upstream
+        self._fn = fn
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"mmload-{name}", daemon=True)
+        self._started = False
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._upstream:
+                if self._stop.is_set() or not self._put(self._fn(item)):
+                    return
+            self._put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
+            self._put(_Failure(e))
+
+    def __iter__(self) -> Iterator[U]:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(f"{self._thread.name} stopped without a result") from None
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                self.close()
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._started and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+        up = self._upstream
+        if isinstance(up, Stage):
+            up.close()
