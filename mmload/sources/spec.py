@@ -72,39 +72,39 @@ def kind_of(url: str, *, sniff: bool = True) -> Kind:
 
 
 def _expand_braces(pattern: str) -> list[str]:
-    """Expand ``{a,b}`` alternatives and zero-padded ``{000..127}`` ranges (nested allowed)."""
-    m = _BRACE_RANGE.search(pattern)
-    if m:
-        lo, hi = m.group(1), m.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        a, b = int(lo), int(hi)
-        step = 1 if b >= a else -1
-        out: list[str] = []
-        for i in range(a, b + step, step):
-            out += _expand_braces(pattern[: m.start()] + str(i).zfill(width) + pattern[m.end() :])
-        return out
+    """Expand ``{a,b}`` alternatives and zero-padded ``{000..127}`` ranges, left to right."""
     start = pattern.find("{")
     if start < 0:
         return [pattern]
     depth = 0
     for end in range(start, len(pattern)):
-        c = pattern[end]
-        depth += c == "{"
-        depth -= c == "}"
+        depth += (pattern[end] == "{") - (pattern[end] == "}")
         if depth == 0:
             break
     else:
         raise ConfigError(f"shard pattern {pattern!r}: unbalanced braces")
-    body, alts, level, last = pattern[start + 1 : end], [], 0, 0
-    for i, c in enumerate(body):
-        level += (c == "{") - (c == "}")
-        if c == "," and level == 0:
-            alts.append(body[last:i])
-            last = i + 1
-    alts.append(body[last:])
-    out = []
+    head, body, tail = pattern[:start], pattern[start + 1 : end], pattern[end + 1 :]
+    m = _BRACE_RANGE.fullmatch("{" + body + "}")
+    if m:
+        lo, hi = m.group(1), m.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        a, b = int(lo), int(hi)
+        step = 1 if b >= a else -1
+        alts = [str(i).zfill(width) for i in range(a, b + step, step)]
+    else:
+        alts, level, last = [], 0, 0
+        for i, c in enumerate(body):
+            level += (c == "{") - (c == "}")
+            if c == "," and level == 0:
+                alts.append(body[last:i])
+                last = i + 1
+        alts.append(body[last:])
+        if len(alts) == 1:  # "{x}" is literal, as in bash
+            return [head + "{" + r for r in _expand_braces(body + "}" + tail)]
+    out: list[str] = []
     for alt in alts:
-        out += _expand_braces(pattern[:start] + alt + pattern[end + 1 :])
+        for rest in _expand_braces(alt + tail):
+            out.append(head + rest)
     return out
 
 

@@ -19,7 +19,7 @@ from mmload.errors import BadEntry, ShardError
 __all__ = ["TarIndex", "read_dali_idx", "scan_tar", "split_name"]
 
 _BLOCK = 512
-_NAME_RE = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
+_NAME_RE = re.compile(r"^((?:.*/)?[^./][^./]*)\.([^/]*)$")
 _REGULAR = (b"0", b"\0", b"7")
 _SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos
 
