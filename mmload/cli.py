@@ -1,0 +1,313 @@
+"""The ``mmload`` command: demo | inspect | index | bench | write."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from mmload.errors import MmloadError
+
+__all__ = ["main"]
+
+
+def _describe(value: Any) -> str:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"tensor {tuple(value.shape)} {dtype} on {value.device}"
+    if isinstance(value, list):
+        inner = type(value[0]).__name__ if value else "?"
+        return f"list[{inner}] of {len(value)}"
+    return type(value).__name__
+
+
+def _progress(total: int | None, desc: str, unit: str, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import mmload
+    from mmload.demo import demo_samples
+    from mmload.sources.write import write_tar_shards
+
+    out = args.out or tempfile.mkdtemp(prefix="mmload-demo-")
+    os.makedirs(out, exist_ok=True)
+    try:
+        print(f"mmload {mmload.__version__} demo: {args.samples} samples into {out}")
+        with _progress(args.samples, "generate", "sample", args.quiet) as bar:
+
+            def counted() -> Any:
+                for s in demo_samples(args.samples, seed=args.seed):
+                    bar.update(1)
+                    yield s
+
+            paths = write_tar_shards(
+                counted(), os.path.join(out, "demo-%05d.tar"), maxcount=args.per_shard
+            )
+        print(
+            f"wrote {len(paths)} WebDataset shards "
+            f"({sum(os.path.getsize(p) for p in paths) / 1e6:.1f} MB)"
+        )
+        loader = mmload.Loader(
+            paths,
+            batch_size=args.batch_size,
+            device=args.device,
+            shuffle=True,
+            seed=args.seed,
+            image=mmload.ImageConfig(size=args.image_size),
+            cache_dir=os.path.join(out, ".cache"),
+        )
+        with loader:
+            first: dict[str, Any] | None = None
+            t0 = time.perf_counter()
+            n = 0
+            for epoch in range(args.epochs):
+                with _progress(len(loader), f"epoch {epoch}", "batch", args.quiet) as bar:
+                    for batch in loader:
+                        first = first or batch
+                        n += len(batch["__key__"])
+                        bar.update(1)
+            dt = time.perf_counter() - t0
+            stats = loader.stats()
+        assert first is not None
+        print(
+            f"\nstreamed {n} samples in {dt:.2f}s: {n / dt:,.0f} samples/s on {args.device} "
+            f"({os.cpu_count()} CPUs, {platform.processor() or platform.machine()})"
+        )
+        print("one batch:")
+        for k, v in first.items():
+            print(f"  {k:10s} {_describe(v)}")
+        print(f"  first keys: {first['__key__'][:3]}")
+        print(f"  first caption: {first['txt'][0]!r}; first json: {first['json'][0]}")
+        print(
+            f"stats: padded={stats['samples_padded']} dropped={stats['samples_dropped']} "
+            f"bad={stats['bad_samples']} index={stats['index_seconds']:.3f}s"
+        )
+        print(f"resume state after the run: {loader.state_dict()}")
+    finally:
+        if not args.keep and not args.out:
+            shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mmload.sources import Dataset
+    from mmload.sources.arrow import TableIndex
+    from mmload.sources.tar import TarIndex
+
+    ds = Dataset.open(
+        args.shards, key_column=args.key_column, skip_bad=args.skip_bad, allow_pipe=args.allow_pipe
+    )
+    rows: list[dict[str, Any]] = []
+    for info in ds.shards:
+        idx = info.index
+        row: dict[str, Any] = {
+            "shard": info.spec.url,
+            "format": info.spec.kind,
+            "samples": idx.num_samples,
+            "bytes": os.path.getsize(info.path),
+        }
+        if isinstance(idx, TarIndex):
+            per: dict[str, int] = defaultdict(int)
+            for f, size in zip(idx.fields, idx.sizes.tolist(), strict=True):
+                per[f] += size
+            row["fields"] = dict(sorted(per.items()))
+        elif isinstance(idx, TableIndex):
+            row["fields"] = idx.columns
+            row["chunks"] = len(idx.chunk_rows)
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"shards": rows, "bad": [b.as_dict() for b in ds.bad]}, indent=2))
+        return 0
+    for r in rows:
+        fields = r["fields"]
+        desc = (
+            ", ".join(
+                f"{k} {v / max(r['samples'], 1) / 1e3:.1f} KB/sample" for k, v in fields.items()
+            )
+            if isinstance(fields, dict)
+            else ", ".join(fields)
+        )
+        print(
+            f"{r['shard']}: {r['format']}, {r['samples']} samples, "
+            f"{r['bytes'] / 1e6:.2f} MB; {desc}"
+        )
+    print(
+        f"total: {len(rows)} shards, {ds.num_samples} samples (indexed in {ds.index_seconds:.3f}s)"
+    )
+    for b in ds.bad:
+        print(f"BAD {b.shard} key={b.key}: {b.reason}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from mmload.sources import Dataset
+    from mmload.sources.tar import TarIndex
+
+    ds = Dataset.open(args.shards, key_column=args.key_column, cache_dir=args.cache_dir)
+    written = 0
+    if args.dali_idx:
+        for info in ds.shards:
+            idx = info.index
+            if not isinstance(idx, TarIndex):
+                continue
+            target = (
+                info.path[: -len(".tar")] + ".idx"
+                if info.path.endswith(".tar")
+                else info.path + ".idx"
+            )
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(f"v1.2 {idx.num_samples}\n")
+                for i, key in enumerate(idx.keys):
+                    parts = [
+                        f"{idx.fields[m]} {idx.offsets[m]} {idx.sizes[m]} {key}.{idx.fields[m]}"
+                        for m in idx.members(i)
+                    ]
+                    f.write(" ".join(parts) + "\n")
+            written += 1
+    print(
+        f"indexed {len(ds.shards)} shards, {ds.num_samples} samples in {ds.index_seconds:.3f}s"
+        + (f"; wrote {written} DALI .idx files" if args.dali_idx else "")
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import mmload
+
+    loader = mmload.Loader(
+        args.shards,
+        batch_size=args.batch_size,
+        device=args.device,
+        shuffle=True,
+        image=mmload.ImageConfig(size=args.image_size, backend=args.backend),
+    )
+    with loader:
+        rates = []
+        for epoch in range(args.epochs):
+            t0 = time.perf_counter()
+            n = sum(len(b["__key__"]) for b in loader)
+            rates.append(n / (time.perf_counter() - t0))
+            print(f"epoch {epoch}: {n} samples, {rates[-1]:,.0f} samples/s")
+    print(
+        json.dumps(
+            {
+                "device": args.device,
+                "backend": args.backend,
+                "batch_size": args.batch_size,
+                "best_samples_per_s": max(rates),
+                "cpus": os.cpu_count(),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    from mmload.sources.tar import split_name
+    from mmload.sources.write import write_tar_shards
+
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), args.source)
+        for d, _, fs in os.walk(args.source)
+        for f in fs
+        if not f.startswith(".")
+    )
+    samples: dict[str, dict[str, Any]] = {}
+    for rel in files:
+        parts = split_name(rel)
+        if parts is None:
+            print(f"skipping {rel}: no key.field name", file=sys.stderr)
+            continue
+        key, field = parts
+        with open(os.path.join(args.source, rel), "rb") as f:
+            samples.setdefault(key, {"__key__": key})[field] = f.read()
+    paths = write_tar_shards(samples.values(), args.pattern, maxcount=args.maxcount)
+    print(f"wrote {len(samples)} samples into {len(paths)} shards")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmload", description="GPU-accelerated multimodal dataloader")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="generate a small multimodal data set and stream it")
+    d.add_argument("--samples", type=int, default=512)
+    d.add_argument("--per-shard", type=int, default=64)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--image-size", type=int, default=224)
+    d.add_argument("--epochs", type=int, default=2)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", help="write the data set here (kept); default: a temporary folder")
+    d.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(fn=cmd_demo)
+
+    def shard_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "shards", nargs="+", help="paths, brace patterns, globs, directories or URLs"
+        )
+        sp.add_argument("--key-column", default="__key__")
+
+    i = sub.add_parser("inspect", help="per-shard sample counts, fields and sizes")
+    shard_args(i)
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--skip-bad", action="store_true", help="report bad shards instead of failing")
+    i.add_argument("--allow-pipe", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    x = sub.add_parser("index", help="build and cache shard indexes (optionally DALI .idx files)")
+    shard_args(x)
+    x.add_argument("--cache-dir")
+    x.add_argument("--dali-idx", action="store_true", help="also write DALI v1.2 .idx files")
+    x.set_defaults(fn=cmd_index)
+
+    b = sub.add_parser("bench", help="stream shards through the Loader and print samples/s")
+    shard_args(b)
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--epochs", type=int, default=3)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--backend", default="auto", choices=["auto", "dali", "pil"])
+    b.set_defaults(fn=cmd_bench)
+
+    w = sub.add_parser("write", help="pack a folder of key.field files into tar shards")
+    w.add_argument("source")
+    w.add_argument("pattern", help="output pattern with a %%-format, e.g. out/train-%%05d.tar")
+    w.add_argument("--maxcount", type=int, default=1000)
+    w.set_defaults(fn=cmd_write)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.fn(args))
+    except MmloadError as e:
+        print(f"mmload: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
