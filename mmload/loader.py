@@ -20,6 +20,7 @@ import torch
 import torch.utils.data
 
 from mmload.config import ErrorPolicy, ImageConfig, ShuffleConfig
+from mmload.decode.dali import import_in_background
 from mmload.device import parse_device
 from mmload.distributed.world import resolve_world
 from mmload.errors import BadEntry, ConfigError
@@ -85,6 +86,8 @@ class _Base:
             prefetch=prefetch,
         )
         self._threads_given = threads is not None
+        if self.opts.image.backend != "pil":
+            import_in_background()
         ds = Dataset.open(
             source,
             key_column=key_column,

@@ -18,8 +18,8 @@ import numpy as np
 from mmload.errors import BadEntry, ShardError
 from mmload.sources.arrow import TableIndex, TableReader
 from mmload.sources.fetch import default_cache_dir, localize
-from mmload.sources.index import ShardIndex, load_index
-from mmload.sources.spec import ShardSpec, expand
+from mmload.sources.index import IndexCache, ShardIndex
+from mmload.sources.spec import ShardSpec, expand, is_local
 from mmload.sources.tar import TarIndex
 
 __all__ = ["Dataset", "RawSample", "ShardInfo"]
@@ -109,25 +109,43 @@ class Dataset:
         specs = expand(spec, allow_pipe=allow_pipe)
         cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
-        def one(sp: ShardSpec) -> ShardInfo | BadEntry:
+        # Remote shards are fetched in parallel (network-bound); local ones are used in place.
+        def fetch(sp: ShardSpec) -> str | BadEntry:
             try:
-                path = localize(sp, cdir)
-                index = load_index(
-                    path,
-                    sp.kind,
-                    shard=sp.url,
-                    key_column=key_column,
-                    skip=skip_bad,
-                    cache_dir=cdir if index_cache else None,
-                )
+                return localize(sp, cdir)
             except ShardError as e:
                 if not skip_bad:
                     raise
                 return BadEntry(sp.url, e.key, e.reason)
-            return ShardInfo(sp, path, index)
 
-        with ThreadPoolExecutor(max(1, min(threads, len(specs)))) as pool:
-            results = list(pool.map(one, specs))
+        remote = [sp for sp in specs if not is_local(sp.url) or sp.compressed]
+        if remote:
+            with ThreadPoolExecutor(max(1, min(threads, len(remote)))) as pool:
+                fetched = dict(zip([sp.url for sp in remote], pool.map(fetch, remote), strict=True))
+        else:
+            fetched = {}
+        located = [fetched.get(sp.url) or fetch(sp) for sp in specs]
+        paths = [p for p in located if isinstance(p, str)]
+        # Indexing local files is GIL-bound Python work on small reads: one thread is fastest.
+        cache = IndexCache(
+            cdir if index_cache else None, paths, key_column=key_column, skip=skip_bad
+        )
+        results: list[ShardInfo | BadEntry] = []
+        for sp, path in zip(specs, located, strict=True):
+            if isinstance(path, BadEntry):
+                results.append(path)
+                continue
+            try:
+                index = cache.load(
+                    path, sp.kind, shard=sp.url, key_column=key_column, skip=skip_bad
+                )
+            except ShardError as e:
+                if not skip_bad:
+                    raise
+                results.append(BadEntry(sp.url, e.key, e.reason))
+                continue
+            results.append(ShardInfo(sp, path, index))
+        cache.save()
         shards = [r for r in results if isinstance(r, ShardInfo)]
         bad = [r for r in results if isinstance(r, BadEntry)]
         for info in shards:

@@ -66,10 +66,7 @@ def localize(shard: ShardSpec, cache_dir: Path) -> str:
     """A local file path holding ``shard``'s bytes (downloading or piping it if needed)."""
     url = shard.url
     if is_local(url) and not shard.compressed:
-        path = local_path(url)
-        if not os.path.exists(path):
-            raise ShardError("shard file not found", shard=url)
-        return path
+        return local_path(url)  # a missing file is reported when it is indexed (one stat)
     target = cache_dir / "shards" / _cache_name(url)
     remote_size = None if url.startswith("pipe:") or is_local(url) else _remote_size(url)
     if target.exists():

@@ -117,7 +117,8 @@ def _expand_one(url: str, allow_pipe: bool) -> list[str]:
             )
         return [url]
     out: list[str] = []
-    for u in _expand_braces(url):
+    expanded = _expand_braces(url)
+    for u in expanded:
         if is_local(u):
             path = local_path(u)
             if _GLOB_CHARS.search(path):
@@ -125,7 +126,7 @@ def _expand_one(url: str, allow_pipe: bool) -> list[str]:
                 if not hits:
                     raise ShardError("glob matched no files", shard=u)
                 out += hits
-            elif os.path.isdir(path):
+            elif len(expanded) == 1 and os.path.isdir(path):  # no stat per brace-expanded shard
                 hits = sorted(
                     os.path.join(path, f)
                     for f in os.listdir(path)

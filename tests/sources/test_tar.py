@@ -12,7 +12,7 @@ import webdataset as wds
 
 from mmload.errors import ShardError
 from mmload.sources import Dataset
-from mmload.sources.index import load_index
+from mmload.sources.index import IndexCache, build_index
 from mmload.sources.tar import read_dali_idx, scan_tar, split_name
 
 
@@ -80,27 +80,37 @@ def test_dali_idx_is_used_and_equals_scan(make_shards, tmp_path: Path) -> None: 
     assert from_idx.keys == scanned.keys
     assert np.array_equal(from_idx.offsets, scanned.offsets)
     assert np.array_equal(from_idx.sizes, scanned.sizes)
-    # load_index picks the .idx up; a corrupt .idx is an error naming the shard, not a silent scan
+    # build_index picks the .idx up; a corrupt .idx is an error naming the shard, not a silent scan
     with open(idx_path, "a") as f:
         f.write("jpg 999999999 5 bogus.jpg\n")
     with pytest.raises(ShardError, match="past the end"):
-        load_index(paths[0], "tar", shard=paths[0], key_column=None, skip=False, cache_dir=None)
+        build_index(paths[0], "tar", shard=paths[0], key_column=None, skip=False)
 
 
 def test_index_cache_round_trip_and_invalidation(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    paths, _ = make_shards([4])
+    paths, _ = make_shards([4, 2])
     cache = tmp_path / "cache"
-    a = load_index(paths[0], "tar", shard="s", key_column=None, skip=False, cache_dir=cache)
+    first = Dataset.open(paths, cache_dir=cache)
     files = list((cache / "index").iterdir())
-    assert len(files) == 1
-    b = load_index(paths[0], "tar", shard="s", key_column=None, skip=False, cache_dir=cache)
-    assert a.keys == b.keys
-    assert np.array_equal(a.offsets, b.offsets)
-    # Rewriting the shard (new size/mtime) invalidates the cached index.
+    assert len(files) == 1, "one cache file per data set"
+    mtime = files[0].stat().st_mtime_ns
+    second = Dataset.open(paths, cache_dir=cache)
+    assert files[0].stat().st_mtime_ns == mtime, "a warm open does not rewrite the cache"
+    assert [s.index.keys for s in first.shards] == [s.index.keys for s in second.shards]
+    # Rewriting one shard (new size/mtime) re-indexes that shard only.
     with wds.TarWriter(paths[0]) as w:
         w.write({"__key__": "only", "cls": b"1"})
-    c = load_index(paths[0], "tar", shard="s", key_column=None, skip=False, cache_dir=cache)
-    assert c.keys == ["only"]
+    third = Dataset.open(paths, cache_dir=cache)
+    assert third.num_samples == 3
+    assert third.shards[0].index.keys == ["only"]
+    c = IndexCache(cache, paths, key_column="__key__", skip=False)
+    assert (
+        c.load(paths[1], "tar", shard="s", key_column="__key__", skip=False).keys
+        == first.shards[1].index.keys
+    )
+    # A corrupt cache file is ignored (rebuilt), never trusted.
+    files[0].write_text("{not json")
+    assert Dataset.open(paths, cache_dir=cache).num_samples == 3
 
 
 def test_missing_shard(tmp_path: Path) -> None:

@@ -1,0 +1,231 @@
+"""mmload's CPU image pipeline vs torch DataLoader + webdataset + PIL, same data, same transforms.
+
+Both decode JPEGs from WebDataset shards, apply RandomResizedCrop(224, scale=(0.08, 1)) + random
+horizontal flip + ImageNet normalisation to float16 NCHW, and yield batches; both shuffle. The
+baseline is the standard recipe: ``DataLoader(num_workers=<cores>, persistent_workers=True)`` over
+``webdataset.WebDataset(...).shuffle(1000).decode("pil").map(transform).batched(B)``.
+Throughput is images/s of warm epochs (epoch 0 is a warm-up); the ratio is mmload / baseline.
+
+    python benchmarks/cpu_image.py --images 2048 --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Report
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+def make_data(root: Path, images: int, per_shard: int) -> list[str]:
+    """JPEGs of 500x375 at quality 95 (the DESIGN.md anchor's format), as WebDataset shards."""
+    from mmload.demo import load_photos, make_jpeg
+    from mmload.sources.write import write_tar_shards
+
+    n_shards = math.ceil(images / per_shard)
+    paths = [str(root / f"img-{i:05d}.tar") for i in range(n_shards)]
+    if all(os.path.exists(p) for p in paths):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    photos = load_photos()
+    rng = np.random.default_rng(0)
+
+    def samples():  # type: ignore[no-untyped-def]
+        for i in range(images):
+            label = i % len(photos)
+            yield {
+                "__key__": f"{i:07d}",
+                "jpg": make_jpeg(photos[label][1], rng, (500, 375), 95),
+                "cls": label,
+            }
+
+    return write_tar_shards(samples(), str(root / "img-%05d.tar"), maxcount=per_shard)
+
+
+def _rrc(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (scale 0.08-1, ratio 3/4-4/3)."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = round(math.sqrt(target * ar))
+        h = round(math.sqrt(target / ar))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    return 0, 0, height, width
+
+
+def baseline_loader(paths: list[str], batch: int, workers: int, size: int):  # type: ignore[no-untyped-def]
+    import torch
+    import webdataset as wds
+    from PIL import Image
+
+    mean = torch.from_numpy(MEAN).view(3, 1, 1)
+    std = torch.from_numpy(STD).view(3, 1, 1)
+
+    def transform(sample):  # type: ignore[no-untyped-def]
+        im = sample["jpg"].convert("RGB")
+        rng = random.Random()
+        i, j, h, w = _rrc(im.width, im.height, rng)
+        im = im.resize((size, size), Image.Resampling.BILINEAR, box=(j, i, j + w, i + h))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float()
+        return ((x - mean) / std).half(), int(sample["cls"])
+
+    ds = (
+        wds.WebDataset(
+            paths,
+            shardshuffle=len(paths),
+            nodesplitter=wds.split_by_node,
+            workersplitter=wds.split_by_worker,
+            empty_check=False,
+        )
+        .shuffle(1000)
+        .decode("pil")
+        .map(transform)
+        .batched(batch, partial=False)
+    )
+    return torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0
+    )
+
+
+def dali_native_rates(
+    paths: list[str], batch: int, threads: int, size: int, epochs: int, images: int
+) -> list[float]:
+    """DALI's own reader + ROI random-crop decode: the reference without mmload's guarantees."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=1)
+    def pipe():  # type: ignore[no-untyped-def]
+        jpg, cls = fn.readers.webdataset(
+            paths=paths, ext=["jpg", "cls"], random_shuffle=True, initial_fill=1024, name="reader"
+        )
+        img = fn.decoders.image_random_crop(jpg, device="cpu", random_area=[0.08, 1.0])
+        img = fn.resize(img, resize_x=size, resize_y=size)
+        out = fn.crop_mirror_normalize(
+            img,
+            mirror=fn.random.coin_flip(),
+            mean=MEAN.tolist(),
+            std=STD.tolist(),
+            dtype=types.FLOAT16,
+            output_layout="CHW",
+        )
+        return out, cls
+
+    p = pipe()
+    p.build()
+    steps = images // batch
+    rates = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            p.run()
+        rates.append(steps * batch / (time.perf_counter() - t0))
+    return rates
+
+
+def run_epochs(loader, epochs: int) -> list[float]:  # type: ignore[no-untyped-def]
+    rates = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        n = 0
+        for batch in loader:
+            n += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch["__key__"])
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--per-shard", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=4, help="epoch 0 is warm-up")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--data", default="bench-out/cpu_image_data")
+    ap.add_argument("--json", help="save the report here")
+    args = ap.parse_args()
+
+    import torch
+
+    import mmload
+
+    cores = len(os.sched_getaffinity(0))
+    paths = make_data(Path(args.data), args.images, args.per_shard)
+    avg_kb = sum(os.path.getsize(p) for p in paths) / args.images / 1e3
+    rep = Report(
+        "CPU image pipeline: mmload vs torch DataLoader + webdataset + PIL",
+        {
+            "images": args.images,
+            "jpeg": "500x375 q95",
+            "avg_kb": round(avg_kb, 1),
+            "batch": args.batch_size,
+            "transform": f"RandomResizedCrop({args.size}) + flip + normalize -> fp16 NCHW",
+            "epochs_timed": args.epochs - 1,
+            "cores": cores,
+            "baseline_workers": cores,
+        },
+    )
+    torch.set_num_threads(cores)
+    base = baseline_loader(paths, args.batch_size, cores, args.size)
+    b_rates = run_epochs(base, args.epochs)[1:]
+    del base
+    rep.add(
+        pipeline=f"torch DataLoader({cores} workers) + webdataset + PIL",
+        best=max(b_rates),
+        median=float(np.median(b_rates)),
+        ratio=1.0,
+    )
+    for backend in ("dali", "pil"):
+        cfg = mmload.ImageConfig(size=args.size, backend=backend)
+        with mmload.Loader(
+            paths,
+            batch_size=args.batch_size,
+            shuffle=True,
+            seed=0,
+            image=cfg,
+            fields=["jpg", "cls"],
+            cache_dir=Path(args.data) / ".cache",
+        ) as L:
+            rates = run_epochs(L, args.epochs)[1:]
+        rep.add(
+            pipeline=f"mmload Loader, {backend} backend ({cores} threads)",
+            best=max(rates),
+            median=float(np.median(rates)),
+            ratio=max(rates) / max(b_rates),
+        )
+    d_rates = dali_native_rates(paths, args.batch_size, cores, args.size, args.epochs, args.images)[
+        1:
+    ]
+    rep.add(
+        pipeline=f"reference: DALI fn.readers.webdataset + ROI decode ({cores} threads)",
+        best=max(d_rates),
+        median=float(np.median(d_rates)),
+        ratio=max(d_rates) / max(b_rates),
+    )
+    rep.notes.append(
+        "the DALI reference has none of mmload's guarantees (no exact resume, "
+        "1024-sample buffer shuffle, a bad JPEG fails the run)"
+    )
+    rep.notes.append("ratio = best warm epoch of each pipeline / best warm epoch of the baseline")
+    rep.print(["pipeline", "best", "median", "ratio"])
+    rep.save(args.json)
+
+
+if __name__ == "__main__":
+    main()
