@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
+    "AudioConfig",
     "ConfigError",
     "DecodeError",
     "DeviceError",
@@ -23,6 +24,8 @@ __all__ = [
     "MmloadError",
     "ShardError",
     "ShuffleConfig",
+    "TextConfig",
+    "VideoConfig",
     "World",
     "__version__",
 ]
@@ -34,16 +37,26 @@ _WHERE = {
     "JoinError": "mmload.errors",
     "MmloadError": "mmload.errors",
     "ShardError": "mmload.errors",
+    "AudioConfig": "mmload.config",
     "ErrorPolicy": "mmload.config",
     "ImageConfig": "mmload.config",
     "ShuffleConfig": "mmload.config",
+    "TextConfig": "mmload.config",
+    "VideoConfig": "mmload.config",
     "IterableDataset": "mmload.loader",
     "Loader": "mmload.loader",
     "World": "mmload.plan",
 }
 
 if TYPE_CHECKING:
-    from mmload.config import ErrorPolicy, ImageConfig, ShuffleConfig
+    from mmload.config import (
+        AudioConfig,
+        ErrorPolicy,
+        ImageConfig,
+        ShuffleConfig,
+        TextConfig,
+        VideoConfig,
+    )
     from mmload.errors import (
         ConfigError,
         DecodeError,

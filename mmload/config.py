@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from mmload.errors import ConfigError
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "AudioConfig",
     "ErrorPolicy",
     "ImageConfig",
     "ShuffleConfig",
+    "TextConfig",
+    "VideoConfig",
 ]
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -145,3 +148,101 @@ class ImageConfig:
             raise _fail("backend", self.backend, "must be 'auto', 'dali' or 'pil'")
         if self.max_pixels <= 0 or self.max_side <= 0:
             raise _fail("max_pixels/max_side", (self.max_pixels, self.max_side), "must be > 0")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Decode of audio fields (``.wav``, ``.flac``, ``.ogg``).
+
+    Every clip is decoded to mono, resampled to ``sample_rate`` and cut to ``seconds``: a longer
+    clip is cropped (``crop``: ``"random"`` offset from mmload's seeded RNG, ``"start"`` or
+    ``"center"``), a shorter one zero-padded at the end. Output ``float32 [B, T]``, or with
+    ``mel=True`` the log-mel spectrogram ``float32 [B, n_mels, 1 + T // hop_length]``.
+    """
+
+    sample_rate: int = 16000
+    seconds: float = 1.0
+    crop: Literal["random", "start", "center"] = "random"
+    mel: bool = False
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 80
+    max_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _fail(name, v, "must be a positive int")
+        if not self.seconds > 0 or not self.max_seconds > 0:
+            raise _fail("seconds/max_seconds", (self.seconds, self.max_seconds), "must be > 0")
+        if self.crop not in ("random", "start", "center"):
+            raise _fail("crop", self.crop, "must be 'random', 'start' or 'center'")
+        if round(self.seconds * self.sample_rate) < 1:
+            raise _fail("seconds", self.seconds, "gives clips of no samples at this sample_rate")
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Decode of video fields (``.mp4``, ``.webm``, ...).
+
+    ``frames`` frames are taken per clip, ``stride`` apart, from a start drawn from mmload's seeded
+    RNG (``sampling="random"``) or the clip's middle (``"center"``); clips shorter than needed
+    repeat their last frame. Frames are resized to ``size`` (height, width). Output
+    ``[B, F, 3, H, W]``: ``uint8``, or normalised ``dtype`` with ``normalize=True``.
+    """
+
+    frames: int = 8
+    stride: int = 2
+    size: tuple[int, int] = (112, 112)
+    sampling: Literal["random", "center"] = "random"
+    normalize: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    dtype: ImageDType = "uint8"
+    max_frames: int = 100_000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, int) and not isinstance(self.size, bool):
+            object.__setattr__(self, "size", (self.size, self.size))
+        for name in ("frames", "stride", "max_frames"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _fail(name, v, "must be a positive int")
+        if len(self.size) != 2 or not all(isinstance(s, int) and s > 0 for s in self.size):
+            raise _fail("size", self.size, "must be a positive int or (height, width)")
+        if self.sampling not in ("random", "center"):
+            raise _fail("sampling", self.sampling, "must be 'random' or 'center'")
+        if self.normalize == (self.dtype == "uint8"):
+            raise _fail("dtype", self.dtype, "uint8 without normalize, a float dtype with it")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Tokenisation of text fields.
+
+    ``tokenizer``: a path to a Hugging Face ``tokenizers`` JSON file (``pip install tokenizers``),
+    a callable ``str -> list[int]``, or None for UTF-8 bytes (ids 1..256; 0 is padding). Each text
+    becomes ``<field>`` ``int64 [B, max_length]`` (truncated, right-padded with ``pad_id``) plus
+    ``<field>_attention_mask`` ``int64 [B, max_length]``.
+    """
+
+    fields: tuple[str, ...] = ("txt",)
+    max_length: int = 128
+    tokenizer: Any = None
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fields, str):
+            object.__setattr__(self, "fields", (self.fields,))
+        if not self.fields or not all(isinstance(f, str) and f for f in self.fields):
+            raise _fail("fields", self.fields, "must name at least one text field")
+        if (
+            isinstance(self.max_length, bool)
+            or not isinstance(self.max_length, int)
+            or self.max_length < 1
+        ):
+            raise _fail("max_length", self.max_length, "must be a positive int")
+        t = self.tokenizer
+        if t is not None and not callable(t) and not isinstance(t, str):
+            raise _fail("tokenizer", t, "must be None, a tokenizer.json path or a callable")

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from mmload.config import ErrorPolicy, ImageConfig, ShuffleConfig
+from mmload.config import (
+    AudioConfig,
+    ErrorPolicy,
+    ImageConfig,
+    ShuffleConfig,
+    TextConfig,
+    VideoConfig,
+)
 from mmload.decode.dali import import_in_background
 from mmload.device import parse_device
 from mmload.distributed.world import resolve_world
@@ -52,6 +59,9 @@ class _Base:
         drop_last: bool = False,
         fields: Sequence[str] | None = None,
         image: ImageConfig | None = None,
+        audio: AudioConfig | None = None,
+        video: VideoConfig | None = None,
+        text: TextConfig | None = None,
         image_fields: Sequence[str] | None = None,
         key_column: str | None = "__key__",
         on_error: str = "raise",
@@ -80,6 +90,9 @@ class _Base:
             fields=validate_fields(fields),
             image_fields=frozenset(image_fields) if image_fields is not None else None,
             image=image if image is not None else ImageConfig(),
+            audio=audio,
+            video=video,
+            text=text,
             key_column=key_column,
             policy=policy,
             threads=threads if threads is not None else default_threads(),

@@ -20,8 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmload.config import ErrorPolicy, ImageConfig, ShuffleConfig
-from mmload.decode import BatchDecoder, FieldPlan, ImageDecoder, make_image_decoder
+from mmload.config import (
+    AudioConfig,
+    ErrorPolicy,
+    ImageConfig,
+    ShuffleConfig,
+    TextConfig,
+    VideoConfig,
+)
+from mmload.decode import BatchDecoder, FieldDecoder, FieldPlan, ImageField, make_image_decoder
 from mmload.decode.fields import field_kind
 from mmload.device import DeviceCopier
 from mmload.errors import ConfigError, ShardError
@@ -47,6 +54,9 @@ class LoaderOptions:
     fields: tuple[str, ...] | None
     image_fields: frozenset[str] | None
     image: ImageConfig
+    audio: AudioConfig | None
+    video: VideoConfig | None
+    text: TextConfig | None
     key_column: str | None
     policy: ErrorPolicy
     threads: int
@@ -79,6 +89,15 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> FieldPlan:
         names = tuple(sorted(k for k in first if not k.startswith("__")))
         log.info("batch fields (from the first sample): %s", ", ".join(names))
     kinds = {n: field_kind(n, first.get(n, b""), opts.image_fields) for n in names}
+    for n, k in kinds.items():  # audio/video are decoded when configured, else passed as bytes
+        if (k == "audio" and opts.audio is None) or (k == "video" and opts.video is None):
+            kinds[n] = "bytes"
+    if opts.text is not None:
+        absent = [f for f in opts.text.fields if f not in names]
+        if absent:
+            raise ConfigError(
+                f"TextConfig.fields {absent} are not fields of this data set {list(names)}"
+            )
     return FieldPlan(tuple(names), kinds)
 
 
@@ -90,7 +109,7 @@ class Pipeline:
         self.opts = opts
         self.fields = _field_plan(ds, opts)
         self._read_fields = set(self.fields.names)
-        self._image_decoder: ImageDecoder | None = None
+        self._media: dict[str, FieldDecoder] | None = None
         self._order: EpochOrder | None = None
         global_budget = opts.policy.budget(ds.num_samples)
         if len(ds.bad) > global_budget:
@@ -128,17 +147,39 @@ class Pipeline:
 
     # -- one epoch ----------------------------------------------------------------------------
 
-    def _decoder(self) -> ImageDecoder | None:
-        if self._image_decoder is None and self.fields.image_fields:
-            dev = self.opts.device
-            self._image_decoder = make_image_decoder(
-                self.opts.image,
-                self.opts.batch_size,
-                device="cuda" if dev.type == "cuda" else "cpu",
-                device_id=dev.index,
-                threads=self.opts.threads,
-            )
-        return self._image_decoder
+    def _media_decoders(self) -> dict[str, FieldDecoder]:
+        """One decoder per media field, built on first use (in the decode thread)."""
+        if self._media is not None:
+            return self._media
+        opts, dev = self.opts, self.opts.device
+        media: dict[str, FieldDecoder] = {}
+        image_backend = None
+        for name in self.fields.media_fields:
+            kind = self.fields.kinds[name]
+            if kind == "image":
+                if image_backend is None:
+                    image_backend = make_image_decoder(
+                        opts.image,
+                        opts.batch_size,
+                        device="cuda" if dev.type == "cuda" else "cpu",
+                        device_id=dev.index,
+                        threads=opts.threads,
+                    )
+                media[name] = ImageField(image_backend, opts.image, opts.seed)
+            elif kind == "audio":
+                from mmload.decode.audio import AudioDecoder
+
+                assert opts.audio is not None
+                media[name] = AudioDecoder(opts.audio, seed=opts.seed, device=dev)
+            else:
+                from mmload.decode.video import VideoDecoder
+
+                assert opts.video is not None
+                media[name] = VideoDecoder(
+                    opts.video, opts.batch_size, seed=opts.seed, device=dev, threads=opts.threads
+                )
+        self._media = media
+        return media
 
     def run(
         self, epoch: int, schedule: Schedule, world: World, stats: Stats
@@ -146,7 +187,12 @@ class Pipeline:
         """The stage chain yielding ``(k, batch)`` for ``world``'s batches of one epoch."""
         order = self.order(epoch)
         decoder = BatchDecoder(
-            self.fields, self.opts.image, self._decoder(), self.opts.policy, stats, self.opts.seed
+            self.fields,
+            self._media_decoders(),
+            self.opts.image,
+            self.opts.policy,
+            stats,
+            self.opts.text,
         )
         read_fields = self._read_fields
 
@@ -178,9 +224,9 @@ class Pipeline:
         return Stage(decoded, copy, depth=depth, name="copy")
 
     def close(self) -> None:
-        if self._image_decoder is not None:
-            self._image_decoder.close()
-            self._image_decoder = None
+        for dec in (self._media or {}).values():
+            dec.close()
+        self._media = None
         self.ds.close()
 
 

@@ -8,10 +8,17 @@ from __future__ import annotations
 from typing import Literal
 
 from mmload.config import ImageConfig
-from mmload.decode.batch import BatchDecoder, FieldPlan, ImageDecoder
+from mmload.decode.batch import BatchDecoder, FieldDecoder, FieldPlan, ImageDecoder, ImageField
 from mmload.errors import ConfigError
 
-__all__ = ["BatchDecoder", "FieldPlan", "ImageDecoder", "make_image_decoder"]
+__all__ = [
+    "BatchDecoder",
+    "FieldDecoder",
+    "FieldPlan",
+    "ImageDecoder",
+    "ImageField",
+    "make_image_decoder",
+]
 
 
 def make_image_decoder(

@@ -1,9 +1,10 @@
 """Decode a batch of raw samples into a batch dict, replacing bad samples within a budget.
 
 Flow per batch: read errors and missing fields -> value fields (cls/json/txt) -> image header
-checks -> one batch decode per image field (DALI or PIL) -> on a batch failure, per-sample
-isolation -> every bad slot takes the next good sample of the same batch (deterministic), so the
-batch keeps its shape; each bad sample is counted and listed in ``Stats``.
+checks -> one batch decode per media field (image: DALI or PIL; audio; video) -> on a batch
+failure, per-sample isolation -> every bad slot takes the next good sample of the same batch
+(deterministic), so the batch keeps its shape; each bad sample is counted and listed in
+``Stats``. Text fields named by a ``TextConfig`` become ids + attention mask.
 """
 
 from __future__ import annotations
@@ -17,20 +18,21 @@ import numpy as np
 import torch
 
 from mmload.augment import CropParams, draw_crops
-from mmload.config import ErrorPolicy, ImageConfig
+from mmload.config import ErrorPolicy, ImageConfig, TextConfig
 from mmload.decode.fields import FieldKind, collate, decode_value
 from mmload.decode.headers import read_header
+from mmload.decode.text import Tokenizer, encode_batch
 from mmload.errors import BadEntry, DecodeError, ShardError
 from mmload.stats import Stats
 
 _DataError = ShardError | DecodeError
 
-__all__ = ["BatchDecoder", "FieldPlan", "ImageDecoder"]
+__all__ = ["BatchDecoder", "FieldDecoder", "FieldPlan", "ImageDecoder", "ImageField"]
 
 log = logging.getLogger(__name__)
 
-
-_DECODE_ERRORS = (RuntimeError, OSError, ValueError, SyntaxError)
+_DECODE_ERRORS = (RuntimeError, OSError, ValueError, SyntaxError, EOFError)
+MEDIA: frozenset[FieldKind] = frozenset({"image", "audio", "video"})
 
 
 class ImageDecoder(Protocol):
@@ -39,6 +41,32 @@ class ImageDecoder(Protocol):
     ) -> torch.Tensor: ...
 
     def close(self) -> None: ...
+
+
+class FieldDecoder(Protocol):
+    """Decodes one media field for a list of samples; raises if any of them is bad."""
+
+    def decode(self, data: list[bytes], ids: np.ndarray, epoch: int) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class ImageField:
+    """An image decoder plus the crop/flip draws: ``[n, 3, H, W]``."""
+
+    def __init__(self, decoder: ImageDecoder, cfg: ImageConfig, seed: int) -> None:
+        self.decoder = decoder
+        self.cfg = cfg
+        self.seed = seed
+        self.sizes: dict[int, tuple[int, int]] = {}  # sample id -> (h, w), from the header check
+
+    def decode(self, data: list[bytes], ids: np.ndarray, epoch: int) -> torch.Tensor:
+        hw = np.array([self.sizes[int(i)] for i in ids], dtype=np.int64).reshape(-1, 2)
+        crops = draw_crops(hw[:, 0], hw[:, 1], self.cfg, seed=self.seed, epoch=epoch, ids=ids)
+        return self.decoder.decode(data, [tuple(x) for x in hw.tolist()], crops)  # type: ignore[misc]
+
+    def close(self) -> None:
+        self.decoder.close()
 
 
 @dataclass(frozen=True)
@@ -51,6 +79,10 @@ class FieldPlan:
     @property
     def image_fields(self) -> tuple[str, ...]:
         return tuple(n for n in self.names if self.kinds[n] == "image")
+
+    @property
+    def media_fields(self) -> tuple[str, ...]:
+        return tuple(n for n in self.names if self.kinds[n] in MEDIA)
 
 
 def _replacement(good: np.ndarray) -> np.ndarray:
@@ -67,82 +99,74 @@ class BatchDecoder:
     def __init__(
         self,
         fields: FieldPlan,
+        media: dict[str, FieldDecoder],
         image: ImageConfig,
-        image_decoder: ImageDecoder | None,
         policy: ErrorPolicy,
         stats: Stats,
-        seed: int,
+        text: TextConfig | None = None,
     ) -> None:
-        if fields.image_fields and image_decoder is None:
-            raise ValueError("image fields need an image decoder")
+        missing = [f for f in fields.media_fields if f not in media]
+        if missing:
+            raise ValueError(f"media fields {missing} have no decoder")
         self.fields = fields
+        self.media = media
         self.image = image
-        self.image_decoder = image_decoder
         self.policy = policy
         self.stats = stats
-        self.seed = seed
+        self.text = text
+        self._tokenizer = Tokenizer(text.tokenizer) if text is not None else None
 
     def _bad(self, errors: dict[int, _DataError], j: int, err: _DataError) -> None:
         if self.policy.on_error == "raise":
             raise err
         errors.setdefault(j, err)
 
-    def _decode_images(
+    def _decode_media(
         self,
         name: str,
         raws: list[dict[str, Any]],
         good: list[int],
-        sizes: dict[int, tuple[int, int]],
         epoch: int,
         errors: dict[int, _DataError],
     ) -> tuple[torch.Tensor, dict[int, int]]:
-        """The decoded images of the ``good`` slots and, per slot, its row in that tensor."""
-        assert self.image_decoder is not None
+        """The decoded field of the ``good`` slots and, per slot, its row in that tensor."""
+        dec = self.media[name]
         ids = np.array([raws[j]["__id__"] for j in good], dtype=np.int64)
-        hw = np.array([sizes[j] for j in good], dtype=np.int64).reshape(-1, 2)
-        crops = draw_crops(hw[:, 0], hw[:, 1], self.image, seed=self.seed, epoch=epoch, ids=ids)
         data = [raws[j][name] for j in good]
-        size_list = [sizes[j] for j in good]
         try:
-            out = self.image_decoder.decode(data, size_list, crops)
-            return out, {j: i for i, j in enumerate(good)}
+            return dec.decode(data, ids, epoch), {j: i for i, j in enumerate(good)}
         except _DECODE_ERRORS as e:
-            log.info("image batch decode failed (%s); isolating the bad sample", e)
+            log.info("batch decode of field %r failed (%s); isolating the bad sample", name, e)
         rows: list[torch.Tensor] = []
         where: dict[int, int] = {}
         for i, j in enumerate(good):
             try:
-                img = self.image_decoder.decode(
-                    [data[i]], [size_list[i]], crops.take(np.array([i]))
-                )
+                one = dec.decode([data[i]], ids[i : i + 1], epoch)
             except _DECODE_ERRORS as e:
                 s = raws[j]
-                reason = f"field {name!r}: cannot decode image: {e}"
+                reason = f"field {name!r}: cannot decode {self.fields.kinds[name]}: {e}"
                 self._bad(errors, j, DecodeError(reason, shard=s["__shard__"], key=s["__key__"]))
                 continue
             where[j] = len(rows)
-            rows.append(img[0])
+            rows.append(one[0])
         return (torch.stack(rows) if rows else torch.empty(0)), where
 
-    def __call__(self, raw: list[dict[str, Any] | ShardError], epoch: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
+    def _check(
+        self, raw: list[dict[str, Any] | ShardError], errors: dict[int, _DataError]
+    ) -> dict[str, list[Any]]:
+        """Missing fields, value decode and image header checks; returns the value columns."""
         n = len(raw)
-        errors: dict[int, _DataError] = {}
         values: dict[str, list[Any]] = {f: [None] * n for f in self.fields.names}
-        sizes: dict[str, dict[int, tuple[int, int]]] = {f: {} for f in self.fields.image_fields}
         for j, s in enumerate(raw):
             if isinstance(s, ShardError):
                 self._bad(errors, j, s)
                 continue
             for f in self.fields.names:
                 if f not in s:
-                    self._bad(
-                        errors,
-                        j,
-                        DecodeError(
-                            f"sample lacks field {f!r}", shard=s["__shard__"], key=s["__key__"]
-                        ),
+                    err = DecodeError(
+                        f"sample lacks field {f!r}", shard=s["__shard__"], key=s["__key__"]
                     )
+                    self._bad(errors, j, err)
                     break
                 kind = self.fields.kinds[f]
                 try:
@@ -154,8 +178,10 @@ class BatchDecoder:
                             max_pixels=self.image.max_pixels,
                             max_side=self.image.max_side,
                         )
-                        sizes[f][j] = (h.height, h.width)
-                    else:
+                        dec = self.media[f]
+                        assert isinstance(dec, ImageField)
+                        dec.sizes[s["__id__"]] = (h.height, h.width)
+                    elif kind not in MEDIA:
                         values[f][j] = decode_value(kind, s[f])
                 except DecodeError as e:
                     self._bad(errors, j, e)
@@ -168,12 +194,22 @@ class BatchDecoder:
                     )
                     self._bad(errors, j, err)
                     break
+        return values
+
+    def __call__(self, raw: list[dict[str, Any] | ShardError], epoch: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        n = len(raw)
+        errors: dict[int, _DataError] = {}
+        for dec in self.media.values():
+            if isinstance(dec, ImageField):
+                dec.sizes.clear()
+        values = self._check(raw, errors)
         samples: list[dict[str, Any]] = [s if isinstance(s, dict) else {} for s in raw]
-        images: dict[str, tuple[torch.Tensor, dict[int, int]]] = {}
-        for f in self.fields.image_fields:
+        decoded: dict[str, tuple[torch.Tensor, dict[int, int]]] = {}
+        for f in self.fields.media_fields:
             good = [j for j in range(n) if j not in errors]
             if good:
-                images[f] = self._decode_images(f, samples, good, sizes[f], epoch, errors)
+                decoded[f] = self._decode_media(f, samples, good, epoch, errors)
         ok = np.array([j not in errors for j in range(n)], dtype=bool)
         if errors:
             if not ok.any():
@@ -186,15 +222,24 @@ class BatchDecoder:
             self.stats.add_bad(
                 [BadEntry(e.shard, e.key, e.reason) for e in errors.values()], errors.values()
             )
-        src = _replacement(ok)
-        batch: dict[str, Any] = {"__key__": [samples[k]["__key__"] for k in src.tolist()]}
+        src = _replacement(ok).tolist()
+        batch: dict[str, Any] = {"__key__": [samples[k]["__key__"] for k in src]}
+        text_fields = set(self.text.fields) if self.text is not None else set()
         for f in self.fields.names:
-            if self.fields.kinds[f] == "image":
-                tensor, where = images[f]
-                rows = [where[k] for k in src.tolist()]
-                identity = rows == list(range(len(tensor))) and len(rows) == len(tensor)
+            if f in decoded:
+                tensor, where = decoded[f]
+                rows = [where[k] for k in src]
+                identity = len(rows) == len(tensor) and rows == list(range(len(tensor)))
                 batch[f] = tensor if identity else tensor[torch.tensor(rows, device=tensor.device)]
+            elif f in text_fields:
+                assert self._tokenizer is not None
+                assert self.text is not None
+                ids, mask = encode_batch(
+                    [str(values[f][k]) for k in src], self._tokenizer, self.text
+                )
+                batch[f] = ids
+                batch[f"{f}_attention_mask"] = mask
             else:
-                batch[f] = collate([values[f][k] for k in src.tolist()])
+                batch[f] = collate([values[f][k] for k in src])
         self.stats.time("decode", time.perf_counter() - t0)
         return batch

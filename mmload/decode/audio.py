@@ -1,0 +1,154 @@
+"""Audio fields: WAV/FLAC/OGG decode, resample, fixed-length crop/pad, optional log-mel.
+
+Output per audio field: waveforms ``float32 [B, T]`` (``T = round(seconds * sample_rate)``) or,
+with ``AudioConfig.mel``, log-mel spectrograms ``float32 [B, n_mels, 1 + T // hop_length]``; on
+the batch device. Decode and resampling run on the CPU (soundfile when installed —
+``pip install "mmload[audio]"`` — else the standard library's ``wave`` for PCM WAV); the mel
+spectrogram runs on the GPU with ``mmload.kernels.logmel`` when the batch device is CUDA, else its
+NumPy reference. Crop offsets are a pure function of (seed, epoch, sample id).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import wave
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmload.config import AudioConfig
+from mmload.plan import hash_uniform
+
+__all__ = ["AudioDecoder", "decode_audio", "resample"]
+
+_STREAM = (1 << 48) + 1000  # crop offsets; apart from augment's streams
+
+
+def _wave_decode(data: bytes) -> tuple[np.ndarray, int]:
+    with wave.open(io.BytesIO(data)) as w:
+        width, channels, rate, n = (
+            w.getsampwidth(),
+            w.getnchannels(),
+            w.getframerate(),
+            w.getnframes(),
+        )
+        raw = w.readframes(n)
+    if len(raw) < n * width * channels:
+        raise ValueError(f"WAV is truncated: {len(raw)} of {n * width * channels} data bytes")
+    if width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        x = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 4:
+        x = np.frombuffer(raw, "<i4").astype(np.float32) / 2147483648.0
+    else:
+        raise ValueError(f"unsupported WAV sample width {width} bytes")
+    return x.reshape(-1, channels), rate
+
+
+def decode_audio(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
+    """Mono ``float32 [T]`` in [-1, 1] and its sample rate; raises ValueError on bad bytes."""
+    try:
+        import soundfile as sf
+    except ImportError:
+        sf = None
+    if sf is not None:
+        try:
+            with sf.SoundFile(io.BytesIO(data)) as f:
+                if f.frames > max_seconds * f.samplerate:
+                    raise ValueError(
+                        f"audio of {f.frames / f.samplerate:.1f}s exceeds max_seconds={max_seconds}"
+                    )
+                x = f.read(dtype="float32", always_2d=True)
+                rate = f.samplerate
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise ValueError(f"cannot decode audio: {e}") from None
+    else:
+        x, rate = _wave_decode(data)
+        if len(x) > max_seconds * rate:
+            raise ValueError(f"audio of {len(x) / rate:.1f}s exceeds max_seconds={max_seconds}")
+    if len(x) == 0:
+        raise ValueError("audio has no samples")
+    return np.ascontiguousarray(x.mean(axis=1, dtype=np.float32)), int(rate)
+
+
+def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Band-limited resampling by FFT (exact for signals below both Nyquist rates)."""
+    if rate == target:
+        return x
+    n_out = max(1, round(len(x) * target / rate))
+    spec = np.fft.rfft(x.astype(np.float64))
+    keep = min(len(spec), n_out // 2 + 1)
+    out = np.zeros(n_out // 2 + 1, dtype=np.complex128)
+    out[:keep] = spec[:keep]
+    return (np.fft.irfft(out, n_out) * (n_out / len(x))).astype(np.float32)
+
+
+class AudioDecoder:
+    """Decodes one audio field of a batch into ``[B, T]`` waveforms or ``[B, M, F]`` log-mels."""
+
+    def __init__(self, cfg: AudioConfig, *, seed: int, device: torch.device) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        self.device = device
+        self._mel: Any = None
+
+    @property
+    def length(self) -> int:
+        return round(self.cfg.seconds * self.cfg.sample_rate)
+
+    def _crop(self, x: np.ndarray, sample_id: int, epoch: int) -> np.ndarray:
+        t = self.length
+        if len(x) > t:
+            if self.cfg.crop == "random":
+                u = float(hash_uniform(self.seed, epoch, _STREAM, np.array([sample_id]))[0])
+                start = math.floor(u * (len(x) - t + 1))
+            elif self.cfg.crop == "center":
+                start = (len(x) - t) // 2
+            else:
+                start = 0
+            return x[start : start + t]
+        return np.pad(x, (0, t - len(x)))
+
+    def waveforms(self, data: list[bytes], ids: np.ndarray, epoch: int) -> np.ndarray:
+        out = np.empty((len(data), self.length), dtype=np.float32)
+        for i, d in enumerate(data):
+            x, rate = decode_audio(d, max_seconds=self.cfg.max_seconds)
+            out[i] = self._crop(resample(x, rate, self.cfg.sample_rate), int(ids[i]), epoch)
+        return out
+
+    def decode(self, data: list[bytes], ids: np.ndarray, epoch: int) -> torch.Tensor:
+        """``float32 [B, T]`` or ``[B, n_mels, frames]`` on the batch device."""
+        wav = self.waveforms(data, ids, epoch)
+        if not self.cfg.mel:
+            return torch.from_numpy(wav).to(self.device)
+        from mmload.kernels.logmel import LogMelSpec
+
+        spec = LogMelSpec(
+            sample_rate=self.cfg.sample_rate,
+            n_fft=self.cfg.n_fft,
+            hop_length=self.cfg.hop_length,
+            n_mels=self.cfg.n_mels,
+        )
+        if self.device.type == "cuda":
+            from numba import cuda
+
+            from mmload.kernels.logmel import logmel, logmel_tables
+
+            if self._mel is None:
+                self._mel = logmel_tables(spec)
+            x = torch.from_numpy(wav).to(self.device, non_blocking=True)
+            out = torch.empty(
+                spec.output_shape(len(data), self.length), dtype=torch.float32, device=self.device
+            )
+            stream = cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
+            logmel(x, out, spec, tables=self._mel, stream=stream)
+            return out
+        from mmload.kernels.logmel import logmel_reference
+
+        return torch.from_numpy(np.ascontiguousarray(logmel_reference(wav, spec), dtype=np.float32))
+
+    def close(self) -> None:
+        self._mel = None
