@@ -1,0 +1,179 @@
+"""Launcher plumbing shared by the kernels: argument checks, host->device parameters, grids.
+
+A *device array* is anything exporting ``__cuda_array_interface__`` (Numba device arrays,
+torch CUDA tensors, CuPy arrays). Under the Numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``)
+plain NumPy arrays and ``cuda.to_device`` arrays play that role. Every check raises a
+``ValueError`` that names the offending argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numba
+import numpy as np
+from numba import cuda
+
+__all__ = [
+    "SIMULATOR",
+    "check_disjoint",
+    "device_array",
+    "host_or_device",
+    "num_blocks",
+]
+
+SIMULATOR: bool = bool(getattr(numba.config, "ENABLE_CUDASIM", 0))  # set from the environment
+
+# Largest grid y/z dimension; kernels loop over the rest.
+MAX_GRID_YZ = 65535
+
+_BF16 = ("<V2", "<u2")  # torch/ml_dtypes bfloat16, or its bits as uint16
+
+
+def _typestrs(dtype: str) -> tuple[str, ...]:
+    if dtype == "bfloat16":
+        return _BF16
+    return (np.dtype(dtype).str,)
+
+
+def _c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...] | None, itemsize: int) -> bool:
+    if strides is None:
+        return True
+    expected = itemsize
+    for n, s in zip(reversed(shape), reversed(strides), strict=True):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _describe(obj: Any, name: str) -> tuple[tuple[int, ...], str, bool]:
+    """(shape, typestr, C-contiguous) of a NumPy, simulator or CUDA-array-interface array."""
+    if isinstance(obj, np.ndarray):
+        return obj.shape, obj.dtype.str, bool(obj.flags.c_contiguous)
+    try:
+        cai = getattr(obj, "__cuda_array_interface__", None)
+    except (RuntimeError, TypeError) as e:  # e.g. a torch tensor that requires grad
+        raise ValueError(f"{name}: cannot use it as a device array: {e}") from e
+    if cai is not None:
+        shape = tuple(int(n) for n in cai["shape"])
+        typestr = str(cai["typestr"])
+        strides = cai.get("strides")
+        itemsize = int(typestr[2:]) if typestr[2:].isdigit() else 0
+        strides_t = None if strides is None else tuple(int(s) for s in strides)
+        return shape, typestr, _c_contiguous(shape, strides_t, itemsize)
+    if SIMULATOR and getattr(obj, "__cuda_ndarray__", False):
+        return tuple(obj.shape), obj.dtype.str, bool(obj.is_c_contiguous())
+    where = "a NumPy or cuda.to_device array" if SIMULATOR else "a CUDA device array"
+    raise ValueError(
+        f"{name}: expected {where} (anything with __cuda_array_interface__), "
+        f"got {type(obj).__name__}"
+    )
+
+
+def device_array(
+    obj: Any,
+    name: str,
+    *,
+    dtype: str | Sequence[str],
+    shape: Sequence[int | None],
+) -> Any:
+    """Validate a device array and return it in a form a Numba kernel accepts.
+
+    ``dtype`` is a NumPy dtype name (or several allowed ones); ``"bfloat16"`` accepts a
+    bfloat16 or uint16 array and hands the kernel its bits as uint16. ``shape`` gives the
+    expected shape, ``None`` where any extent is allowed. The array must be C-contiguous.
+    """
+    dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    got_shape, typestr, contiguous = _describe(obj, name)
+    allowed = [t for d in dtypes for t in _typestrs(d)]
+    if typestr not in allowed:
+        raise ValueError(f"{name}: dtype must be {' or '.join(dtypes)}, got typestr {typestr!r}")
+    if len(got_shape) != len(shape) or any(
+        want is not None and want != got for want, got in zip(shape, got_shape, strict=True)
+    ):
+        want_s = ", ".join("*" if n is None else str(n) for n in shape)
+        raise ValueError(f"{name}: shape must be [{want_s}], got {list(got_shape)}")
+    if not contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    as_u16 = typestr == "<V2"
+    if SIMULATOR or isinstance(obj, np.ndarray):
+        if not SIMULATOR:
+            raise ValueError(f"{name}: is a host NumPy array; pass a CUDA device array")
+        return obj.view(np.uint16) if as_u16 else obj
+    if getattr(obj, "__cuda_ndarray__", False) and not as_u16:
+        return obj  # already a Numba device array
+    desc = dict(obj.__cuda_array_interface__)
+    if as_u16:
+        desc["typestr"] = "<u2"
+    return cuda.from_cuda_array_interface(desc, owner=obj, sync=True)
+
+
+def host_or_device(
+    obj: Any,
+    name: str,
+    *,
+    dtype: str,
+    shape: Sequence[int | None],
+    stream: Any = 0,
+    upload: bool = True,
+) -> tuple[np.ndarray | None, Any]:
+    """A small per-sample parameter array given on the host or already on the device.
+
+    Host input (NumPy array, list, tuple) is checked, converted to ``dtype`` (refusing values
+    the dtype cannot hold) and uploaded: returns ``(host_copy, device_array)`` so the caller
+    can validate the values. A device array must already have ``dtype``: returns
+    ``(None, device_array)`` and its values are trusted. ``upload=False`` only validates
+    (the device half of the result is then ``None`` for host input).
+    """
+    if isinstance(obj, (list, tuple)):
+        obj = np.asarray(obj)
+    if isinstance(obj, np.ndarray):
+        target = np.dtype(dtype)
+        if obj.dtype.kind not in "biu" + ("f" if target.kind == "f" else ""):
+            raise ValueError(f"{name}: dtype must be convertible to {dtype}, got {obj.dtype}")
+        if obj.ndim != len(shape) or any(
+            want is not None and want != got for want, got in zip(shape, obj.shape, strict=True)
+        ):
+            want_s = ", ".join("*" if n is None else str(n) for n in shape)
+            raise ValueError(f"{name}: shape must be [{want_s}], got {list(obj.shape)}")
+        if target.kind in "iu" and obj.size and obj.dtype.kind in "iu":
+            info = np.iinfo(target)
+            lo, hi = int(obj.min()), int(obj.max())
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"{name}: values [{lo}, {hi}] do not fit in {dtype}")
+        host = np.ascontiguousarray(obj, dtype=target)
+        return host, cuda.to_device(host, stream=stream) if upload else None
+    return None, device_array(obj, name, dtype=dtype, shape=shape)
+
+
+def _extent(obj: Any) -> tuple[int, int] | None:
+    """(first byte address, byte size) of a contiguous array, or None if unknown."""
+    if SIMULATOR:
+        obj = getattr(obj, "_ary", obj)  # the NumPy array inside a simulator device array
+    if isinstance(obj, np.ndarray):
+        return int(obj.__array_interface__["data"][0]), int(obj.nbytes)
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is None:
+        return None
+    typestr = str(cai["typestr"])
+    itemsize = int(typestr[2:]) if typestr[2:].isdigit() else 0
+    return int(cai["data"][0]), itemsize * math.prod(int(n) for n in cai["shape"])
+
+
+def check_disjoint(**arrays: Any) -> None:
+    """Raise ``ValueError`` if any two of the named (contiguous) arrays share memory."""
+    items = [(name, _extent(a)) for name, a in arrays.items()]
+    for i, (na, ea) in enumerate(items):
+        for nb, eb in items[i + 1 :]:
+            if ea is None or eb is None or ea[1] == 0 or eb[1] == 0:
+                continue
+            if ea[0] < eb[0] + eb[1] and eb[0] < ea[0] + ea[1]:
+                raise ValueError(f"{na} and {nb} overlap in memory; pass separate buffers")
+
+
+def num_blocks(n: int, per_block: int) -> int:
+    """Blocks needed to cover ``n`` items with ``per_block`` threads each (at least 1)."""
+    return max(1, -(-n // per_block))

@@ -1,0 +1,366 @@
+"""Fused crop + bilinear resize + horizontal flip + normalize + HWC->NCHW for an image batch.
+
+Input: ``B`` variable-size uint8 RGB images (HWC) packed in one flat buffer, image ``b`` at
+``images[offsets[b] : offsets[b] + heights[b] * widths[b] * 3]``, and per-sample crop windows
+``y0, x0, h, w`` and ``flip`` exactly as :class:`mmload.augment.CropParams`. Output: a
+preallocated ``[B, 3, OH, OW]`` array on the device, float16, float32, bfloat16 or uint8.
+
+Resampling is bilinear with half-pixel centres (``align_corners=False``), source coordinates
+clamped to the crop window's edges, and **no antialiasing**: it equals
+``F.interpolate(crop, (OH, OW), mode="bilinear", align_corners=False, antialias=False)``
+applied to the crop, then ``flip(-1)`` where ``flip`` is set. DALI's resize antialiases when
+downscaling, so strong downscales differ from DALI (aliasing shows on fine textures).
+Normalization is ``(pixel - mean[c]) / std[c]`` with mean/std in 0..255 units (like
+``mmload.config.IMAGENET_MEAN``/``IMAGENET_STD``), computed in float32; with no mean/std the
+output is the interpolated pixel value (uint8 output rounds half up). bfloat16 is written as
+its bit pattern (round-to-nearest-even from float32) through a uint16 view of the output.
+
+One GPU thread computes one output pixel (all three channels); consecutive threads write
+consecutive ``x`` of each channel plane, so stores are coalesced.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from numba import cuda, float32, int32, int64, uint8, uint16, uint32
+from numba.cuda import libdevice
+
+from ._device import (
+    MAX_GRID_YZ,
+    SIMULATOR,
+    device_array,
+    host_or_device,
+    num_blocks,
+)
+
+__all__ = [
+    "CropLike",
+    "OutDType",
+    "bfloat16_bits",
+    "crop_resize_normalize",
+    "crop_resize_normalize_reference",
+    "kernel_signatures",
+]
+
+# Kernels reach threadIdx & co. through this alias: numba's stubs mistype them for mypy.
+_cu: Any = cuda
+
+OutDType = Literal["float16", "float32", "bfloat16", "uint8"]
+
+_F32 = "float32"
+_ZERO = np.float32(0.0)
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+
+_STORE_FLOAT, _STORE_BF16, _STORE_U8 = 0, 1, 2
+
+
+def _f32_bits_simulated(x: Any) -> Any:
+    return np.float32(x).view(np.uint32)
+
+
+# The float32 -> uint32 bit cast; libdevice has no simulator implementation.
+_f32_bits: Callable[[Any], Any] = _f32_bits_simulated if SIMULATOR else libdevice.float_as_int
+
+
+class CropLike(Protocol):
+    """Anything with CropParams' fields: ``y0, x0, h, w`` (int ``[B]``), ``flip`` (bool ``[B]``)."""
+
+    y0: Any
+    x0: Any
+    h: Any
+    w: Any
+    flip: Any
+
+
+def _make_kernel(store: int) -> Callable[..., None]:
+    # ``store`` is a closure constant, so Numba prunes the other branches at compile time.
+    def kernel(
+        images: Any,
+        offsets: Any,
+        widths: Any,
+        y0s: Any,
+        x0s: Any,
+        hs: Any,
+        ws: Any,
+        flips: Any,
+        out: Any,
+        m0: Any,
+        m1: Any,
+        m2: Any,
+        s0: Any,
+        s1: Any,
+        s2: Any,
+    ) -> None:
+        ox = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
+        oy = _cu.blockIdx.y * _cu.blockDim.y + _cu.threadIdx.y
+        n_out_h = out.shape[2]
+        n_out_w = out.shape[3]
+        if ox >= n_out_w or oy >= n_out_h:
+            return
+        means = (m0, m1, m2)
+        stds = (s0, s1, s2)
+        b = _cu.blockIdx.z
+        while b < out.shape[0]:
+            ch = hs[b]
+            cw = ws[b]
+            xo = n_out_w - 1 - ox if flips[b] != 0 else ox
+            fx = (float32(xo) + _HALF) * (float32(cw) / float32(n_out_w)) - _HALF
+            fy = (float32(oy) + _HALF) * (float32(ch) / float32(n_out_h)) - _HALF
+            if fx < _ZERO:
+                fx = _ZERO
+            if fy < _ZERO:
+                fy = _ZERO
+            ix0 = min(int32(fx), cw - 1)
+            iy0 = min(int32(fy), ch - 1)
+            ix1 = ix0 + 1 if ix0 < cw - 1 else ix0
+            iy1 = iy0 + 1 if iy0 < ch - 1 else iy0
+            lx1 = fx - float32(ix0)
+            ly1 = fy - float32(iy0)
+            lx0 = _ONE - lx1
+            ly0 = _ONE - ly1
+            row_bytes = int64(widths[b]) * 3
+            base = offsets[b] + int64(x0s[b]) * 3
+            r0 = base + int64(y0s[b] + iy0) * row_bytes
+            r1 = base + int64(y0s[b] + iy1) * row_bytes
+            c0 = int64(ix0) * 3
+            c1 = int64(ix1) * 3
+            for c in range(3):
+                v = ly0 * (lx0 * float32(images[r0 + c0 + c]) + lx1 * float32(images[r0 + c1 + c]))
+                v += ly1 * (lx0 * float32(images[r1 + c0 + c]) + lx1 * float32(images[r1 + c1 + c]))
+                if store == _STORE_U8:
+                    out[b, c, oy, ox] = uint8(int32(v + _HALF))
+                else:
+                    y = (v - means[c]) / stds[c]
+                    if store == _STORE_BF16:
+                        u = uint32(_f32_bits(y))
+                        rounded = u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))
+                        out[b, c, oy, ox] = uint16(rounded >> uint32(16))
+                    else:
+                        out[b, c, oy, ox] = y
+            b += _cu.gridDim.z
+
+    return kernel
+
+
+_STORE = {
+    "float16": _STORE_FLOAT,
+    "float32": _STORE_FLOAT,
+    "bfloat16": _STORE_BF16,
+    "uint8": _STORE_U8,
+}
+_ELEM = {"float16": "float16", "float32": "float32", "bfloat16": "uint16", "uint8": "uint8"}
+_PY_KERNELS = {s: _make_kernel(s) for s in (_STORE_FLOAT, _STORE_BF16, _STORE_U8)}
+
+
+def _signature(dtype: str) -> str:
+    return (
+        "void(uint8[::1], int64[::1], int32[::1], int32[::1], int32[::1], int32[::1], "
+        f"int32[::1], uint8[::1], {_ELEM[dtype]}[:, :, :, ::1], "
+        f"{', '.join([_F32] * 6)})"
+    )
+
+
+_VARIANTS: dict[str, tuple[Callable[..., None], str]] = {
+    f"crop_resize_normalize[{d}]": (_PY_KERNELS[_STORE[d]], _signature(d)) for d in _STORE
+}
+
+
+def kernel_signatures() -> list[tuple[str, Callable[..., None], str]]:
+    """``(name, Python kernel, Numba signature)`` of every variant the launcher compiles."""
+    return [(name, fn, sig) for name, (fn, sig) in _VARIANTS.items()]
+
+
+@functools.cache
+def _compiled(name: str) -> Any:
+    fn, sig = _VARIANTS[name]
+    return cuda.jit(sig)(fn)
+
+
+def _mean_std(
+    mean: Sequence[float] | None, std: Sequence[float] | None, dtype: str
+) -> tuple[np.ndarray, np.ndarray]:
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std: give both (normalize) or neither (raw pixel values)")
+    if mean is None or std is None:
+        return np.zeros(3, np.float32), np.ones(3, np.float32)
+    if dtype == "uint8":
+        raise ValueError("dtype='uint8' cannot hold normalized values; drop mean/std")
+    m = np.asarray(mean, dtype=np.float64)
+    s = np.asarray(std, dtype=np.float64)
+    if m.shape != (3,) or not np.isfinite(m).all():
+        raise ValueError(f"mean: must be 3 finite numbers, got {mean!r}")
+    if s.shape != (3,) or not (np.isfinite(s).all() and (s > 0).all()):
+        raise ValueError(f"std: must be 3 finite numbers > 0, got {std!r}")
+    return m.astype(np.float32), s.astype(np.float32)
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in _STORE:
+        raise ValueError(f"dtype: must be one of {sorted(_STORE)}, got {dtype!r}")
+
+
+def _check_windows(
+    n_bytes: int,
+    offsets: np.ndarray | None,
+    heights: np.ndarray | None,
+    widths: np.ndarray | None,
+    crop: dict[str, np.ndarray | None],
+) -> None:
+    """Validate whatever was given on the host (device-resident values are trusted)."""
+    if heights is not None and (heights < 1).any():
+        raise ValueError("heights: every image needs height >= 1")
+    if widths is not None and (widths < 1).any():
+        raise ValueError("widths: every image needs width >= 1")
+    if offsets is not None and heights is not None and widths is not None:
+        end = offsets + heights.astype(np.int64) * widths.astype(np.int64) * 3
+        bad = np.flatnonzero((offsets < 0) | (end > n_bytes))
+        if bad.size:
+            raise ValueError(
+                f"offsets: image {int(bad[0])} spans bytes [{int(offsets[bad[0]])}, "
+                f"{int(end[bad[0]])}) outside the {n_bytes}-byte images buffer"
+            )
+    for field in ("h", "w"):
+        v = crop[field]
+        if v is not None and (v < 1).any():
+            raise ValueError(f"crop.{field}: every crop needs {field} >= 1")
+    for lo, ext, size in (("y0", "h", heights), ("x0", "w", widths)):
+        start, extent = crop[lo], crop[ext]
+        if start is not None and (start < 0).any():
+            raise ValueError(f"crop.{lo}: must be >= 0")
+        if start is not None and extent is not None and size is not None:
+            bad = np.flatnonzero(start + extent > size)
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(
+                    f"crop.{lo}/crop.{ext}: sample {i} window [{int(start[i])}, "
+                    f"{int(start[i] + extent[i])}) exceeds the image extent {int(size[i])}"
+                )
+
+
+def crop_resize_normalize(
+    images: Any,
+    offsets: Any,
+    heights: Any,
+    widths: Any,
+    crop: CropLike,
+    out: Any,
+    *,
+    dtype: OutDType,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    stream: Any = 0,
+) -> None:
+    """Write ``out[b] = normalize(flip(resize(crop(image b))))`` for the whole batch.
+
+    ``images``: uint8 ``[N]`` device buffer. ``offsets`` (int64), ``heights``, ``widths``
+    (int32) and the ``crop`` fields (``[B]`` each) may be host arrays (validated, converted and
+    uploaded each call) or device arrays of exactly those dtypes (int32 for the crop window,
+    uint8 for ``flip``; their values are trusted). ``out``: preallocated device array
+    ``[B, 3, OH, OW]`` of ``dtype`` (bfloat16: a bfloat16 or uint16 array receiving the bits).
+    ``stream``: a Numba stream (``cuda.external_stream(torch.cuda.current_stream().cuda_stream)``
+    to order it with torch work) or 0. Returns nothing; ``out`` holds the batch on the device.
+    """
+    _check_dtype(dtype)
+    m, s = _mean_std(mean, std, dtype)
+    imgs = device_array(images, "images", dtype="uint8", shape=(None,))
+    dst = device_array(out, "out", dtype=dtype, shape=(None, 3, None, None))
+    batch, _, out_h, out_w = (int(n) for n in dst.shape)
+    if batch == 0 or out_h == 0 or out_w == 0:
+        return
+    n = (batch,)
+    off_h, off_d = host_or_device(offsets, "offsets", dtype="int64", shape=n, stream=stream)
+    # Heights only bound the crop windows (checked here); the kernel needs the row stride.
+    hh, _ = host_or_device(heights, "heights", dtype="int32", shape=n, upload=False)
+    wh, w_d = host_or_device(widths, "widths", dtype="int32", shape=n, stream=stream)
+    crop_host: dict[str, np.ndarray | None] = {}
+    crop_dev: dict[str, Any] = {}
+    for field in ("y0", "x0", "h", "w", "flip"):
+        kind = "uint8" if field == "flip" else "int32"
+        value = getattr(crop, field, None)
+        if value is None:
+            raise ValueError(f"crop: has no field {field!r} (expected CropParams)")
+        crop_host[field], crop_dev[field] = host_or_device(
+            value, f"crop.{field}", dtype=kind, shape=n, stream=stream
+        )
+    _check_windows(int(imgs.shape[0]), off_h, hh, wh, crop_host)
+    block = (min(32, out_w), min(8, out_h), 1)
+    grid = (num_blocks(out_w, block[0]), num_blocks(out_h, block[1]), min(batch, MAX_GRID_YZ))
+    _compiled(f"crop_resize_normalize[{dtype}]")[grid, block, stream](
+        imgs,
+        off_d,
+        w_d,
+        crop_dev["y0"],
+        crop_dev["x0"],
+        crop_dev["h"],
+        crop_dev["w"],
+        crop_dev["flip"],
+        dst,
+        *(np.float32(v) for v in (*m, *s)),
+    )
+
+
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear source indices and weights, in the kernel's float32 arithmetic."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = (np.arange(n_out, dtype=np.float32) + _HALF) * scale - _HALF
+    src = np.maximum(src, _ZERO)
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+    l1 = src - i0.astype(np.float32)
+    return i0, i1, (_ONE - l1).astype(np.float32), l1.astype(np.float32)
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit pattern (uint16), round to nearest even; NaN -> 0x7FC0."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), bits)
+
+
+def crop_resize_normalize_reference(
+    images: np.ndarray,
+    offsets: np.ndarray,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    crop: CropLike,
+    out_size: tuple[int, int],
+    *,
+    dtype: OutDType,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> np.ndarray:
+    """NumPy reference of :func:`crop_resize_normalize`.
+
+    Returns a host array ``[B, 3, OH, OW]`` of ``dtype`` (bfloat16: its bits as uint16).
+    """
+    _check_dtype(dtype)
+    m, s = _mean_std(mean, std, dtype)
+    out_h, out_w = out_size
+    batch = len(offsets)
+    res = np.empty((batch, 3, out_h, out_w), np.float32)
+    for b in range(batch):
+        height, width = int(heights[b]), int(widths[b])
+        off = int(offsets[b])
+        img = np.asarray(images[off : off + height * width * 3]).reshape(height, width, 3)
+        y0, x0, h, w = (int(getattr(crop, f)[b]) for f in ("y0", "x0", "h", "w"))
+        win = img[y0 : y0 + h, x0 : x0 + w].astype(np.float32)
+        iy0, iy1, ly0, ly1 = _taps(h, out_h)
+        ix0, ix1, lx0, lx1 = _taps(w, out_w)
+        if crop.flip[b]:
+            ix0, ix1, lx0, lx1 = ix0[::-1], ix1[::-1], lx0[::-1], lx1[::-1]
+        lx0, lx1 = lx0[None, :, None], lx1[None, :, None]
+        top = lx0 * win[iy0][:, ix0] + lx1 * win[iy0][:, ix1]
+        bot = lx0 * win[iy1][:, ix0] + lx1 * win[iy1][:, ix1]
+        v = ly0[:, None, None] * top + ly1[:, None, None] * bot
+        res[b] = v.transpose(2, 0, 1)
+    if dtype == "uint8":
+        return (res + _HALF).astype(np.int32).astype(np.uint8)
+    res = (res - m[None, :, None, None]) / s[None, :, None, None]
+    if dtype == "bfloat16":
+        return bfloat16_bits(res)
+    return res.astype(dtype)

@@ -1,0 +1,340 @@
+"""Log-mel spectrogram of a batch of waveforms: float32 ``[B, T]`` -> ``[B, n_mels, frames]``.
+
+Semantics (``torch.stft`` conventions): ``center=True`` with reflect padding of ``n_fft // 2``
+samples on each side, so ``frames = 1 + T // hop_length``; a periodic Hann window of
+``win_length`` samples, zero-padded to ``n_fft`` and centred (like ``torch.hann_window``);
+power spectrum ``|X|^2``; an **HTK** mel filterbank of triangular filters without area
+normalization (torchaudio's default ``melscale_fbanks(norm=None, mel_scale="htk")``, but with
+frequency bins at ``k * sr / n_fft``); then the natural log ``log(mel + eps)``,
+``eps = 1e-6`` by default.
+
+Audio shorter than ``n_fft // 2 + 1`` samples, which ``torch.stft`` rejects, is padded by
+repeated reflection (``numpy.pad(mode="reflect")``); a single sample is repeated.
+
+Two kernels: one thread per (batch, frequency bin, frame) computes the windowed DFT bin's power
+from a twiddle table (a direct DFT; fine for n_fft of a few hundred) into a float32
+``[B, n_fft // 2 + 1, frames]`` workspace; one thread per (batch, mel, frame) then applies the
+filterbank over each filter's non-zero bins and takes the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+from ._device import (
+    MAX_GRID_YZ,
+    check_disjoint,
+    device_array,
+    num_blocks,
+)
+
+__all__ = [
+    "LogMelSpec",
+    "LogMelTables",
+    "kernel_signatures",
+    "logmel",
+    "logmel_reference",
+    "logmel_tables",
+    "mel_filterbank",
+]
+
+# Kernels reach threadIdx & co. through this alias: numba's stubs mistype them for mypy.
+_cu: Any = cuda
+
+_ZERO = np.float32(0.0)
+_THREADS = 64  # frames per block
+
+
+@dataclass(frozen=True)
+class LogMelSpec:
+    """Parameters of the log-mel transform; invalid values raise ``ValueError``.
+
+    ``win_length=None`` means ``n_fft``; ``f_max=None`` means ``sample_rate / 2``.
+    """
+
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    win_length: int | None = None
+    n_mels: int = 80
+    f_min: float = 0.0
+    f_max: float | None = None
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("sample_rate", "n_fft", "hop_length", "n_mels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be an int >= 1")
+        if self.n_fft < 2:
+            raise ValueError(f"n_fft={self.n_fft!r}: must be >= 2")
+        w = self.win_length
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"win_length={w!r}: must be None or an int >= 1")
+        if w is not None and w > self.n_fft:
+            raise ValueError(f"win_length={w!r}: must be <= n_fft={self.n_fft}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps={self.eps!r}: must be a finite number > 0")
+        _check_band(self.sample_rate, self.f_min, self.f_max_hz)
+
+    @property
+    def window_length(self) -> int:
+        """Samples of the Hann window (``win_length`` or ``n_fft``)."""
+        return self.n_fft if self.win_length is None else self.win_length
+
+    @property
+    def f_max_hz(self) -> float:
+        """Upper edge of the filterbank in Hz."""
+        return self.sample_rate / 2 if self.f_max is None else float(self.f_max)
+
+    @property
+    def n_freqs(self) -> int:
+        """One-sided spectrum bins: ``n_fft // 2 + 1``."""
+        return self.n_fft // 2 + 1
+
+    def frames(self, samples: int) -> int:
+        """Frames of a ``samples``-long waveform: ``1 + samples // hop_length``."""
+        return 1 + samples // self.hop_length
+
+    def output_shape(self, batch: int, samples: int) -> tuple[int, int, int]:
+        """``(B, n_mels, frames)`` of the float32 output."""
+        return batch, self.n_mels, self.frames(samples)
+
+
+def _check_band(sample_rate: float, f_min: float, f_max: float) -> None:
+    if not (math.isfinite(f_min) and f_min >= 0):
+        raise ValueError(f"f_min={f_min!r}: must be >= 0")
+    if not (math.isfinite(f_max) and f_min < f_max <= sample_rate / 2):
+        raise ValueError(f"f_max={f_max!r}: must be in (f_min={f_min}, sample_rate / 2]")
+
+
+def _hz_to_mel(f: np.ndarray | float) -> np.ndarray:
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float
+) -> np.ndarray:
+    """HTK-scale triangular mel filters (peak 1, no area normalization).
+
+    Returns float32 ``[n_mels, n_fft // 2 + 1]`` on the host; filter ``m`` rises from mel
+    point ``m`` to ``m + 1`` and falls to ``m + 2`` of ``n_mels + 2`` points evenly spaced in
+    mel between ``f_min`` and ``f_max``. Narrow filters may fall between bins and be all zero.
+    """
+    if n_mels < 1 or n_fft < 2:
+        raise ValueError(f"n_mels={n_mels}, n_fft={n_fft}: need n_mels >= 1 and n_fft >= 2")
+    _check_band(sample_rate, f_min, f_max)
+    freqs = np.arange(n_fft // 2 + 1, dtype=np.float64) * sample_rate / n_fft
+    pts = _mel_to_hz(np.linspace(_hz_to_mel(f_min), _hz_to_mel(f_max), n_mels + 2))
+    diff = np.diff(pts)
+    slopes = pts[None, :] - freqs[:, None]
+    down = -slopes[:, :-2] / diff[:-1]
+    up = slopes[:, 2:] / diff[1:]
+    return np.maximum(0.0, np.minimum(down, up)).T.astype(np.float32)
+
+
+def _window(spec: LogMelSpec) -> np.ndarray:
+    """Periodic Hann of ``win_length``, zero-padded and centred in ``n_fft``; float32."""
+    w = spec.window_length
+    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(w) / w)
+    out = np.zeros(spec.n_fft, np.float64)
+    left = (spec.n_fft - w) // 2
+    out[left : left + w] = hann
+    return out.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class LogMelTables:
+    """Device-resident constants of one :class:`LogMelSpec` (build once with
+    :func:`logmel_tables`, reuse every batch)."""
+
+    spec: LogMelSpec
+    window: Any  # float32 [n_fft]
+    cos: Any  # float32 [n_fft]: cos(2 pi j / n_fft)
+    sin: Any  # float32 [n_fft]
+    filterbank: Any  # float32 [n_mels, n_freqs]
+    bands: Any  # int32 [n_mels, 2]: first and one-past-last non-zero bin of each filter
+
+
+def _host_tables(spec: LogMelSpec) -> dict[str, np.ndarray]:
+    fb = mel_filterbank(spec.sample_rate, spec.n_fft, spec.n_mels, spec.f_min, spec.f_max_hz)
+    bands = np.zeros((spec.n_mels, 2), np.int32)
+    for m, row in enumerate(fb):
+        nz = np.flatnonzero(row)
+        if nz.size:
+            bands[m] = nz[0], nz[-1] + 1
+    angle = 2.0 * np.pi * np.arange(spec.n_fft) / spec.n_fft
+    return {
+        "window": _window(spec),
+        "cos": np.cos(angle).astype(np.float32),
+        "sin": np.sin(angle).astype(np.float32),
+        "filterbank": fb,
+        "bands": bands,
+    }
+
+
+def logmel_tables(spec: LogMelSpec, *, stream: Any = 0) -> LogMelTables:
+    """Build the window, twiddle and filterbank tables of ``spec`` and upload them."""
+    host = _host_tables(spec)
+    return LogMelTables(spec, **{k: cuda.to_device(v, stream=stream) for k, v in host.items()})
+
+
+def _power_kernel(
+    x: Any,
+    window: Any,
+    cos_t: Any,
+    sin_t: Any,
+    hop: Any,
+    win_start: Any,
+    win_stop: Any,
+    power: Any,
+) -> None:
+    f = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
+    k = _cu.blockIdx.y
+    n_frames = power.shape[2]
+    if f >= n_frames:
+        return
+    n_fft = window.shape[0]
+    n_samples = x.shape[1]
+    pad = n_fft // 2
+    period = 2 * (n_samples - 1)
+    b = _cu.blockIdx.z
+    while b < x.shape[0]:
+        re = _ZERO
+        im = _ZERO
+        tw = (k * win_start) % n_fft
+        for n in range(win_start, win_stop):
+            j = f * hop + n - pad
+            if period == 0:
+                j = 0
+            else:
+                j = j % period  # Python semantics: never negative
+                if j >= n_samples:
+                    j = period - j
+            v = x[b, j] * window[n]
+            re += v * cos_t[tw]
+            im -= v * sin_t[tw]
+            tw += k
+            if tw >= n_fft:
+                tw -= n_fft
+        power[b, k, f] = re * re + im * im
+        b += _cu.gridDim.z
+
+
+def _mel_kernel(power: Any, filterbank: Any, bands: Any, eps: Any, out: Any) -> None:
+    f = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
+    m = _cu.blockIdx.y
+    if f >= out.shape[2]:
+        return
+    b = _cu.blockIdx.z
+    while b < out.shape[0]:
+        acc = _ZERO
+        for k in range(bands[m, 0], bands[m, 1]):
+            acc += filterbank[m, k] * power[b, k, f]
+        out[b, m, f] = math.log(acc + eps)
+        b += _cu.gridDim.z
+
+
+_POWER_SIG = (
+    "void(float32[:, ::1], float32[::1], float32[::1], float32[::1], int64, int64, int64, "
+    "float32[:, :, ::1])"
+)
+_MEL_SIG = "void(float32[:, :, ::1], float32[:, ::1], int32[:, ::1], float32, float32[:, :, ::1])"
+
+
+_VARIANTS: dict[str, tuple[Callable[..., None], str]] = {
+    "logmel.power": (_power_kernel, _POWER_SIG),
+    "logmel.mel": (_mel_kernel, _MEL_SIG),
+}
+
+
+def kernel_signatures() -> list[tuple[str, Callable[..., None], str]]:
+    """``(name, Python kernel, Numba signature)`` of every variant the launcher compiles."""
+    return [(name, fn, sig) for name, (fn, sig) in _VARIANTS.items()]
+
+
+@functools.cache
+def _compiled(name: str) -> Any:
+    fn, sig = _VARIANTS[name]
+    return cuda.jit(sig)(fn)
+
+
+def logmel(
+    waveforms: Any,
+    out: Any,
+    spec: LogMelSpec,
+    *,
+    tables: LogMelTables | None = None,
+    workspace: Any = None,
+    stream: Any = 0,
+) -> None:
+    """Write the log-mel spectrogram of ``waveforms`` into ``out``.
+
+    ``waveforms``: float32 device array ``[B, T]``, ``T >= 1``. ``out``: preallocated float32
+    device array ``spec.output_shape(B, T)``. ``tables``: from :func:`logmel_tables` (built and
+    uploaded on every call if omitted). ``workspace``: optional float32 device array
+    ``[B, n_fft // 2 + 1, frames]`` for the power spectrum (allocated per call if omitted).
+    """
+    if not isinstance(spec, LogMelSpec):
+        raise ValueError(f"spec: must be a LogMelSpec, got {type(spec).__name__}")
+    x = device_array(waveforms, "waveforms", dtype="float32", shape=(None, None))
+    batch, samples = (int(n) for n in x.shape)
+    if samples < 1:
+        raise ValueError("waveforms: need at least 1 sample per waveform")
+    dst = device_array(out, "out", dtype="float32", shape=spec.output_shape(batch, samples))
+    if batch == 0:
+        return
+    n_frames = spec.frames(samples)
+    work_shape = (batch, spec.n_freqs, n_frames)
+    if workspace is None:
+        work = cuda.device_array(work_shape, dtype=np.float32, stream=stream)
+    else:
+        work = device_array(workspace, "workspace", dtype="float32", shape=work_shape)
+    if tables is None:
+        tables = logmel_tables(spec, stream=stream)
+    elif tables.spec != spec:
+        raise ValueError("tables: were built for a different LogMelSpec")
+    check_disjoint(waveforms=x, out=dst, workspace=work)
+    threads = min(_THREADS, n_frames)
+    z = min(batch, MAX_GRID_YZ)
+    win_start = (spec.n_fft - spec.window_length) // 2
+    _compiled("logmel.power")[(num_blocks(n_frames, threads), spec.n_freqs, z), threads, stream](
+        x,
+        tables.window,
+        tables.cos,
+        tables.sin,
+        np.int64(spec.hop_length),
+        np.int64(win_start),
+        np.int64(win_start + spec.window_length),
+        work,
+    )
+    _compiled("logmel.mel")[(num_blocks(n_frames, threads), spec.n_mels, z), threads, stream](
+        work, tables.filterbank, tables.bands, np.float32(spec.eps), dst
+    )
+
+
+def logmel_reference(waveforms: np.ndarray, spec: LogMelSpec) -> np.ndarray:
+    """NumPy reference of :func:`logmel` (float64 FFT): host float32 ``[B, n_mels, frames]``."""
+    x = np.asarray(waveforms, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"waveforms: must be [B, T] with T >= 1, got shape {list(x.shape)}")
+    pad = spec.n_fft // 2
+    padded = np.pad(x, ((0, 0), (pad, pad)), mode="reflect")
+    starts = np.arange(spec.frames(x.shape[1])) * spec.hop_length
+    frames = padded[:, starts[:, None] + np.arange(spec.n_fft)[None, :]]
+    window = _window(spec).astype(np.float64)
+    power = np.abs(np.fft.rfft(frames * window, n=spec.n_fft, axis=-1)) ** 2
+    fb = mel_filterbank(spec.sample_rate, spec.n_fft, spec.n_mels, spec.f_min, spec.f_max_hz)
+    mel = np.einsum("mk,bfk->bmf", fb.astype(np.float64), power)
+    return np.log(mel + spec.eps).astype(np.float32)

@@ -1,0 +1,268 @@
+"""Packing of variable-length token sequences into fixed-length rows.
+
+:func:`plan_packing` assigns each sequence a (row, start column) on the host by greedy
+first-fit in input order; :func:`pack_tokens` then writes, on the device, ``[R, L]`` int64
+``input_ids`` (``pad_id`` where no token), ``attention_mask`` (1 on tokens), ``position_ids``
+(0, 1, ... within each packed sequence, 0 on padding) and ``segment_ids`` (1-based index of the
+sequence within its row in column order, 0 on padding). One thread per output cell finds its
+sequence by binary search over its row's sequences, so every cell is written exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba import cuda
+
+from ._device import (
+    MAX_GRID_YZ,
+    check_disjoint,
+    device_array,
+    host_or_device,
+    num_blocks,
+)
+
+__all__ = [
+    "PackingPlan",
+    "kernel_signatures",
+    "pack_tokens",
+    "pack_tokens_reference",
+    "plan_packing",
+]
+
+# Kernels reach threadIdx & co. through this alias: numba's stubs mistype them for mypy.
+_cu: Any = cuda
+
+_THREADS = 128
+_OUTPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids")
+
+
+class PackingPlan(NamedTuple):
+    """Where each of ``N`` sequences goes; host int64 arrays.
+
+    ``rows[i]``/``starts[i]``: row and first column of sequence ``i`` (``-1``/``0`` for an
+    empty sequence, which is not placed); ``lengths[i]``: tokens kept
+    (``min(length, seq_len)``); ``n_rows``: rows used; ``seq_len``: row length ``L``.
+    """
+
+    rows: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    n_rows: int
+    seq_len: int
+
+
+def plan_packing(lengths: np.ndarray, seq_len: int) -> PackingPlan:
+    """Greedy first-fit: each sequence, in input order, goes to the lowest-numbered row with
+    room for it, after that row's previous sequences; a new row is opened when none has room.
+
+    A sequence longer than ``seq_len`` is **truncated** to its first ``seq_len`` tokens (and
+    fills a row of its own); empty sequences are not placed (row ``-1``). Deterministic.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+        raise ValueError(f"seq_len={seq_len!r}: must be an int >= 1")
+    lens = np.asarray(lengths)
+    if lens.ndim != 1 or (lens.size and lens.dtype.kind not in "iu"):
+        raise ValueError(f"lengths: must be a 1-D integer array, got {lens.dtype} {lens.shape}")
+    if lens.size and lens.min() < 0:
+        raise ValueError("lengths: must be >= 0")
+    kept = np.minimum(lens.astype(np.int64), seq_len)
+    rows = np.full(kept.size, -1, np.int64)
+    starts = np.zeros(kept.size, np.int64)
+    used = np.zeros(max(1, kept.size), np.int64)  # tokens already placed in each row
+    n_rows = 0
+    for i, n in enumerate(kept.tolist()):
+        if n == 0:
+            continue
+        fits = np.flatnonzero(used[:n_rows] + n <= seq_len)
+        r = int(fits[0]) if fits.size else n_rows
+        n_rows = max(n_rows, r + 1)
+        rows[i], starts[i] = r, used[r]
+        used[r] += n
+    return PackingPlan(rows, starts, kept, n_rows, int(seq_len))
+
+
+def _pack_kernel(
+    tokens: Any,
+    row_ptr: Any,
+    table: Any,
+    pad_id: Any,
+    input_ids: Any,
+    attention_mask: Any,
+    position_ids: Any,
+    segment_ids: Any,
+) -> None:
+    c = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
+    if c >= input_ids.shape[1]:
+        return
+    r = _cu.blockIdx.y
+    while r < input_ids.shape[0]:
+        first = row_ptr[r]
+        lo = first
+        hi = row_ptr[r + 1]
+        while lo < hi:  # lo = first entry of the row starting after column c
+            mid = (lo + hi) // 2
+            if table[mid, 1] <= c:
+                lo = mid + 1
+            else:
+                hi = mid
+        j = lo - 1
+        token = pad_id
+        mask = 0
+        pos = 0
+        seg = 0
+        if j >= first:
+            p = c - table[j, 1]
+            if p < table[j, 2]:
+                token = tokens[table[j, 0] + p]
+                mask = 1
+                pos = p
+                seg = j - first + 1
+        input_ids[r, c] = token
+        attention_mask[r, c] = mask
+        position_ids[r, c] = pos
+        segment_ids[r, c] = seg
+        r += _cu.gridDim.y
+
+
+_SIG = (
+    "void(int64[::1], int64[::1], int64[:, ::1], int64, " + ", ".join(["int64[:, ::1]"] * 4) + ")"
+)
+
+
+_VARIANTS: dict[str, tuple[Callable[..., None], str]] = {"pack_tokens": (_pack_kernel, _SIG)}
+
+
+def kernel_signatures() -> list[tuple[str, Callable[..., None], str]]:
+    """``(name, Python kernel, Numba signature)`` of every variant the launcher compiles."""
+    return [(name, fn, sig) for name, (fn, sig) in _VARIANTS.items()]
+
+
+@functools.cache
+def _compiled(name: str) -> Any:
+    fn, sig = _VARIANTS[name]
+    return cuda.jit(sig)(fn)
+
+
+def _check_plan(plan: PackingPlan, n_seqs: int) -> None:
+    if not isinstance(plan, PackingPlan):
+        raise ValueError(f"plan: must be a PackingPlan, got {type(plan).__name__}")
+    for name in ("rows", "starts", "lengths"):
+        if np.shape(getattr(plan, name)) != (n_seqs,):
+            raise ValueError(f"plan.{name}: must have one entry per sequence ({n_seqs})")
+    placed = plan.rows >= 0
+    if not np.array_equal(placed, plan.lengths > 0):
+        raise ValueError("plan: exactly the sequences with lengths > 0 must have a row >= 0")
+    end = plan.starts + plan.lengths
+    if placed.any() and (
+        plan.rows.max() >= plan.n_rows
+        or plan.starts[placed].min() < 0
+        or end[placed].max() > plan.seq_len
+    ):
+        raise ValueError(f"plan: a sequence lies outside {plan.n_rows} rows of {plan.seq_len}")
+
+
+def _row_table(
+    offsets: np.ndarray, plan: PackingPlan, n_out_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """CSR over rows: ``row_ptr[R + 1]`` and ``(offset, start, length)`` rows sorted by
+    (row, start); at least one (dummy) table row so no device buffer is empty."""
+    placed = np.flatnonzero(plan.rows >= 0)
+    order = placed[np.lexsort((plan.starts[placed], plan.rows[placed]))]
+    counts = np.bincount(plan.rows[order], minlength=n_out_rows)[:n_out_rows]
+    row_ptr = np.zeros(n_out_rows + 1, np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    table = np.zeros((max(1, order.size), 3), np.int64)
+    table[: order.size] = np.stack(
+        [offsets[order], plan.starts[order], plan.lengths[order]], axis=1
+    )
+    return row_ptr, table
+
+
+def pack_tokens(
+    tokens: Any,
+    offsets: np.ndarray,
+    plan: PackingPlan,
+    input_ids: Any,
+    attention_mask: Any,
+    position_ids: Any,
+    segment_ids: Any,
+    *,
+    pad_id: int = 0,
+    stream: Any = 0,
+) -> None:
+    """Pack sequences ``tokens[offsets[i] : offsets[i] + plan.lengths[i]]`` as ``plan`` says.
+
+    ``tokens``: int64 device array ``[T]``; ``offsets``: host int ``[N]``; ``plan``: from
+    :func:`plan_packing`. The four outputs: preallocated, distinct int64 device arrays
+    ``[R, plan.seq_len]`` with ``R >= plan.n_rows`` (rows past ``n_rows`` are all padding).
+    """
+    toks = device_array(tokens, "tokens", dtype="int64", shape=(None,))
+    offs = np.asarray(offsets)
+    if offs.ndim != 1 or (offs.size and offs.dtype.kind not in "iu"):
+        raise ValueError(f"offsets: must be a 1-D integer host array, got {offs.dtype}")
+    offs = offs.astype(np.int64)
+    _check_plan(plan, offs.size)
+    outs = {}
+    for name, arr in zip(
+        _OUTPUTS, (input_ids, attention_mask, position_ids, segment_ids), strict=True
+    ):
+        outs[name] = device_array(arr, name, dtype="int64", shape=(None, plan.seq_len))
+    n_out_rows = int(outs["input_ids"].shape[0])
+    for name, arr in outs.items():
+        if int(arr.shape[0]) != n_out_rows:
+            raise ValueError(f"{name}: must have {n_out_rows} rows like input_ids")
+    if n_out_rows < plan.n_rows:
+        raise ValueError(f"input_ids: has {n_out_rows} rows, the plan needs {plan.n_rows}")
+    check_disjoint(**outs)
+    end = offs + plan.lengths
+    bad = np.flatnonzero((offs < 0) | (end > int(toks.shape[0])))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"offsets: sequence {i} spans [{int(offs[i])}, {int(end[i])}) outside the "
+            f"{int(toks.shape[0])} tokens"
+        )
+    if n_out_rows == 0:
+        return
+    row_ptr, table = _row_table(offs, plan, n_out_rows)
+    _, row_ptr_d = host_or_device(row_ptr, "row_ptr", dtype="int64", shape=(None,), stream=stream)
+    _, table_d = host_or_device(table, "table", dtype="int64", shape=(None, 3), stream=stream)
+    if toks.shape[0] == 0:  # keep every device buffer non-empty
+        toks = cuda.to_device(np.zeros(1, np.int64), stream=stream)
+    threads = min(_THREADS, plan.seq_len)
+    grid = (num_blocks(plan.seq_len, threads), min(n_out_rows, MAX_GRID_YZ))
+    _compiled("pack_tokens")[grid, threads, stream](
+        toks, row_ptr_d, table_d, np.int64(pad_id), *(outs[n] for n in _OUTPUTS)
+    )
+
+
+def pack_tokens_reference(
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    plan: PackingPlan,
+    *,
+    n_rows: int | None = None,
+    pad_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """NumPy reference of :func:`pack_tokens`: host int64 ``[R, L]`` arrays by output name
+    (``R = n_rows`` or ``plan.n_rows``)."""
+    rows_out = plan.n_rows if n_rows is None else n_rows
+    shape = (rows_out, plan.seq_len)
+    res = {name: np.zeros(shape, np.int64) for name in _OUTPUTS}
+    res["input_ids"][:] = pad_id
+    seen = np.zeros(rows_out, np.int64)
+    for i in np.lexsort((plan.starts, plan.rows)):
+        r, s, n = int(plan.rows[i]), int(plan.starts[i]), int(plan.lengths[i])
+        if r < 0:
+            continue
+        seen[r] += 1
+        o = int(offsets[i])
+        res["input_ids"][r, s : s + n] = tokens[o : o + n]
+        res["attention_mask"][r, s : s + n] = 1
+        res["position_ids"][r, s : s + n] = np.arange(n)
+        res["segment_ids"][r, s : s + n] = seen[r]
+    return res
