@@ -26,7 +26,7 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 OnError = Literal["raise", "skip"]
-ImageBackend = Literal["auto", "dali", "pil"]
+ImageBackend = Literal["auto", "dali", "pil", "torchvision"]
 CropMode = Literal["random_resized", "center", "resize"]
 ImageDType = Literal["uint8", "float16", "bfloat16", "float32"]
 
@@ -144,8 +144,8 @@ class ImageConfig:
             raise _fail("dtype", self.dtype, "normalize=True needs a float dtype")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise _fail("mean/std", (self.mean, self.std), "need 3 values each, std > 0")
-        if self.backend not in ("auto", "dali", "pil"):
-            raise _fail("backend", self.backend, "must be 'auto', 'dali' or 'pil'")
+        if self.backend not in ("auto", "dali", "pil", "torchvision"):
+            raise _fail("backend", self.backend, "must be 'auto', 'dali', 'pil' or 'torchvision'")
         if self.max_pixels <= 0 or self.max_side <= 0:
             raise _fail("max_pixels/max_side", (self.max_pixels, self.max_side), "must be > 0")
 

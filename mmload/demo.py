@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import wave
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from mmload.errors import MissingDependencyError
+from mmload.errors import ConfigError, MissingDependencyError
 
 __all__ = ["demo_samples", "load_photos", "make_jpeg", "make_wav"]
 
@@ -33,7 +34,21 @@ _NAMES = ("astronaut", "cat", "coffee", "rocket", "galaxy", "retina", "tissue")
 
 
 def load_photos() -> list[tuple[str, np.ndarray]]:
-    """``(name, uint8 [H, W, 3])`` photos bundled with scikit-image."""
+    """``(name, uint8 [H, W, 3])`` photos bundled with scikit-image, or the JPEG/PNG files in
+    ``$MMLOAD_PHOTOS_DIR`` when set (hosts without scikit-image)."""
+    folder = os.environ.get("MMLOAD_PHOTOS_DIR")
+    if folder:
+        from PIL import Image
+
+        files = sorted(
+            f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png"))
+        )
+        if not files:
+            raise ConfigError(f"MMLOAD_PHOTOS_DIR={folder!r} holds no .jpg/.png photos")
+        return [
+            (os.path.splitext(f)[0], np.asarray(Image.open(os.path.join(folder, f)).convert("RGB")))
+            for f in files
+        ]
     try:
         import skimage.data
     except ImportError:

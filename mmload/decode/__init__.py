@@ -29,12 +29,22 @@ def make_image_decoder(
     device_id: int | None,
     threads: int,
 ) -> ImageDecoder:
-    """The image decoder for ``cfg.backend``: DALI (``auto`` when installed) or PIL."""
+    """The image decoder for ``cfg.backend``.
+
+    ``auto``: DALI when installed (CPU or ``mixed`` GPU decode), else PIL on the CPU or the
+    torchvision nvJPEG + fused-kernel fallback on a CUDA device.
+    """
     from mmload.decode.dali import DaliImageDecoder, dali_available
 
     backend = cfg.backend
     if backend == "auto":
-        backend = "dali" if dali_available() else "pil"
+        backend = "dali" if dali_available() else ("torchvision" if device == "cuda" else "pil")
+    if backend == "torchvision":
+        if device != "cuda":
+            raise ConfigError("image backend 'torchvision' decodes on the GPU: use device='cuda'")
+        from mmload.decode.nvjpeg import TorchvisionGpuDecoder
+
+        return TorchvisionGpuDecoder(cfg, device_id=device_id)
     if backend == "dali":
         if not dali_available():
             raise ConfigError(
