@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -287,6 +288,9 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):  # type: ignore[
     def __init__(self, source: Source, **kwargs: Any) -> None:
         super().__init__(source, **kwargs)
         self._spool = tempfile.mkdtemp(prefix="mmload-stats-")
+        # Removed when this object is collected, by the process that made it (never by a forked
+        # DataLoader worker that inherited a copy).
+        self._finalizer = weakref.finalize(self, _remove_spool, self._spool, os.getpid())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -356,7 +360,21 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):  # type: ignore[
 
     def close(self) -> None:
         super().close()
-        if os.path.isdir(self._spool):
-            for name in os.listdir(self._spool):
-                os.unlink(os.path.join(self._spool, name))
-            os.rmdir(self._spool)
+        self._finalizer()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_finalizer", None)  # a worker's copy must not remove the spool
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._finalizer = weakref.finalize(self, _remove_spool, self._spool, -1)
+
+
+def _remove_spool(path: str, owner_pid: int) -> None:
+    if os.getpid() != owner_pid or not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        os.unlink(os.path.join(path, name))
+    os.rmdir(path)
