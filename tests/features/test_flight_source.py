@@ -1,0 +1,188 @@
+"""FlightSource against a real pyarrow.flight server on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from mmload.errors import ConfigError
+from mmload.features import FeatureTable, FlightSource
+
+POLL = 0.05
+
+
+def batch(start: int, n: int, key: str = "user") -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict(
+        {
+            key: [f"u{i % 4}" for i in range(start, start + n)],
+            "ts": pa.array(range(start, start + n), pa.int64()),
+            "score": pa.array([float(i) for i in range(start, start + n)]),
+        }
+    )
+
+
+class FeatureServer(flight.FlightServerBase):
+    """Serves ticket b"all" (every batch so far), b"since:<ts>" (rows newer than ts), b"bad"
+    (rows of the wrong schema) and b"hang" (one batch, then nothing until released); any
+    descriptor has endpoints b"bad" and b"all"."""
+
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(f"grpc://127.0.0.1:{port}")
+        self.batches: list[pa.RecordBatch] = [batch(0, 8)]
+        self.tickets: list[bytes] = []
+        self.release = threading.Event()
+
+    def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
+        t = ticket.ticket
+        self.tickets.append(t)
+        schema = self.batches[0].schema
+        if t == b"all":
+            return flight.RecordBatchStream(pa.Table.from_batches(self.batches))
+        if t.startswith(b"since:"):
+            since = int(t.split(b":")[1])
+            table = pa.Table.from_batches(self.batches)
+            return flight.RecordBatchStream(table.filter(pa.compute.greater(table["ts"], since)))
+        if t == b"bad":  # a stream of another schema (one stream has one schema)
+            return flight.RecordBatchStream(pa.Table.from_batches([batch(100, 2, key="account")]))
+        if t == b"hang":
+
+            def slow() -> Iterator[pa.RecordBatch]:
+                yield batch(30, 1)
+                self.release.wait(20)
+
+            return flight.GeneratorStream(schema, slow())
+        raise flight.FlightServerError(f"unknown ticket {t!r}")
+
+    def get_flight_info(self, context: Any, descriptor: flight.FlightDescriptor) -> Any:
+        endpoints = [flight.FlightEndpoint(t, []) for t in (b"bad", b"all")]
+        return flight.FlightInfo(self.batches[0].schema, descriptor, endpoints, -1, -1)
+
+
+@pytest.fixture
+def server() -> Iterator[FeatureServer]:
+    s = FeatureServer()
+    yield s
+    s.release.set()
+    s.shutdown()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def test_ticket_stream_is_ingested(server: FeatureServer) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    with FlightSource(
+        f"grpc://127.0.0.1:{server.port}", table, ticket=b"all", poll_interval=POLL
+    ) as src:
+        wait_for(lambda: table.stats()["rows"] == 8)
+        server.batches.append(batch(8, 4))
+        wait_for(lambda: table.stats()["rows"] == 12)
+        s = src.stats()
+        assert s["state"] == "up" and s["update_errors"] == 0 and s["failed_polls"] == 0
+        table.join(["u0"], [100])
+        assert src.stats()["feature_lag"] == 100 - 11
+    assert table.join(["u3", "u1"], [100, 4])["score"].tolist() == [11.0, 1.0]
+    assert [x["state"] for x in table.stats()["sources"]] == ["closed"]
+
+
+def test_cursor_ticket_pulls_only_new_rows(server: FeatureServer) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    seen: list[int | None] = []
+
+    def ticket(newest: int | None) -> bytes:
+        seen.append(newest)
+        return b"since:" + str(-1 if newest is None else newest).encode()
+
+    with FlightSource(
+        f"grpc://127.0.0.1:{server.port}", table, ticket=ticket, poll_interval=POLL
+    ) as src:
+        wait_for(lambda: table.stats()["rows"] == 8)
+        server.batches.append(batch(8, 3))
+        wait_for(lambda: table.stats()["rows"] == 11)
+        wait_for(lambda: len(seen) >= 6)
+        assert src.stats()["rows_ingested"] == 11  # each row pulled once
+    assert seen[0] is None and 7 in seen and seen[-1] == 10
+
+
+def test_descriptor_endpoints_and_a_bad_batch_is_skipped(server: FeatureServer) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    with FlightSource(
+        f"grpc://127.0.0.1:{server.port}", table, descriptor=["features"], poll_interval=POLL
+    ) as src:
+        wait_for(lambda: src.stats()["update_errors"] >= 2 and table.stats()["rows"] == 8)
+        s = src.stats()
+        assert s["state"] == "up" and s["alive"] and s["failed_polls"] == 0
+        assert "key column 'user' is missing" in s["errors"][0]["reason"]
+        assert s["errors"][0]["origin"].startswith("batch ")
+    assert table.stats()["update_errors"] == s["update_errors"]
+    assert table.join(["u3"], [100])["score"].tolist() == [7.0]  # the endpoint after the bad one
+
+
+def test_server_that_disappears_is_reported_down_then_up(server: FeatureServer) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    port = server.port
+    src = FlightSource(
+        f"grpc://127.0.0.1:{port}",
+        table,
+        ticket=b"all",
+        poll_interval=POLL,
+        max_failures=3,
+        max_backoff=0.2,
+        call_timeout=5,
+    )
+    wait_for(lambda: table.stats()["rows"] == 8)
+    before = table.join(["u0", "u1"], [100, 100])
+    server.shutdown()
+    wait_for(lambda: src.stats()["state"] == "down")
+    s = src.stats()
+    assert s["alive"] and s["failed_polls"] >= 3 and s["consecutive_failures"] >= 3
+    assert s["failures"][0]["reason"].startswith("FlightUnavailableError")
+    assert s["update_errors"] == 0  # an unreachable server is not a bad update
+    after = table.join(["u0", "u1"], [100, 100])
+    assert all(after[k].equal(before[k]) for k in before)
+    revived = FeatureServer(port)
+    try:
+        revived.batches.append(batch(8, 2))
+        wait_for(lambda: src.stats()["state"] == "up" and table.stats()["rows"] == 10)
+    finally:
+        src.close()
+        revived.shutdown()
+    assert src.stats()["state"] == "closed"
+
+
+def test_close_interrupts_a_long_lived_stream(server: FeatureServer) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    src = FlightSource(f"grpc://127.0.0.1:{server.port}", table, ticket="hang", poll_interval=POLL)
+    wait_for(lambda: table.stats()["rows"] == 1)
+    t0 = time.monotonic()
+    src.close(timeout=5)
+    assert time.monotonic() - t0 < 3 and not src.stats()["alive"]
+    assert src.stats()["failed_polls"] == 0
+
+
+def test_validation() -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    with pytest.raises(ConfigError, match="exactly one"):
+        FlightSource("grpc://127.0.0.1:1", table, start=False)
+    with pytest.raises(ConfigError, match="exactly one"):
+        FlightSource("grpc://127.0.0.1:1", table, ticket=b"x", descriptor=["x"], start=False)
+    with pytest.raises(ConfigError, match="ticket="):
+        FlightSource("grpc://127.0.0.1:1", table, ticket=3, start=False)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="max_failures="):
+        FlightSource("grpc://127.0.0.1:1", table, ticket=b"x", max_failures=0, start=False)
+    with pytest.raises(ConfigError, match="call_timeout="):
+        FlightSource("grpc://127.0.0.1:1", table, ticket=b"x", call_timeout=-1, start=False)
+    src = FlightSource("grpc://127.0.0.1:1", table, ticket=b"x", start=False)
+    assert src.stats()["state"] == "starting"
+    src.close()
+    src.close()
