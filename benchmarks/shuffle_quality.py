@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report  # noqa: E402
+from harness import Report
 
 
-def metrics(order: np.ndarray, shard_of: np.ndarray, labels: np.ndarray, batch: int) -> dict[str, float]:
+def metrics(
+    order: np.ndarray, shard_of: np.ndarray, labels: np.ndarray, batch: int
+) -> dict[str, float]:
     n = len(order)
     lab = labels[order]
     first = lab[:batch]
@@ -33,8 +35,12 @@ def metrics(order: np.ndarray, shard_of: np.ndarray, labels: np.ndarray, batch: 
     p = p[p > 0]
     disp = np.abs(np.arange(n) - order).mean() / n
     same = (shard_of[order][1:] == shard_of[order][:-1]).mean()
-    return {"labels_first_batch": float(len(np.unique(first))), "entropy_10_batches": float(-(p * np.log2(p)).sum()),
-            "displacement": float(disp), "same_shard_neighbours": float(same)}
+    return {
+        "labels_first_batch": float(len(np.unique(first))),
+        "entropy_10_batches": float(-(p * np.log2(p)).sum()),
+        "displacement": float(disp),
+        "same_shard_neighbours": float(same),
+    }
 
 
 def webdataset_order(counts: np.ndarray, seed: int, bufsize: int) -> np.ndarray:
@@ -45,7 +51,9 @@ def webdataset_order(counts: np.ndarray, seed: int, bufsize: int) -> np.ndarray:
     shards = list(range(len(counts)))
     rng.shuffle(shards)
     stream = iter([int(i) for s in shards for i in range(starts[s], starts[s + 1])])
-    return np.fromiter(_shuffle(stream, bufsize=bufsize, initial=100, rng=random.Random(seed + 1)), dtype=np.int64)
+    return np.fromiter(
+        _shuffle(stream, bufsize=bufsize, initial=100, rng=random.Random(seed + 1)), dtype=np.int64
+    )
 
 
 def main() -> None:
@@ -64,12 +72,24 @@ def main() -> None:
     counts = np.full(args.shards, args.per_shard, dtype=np.int64)
     shard_of = np.repeat(np.arange(args.shards), counts)
     labels = shard_of * args.labels // args.shards  # each shard one label, stored in label order
-    rep = Report("Shuffle quality (label-sorted shards)", {
-        "shards": args.shards, "samples_per_shard": args.per_shard, "labels": args.labels, "batch": args.batch,
-        "seeds": args.seeds, "ideal_entropy_bits": round(float(np.log2(args.labels)), 2)})
-    variants: list[tuple[str, object]] = [("webdataset: shard shuffle + buffer 1000", ("wds", 1000))]
+    rep = Report(
+        "Shuffle quality (label-sorted shards)",
+        {
+            "shards": args.shards,
+            "samples_per_shard": args.per_shard,
+            "labels": args.labels,
+            "batch": args.batch,
+            "seeds": args.seeds,
+            "ideal_entropy_bits": round(float(np.log2(args.labels)), 2),
+        },
+    )
+    variants: list[tuple[str, object]] = [
+        ("webdataset: shard shuffle + buffer 1000", ("wds", 1000))
+    ]
     for inter in (8, 32, 0):
-        variants.append((f"mmload ShuffleConfig(interleave={inter})", ShuffleConfig(interleave=inter)))
+        variants.append(
+            (f"mmload ShuffleConfig(interleave={inter})", ShuffleConfig(interleave=inter))
+        )
     for name, v in variants:
         rows = []
         for seed in range(args.seeds):
@@ -78,11 +98,20 @@ def main() -> None:
             else:
                 assert isinstance(v, ShuffleConfig)
                 order = EpochOrder(counts, seed=seed, epoch=0, shuffle=v).full()
-            assert len(order) == counts.sum() and len(np.unique(order)) == len(order)
+            assert len(order) == counts.sum()
+            assert len(np.unique(order)) == len(order)
             rows.append(metrics(order, shard_of, labels, args.batch))
         rep.add(order=name, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]})
     rep.notes.append("interleave=0 shuffles the whole data set (pread-able shards make that free)")
-    rep.print(["order", "labels_first_batch", "entropy_10_batches", "displacement", "same_shard_neighbours"])
+    rep.print(
+        [
+            "order",
+            "labels_first_batch",
+            "entropy_10_batches",
+            "displacement",
+            "same_shard_neighbours",
+        ]
+    )
     rep.save(args.json)
 
 

@@ -198,7 +198,12 @@ def test_directories_and_links_are_skipped(tmp_path: Path) -> None:
 def test_shardwriter_round_trip(tmp_path: Path, jpegs: list[bytes]) -> None:
     """Shards from webdataset's ShardWriter (rotation, PAX headers) read back byte-identical."""
     samples = [
-        {"__key__": f"img{i:04d}", "jpg": jpegs[i], "cls": str(i % 3).encode(), "json": b'{"i": %d}' % i}
+        {
+            "__key__": f"img{i:04d}",
+            "jpg": jpegs[i],
+            "cls": str(i % 3).encode(),
+            "json": b'{"i": %d}' % i,
+        }
         for i in range(10)
     ]
     with wds.ShardWriter(str(tmp_path / "sw-%03d.tar"), maxcount=4, verbose=0) as sink:
