@@ -17,6 +17,8 @@ __all__ = [
     "DecodeError",
     "DeviceError",
     "ErrorPolicy",
+    "FeatureJoin",
+    "FeatureTable",
     "ImageConfig",
     "IterableDataset",
     "JoinError",
@@ -39,6 +41,8 @@ _WHERE = {
     "ShardError": "mmload.errors",
     "AudioConfig": "mmload.config",
     "ErrorPolicy": "mmload.config",
+    "FeatureJoin": "mmload.config",
+    "FeatureTable": "mmload.features",
     "ImageConfig": "mmload.config",
     "ShuffleConfig": "mmload.config",
     "TextConfig": "mmload.config",
@@ -52,6 +56,7 @@ if TYPE_CHECKING:
     from mmload.config import (
         AudioConfig,
         ErrorPolicy,
+        FeatureJoin,
         ImageConfig,
         ShuffleConfig,
         TextConfig,
@@ -65,6 +70,7 @@ if TYPE_CHECKING:
         MmloadError,
         ShardError,
     )
+    from mmload.features import FeatureTable
     from mmload.loader import IterableDataset, Loader
     from mmload.plan import World
 

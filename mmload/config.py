@@ -16,6 +16,7 @@ __all__ = [
     "IMAGENET_STD",
     "AudioConfig",
     "ErrorPolicy",
+    "FeatureJoin",
     "ImageConfig",
     "ShuffleConfig",
     "TextConfig",
@@ -246,3 +247,28 @@ class TextConfig:
         t = self.tokenizer
         if t is not None and not callable(t) and not isinstance(t, str):
             raise _fail("tokenizer", t, "must be None, a tokenizer.json path or a callable")
+
+
+@dataclass(frozen=True)
+class FeatureJoin:
+    """Join a ``FeatureTable`` into every batch as of each sample's timestamp.
+
+    ``key`` and ``timestamp`` name where a sample's key and time live: a field (``"user_id"``, a
+    Parquet column or a ``.cls``-like field) or a path into a JSON field (``"json.user_id"``,
+    ``"json.ts"``; the longest dotted prefix that is a field name is the field). Timestamps are
+    ints in the table's unit. The batch gains one tensor per feature column and
+    ``"__features_found__"`` (bool [B]), on the batch device; a sample whose key or timestamp is
+    missing or not an int is a bad sample (``DecodeError``, or skipped within the budget).
+    """
+
+    table: Any
+    key: str
+    timestamp: str
+
+    def __post_init__(self) -> None:
+        if not callable(getattr(self.table, "join", None)):
+            raise _fail("table", type(self.table).__name__, "must be a mmload.FeatureTable")
+        for name in ("key", "timestamp"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v:
+                raise _fail(name, v, "must name a field or a json path like 'json.ts'")

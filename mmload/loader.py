@@ -23,6 +23,7 @@ import torch.utils.data
 from mmload.config import (
     AudioConfig,
     ErrorPolicy,
+    FeatureJoin,
     ImageConfig,
     ShuffleConfig,
     TextConfig,
@@ -63,6 +64,7 @@ class _Base:
         audio: AudioConfig | None = None,
         video: VideoConfig | None = None,
         text: TextConfig | None = None,
+        features: FeatureJoin | None = None,
         image_fields: Sequence[str] | None = None,
         key_column: str | None = "__key__",
         on_error: str = "raise",
@@ -94,6 +96,7 @@ class _Base:
             audio=audio,
             video=video,
             text=text,
+            features=features,
             key_column=key_column,
             policy=policy,
             threads=threads if threads is not None else default_threads(),

@@ -23,6 +23,7 @@ import torch
 from mmload.config import (
     AudioConfig,
     ErrorPolicy,
+    FeatureJoin,
     ImageConfig,
     ShuffleConfig,
     TextConfig,
@@ -54,6 +55,7 @@ class LoaderOptions:
     fields: tuple[str, ...] | None
     image_fields: frozenset[str] | None
     image: ImageConfig
+    features: FeatureJoin | None
     audio: AudioConfig | None
     video: VideoConfig | None
     text: TextConfig | None
@@ -77,8 +79,23 @@ class LoaderOptions:
             raise ConfigError(f"prefetch={self.prefetch!r}: must be >= 1")
 
 
-def _field_plan(ds: Dataset, opts: LoaderOptions) -> FieldPlan:
-    """Fields of every batch: ``opts.fields``, else those of the data set's first sample."""
+def _split_path(spec: str, available: set[str], what: str) -> tuple[str, tuple[str, ...]]:
+    """``"json.user_id"`` -> (``"json"``, ``("user_id",)``): the longest dotted prefix that is a
+    field; the rest is a path into its (JSON) value."""
+    parts = spec.split(".")
+    for cut in range(len(parts), 0, -1):
+        field = ".".join(parts[:cut])
+        if field in available:
+            return field, tuple(parts[cut:])
+    raise ConfigError(
+        f"FeatureJoin.{what}={spec!r}: no field of the data set matches "
+        f"(fields: {sorted(available)})"
+    )
+
+
+def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, Any]]:
+    """Fields of every batch (``opts.fields``, else those of the data set's first sample) and
+    what the feature join extracts from them."""
     first = ds.read(np.array([0], dtype=np.int64))[0]
     if isinstance(first, ShardError):
         if opts.fields is None:
@@ -88,6 +105,21 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> FieldPlan:
     if names is None:
         names = tuple(sorted(k for k in first if not k.startswith("__")))
         log.info("batch fields (from the first sample): %s", ", ".join(names))
+    hidden: set[str] = set()
+    extract: dict[str, Any] = {}
+    if opts.features is not None:
+        available = {k for k in first if not k.startswith("__")} | set(names)
+        for name, spec, types in (
+            (FEATURE_KEY, opts.features.key, (int, str)),
+            (FEATURE_TS, opts.features.timestamp, int),
+        ):
+            field, path = _split_path(
+                spec, available, "key" if name == FEATURE_KEY else "timestamp"
+            )
+            if field not in names:
+                names = (*names, field)
+                hidden.add(field)
+            extract[name] = (field, path, types)
     kinds = {n: field_kind(n, first.get(n, b""), opts.image_fields) for n in names}
     for n, k in kinds.items():  # audio/video are decoded when configured, else passed as bytes
         if (k == "audio" and opts.audio is None) or (k == "video" and opts.video is None):
@@ -98,7 +130,22 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> FieldPlan:
             raise ConfigError(
                 f"TextConfig.fields {absent} are not fields of this data set {list(names)}"
             )
-    return FieldPlan(tuple(names), kinds)
+    for name, (field, _, _) in extract.items():
+        if kinds[field] in ("image", "audio", "video", "bytes"):
+            raise ConfigError(
+                f"the feature join reads {name} from field {field!r}, a {kinds[field]} field"
+            )
+    if opts.features is not None:
+        clash = set(opts.features.table.column_names) & (set(names) - hidden)
+        if clash:
+            raise ConfigError(
+                f"feature columns {sorted(clash)} clash with batch fields of the same name"
+            )
+    return FieldPlan(tuple(names), kinds, frozenset(hidden)), extract
+
+
+FEATURE_KEY = "__feature_key__"
+FEATURE_TS = "__feature_ts__"
 
 
 class Pipeline:
@@ -107,7 +154,7 @@ class Pipeline:
     def __init__(self, ds: Dataset, opts: LoaderOptions) -> None:
         self.ds = ds
         self.opts = opts
-        self.fields = _field_plan(ds, opts)
+        self.fields, self._extract = _field_plan(ds, opts)
         self._read_fields = set(self.fields.names)
         self._media: dict[str, FieldDecoder] | None = None
         self._order: EpochOrder | None = None
@@ -193,7 +240,9 @@ class Pipeline:
             self.opts.policy,
             stats,
             self.opts.text,
+            self._extract,
         )
+        features = self.opts.features
         read_fields = self._read_fields
 
         def read(k: int) -> tuple[int, list[Any]]:
@@ -205,7 +254,17 @@ class Pipeline:
 
         def decode(item: tuple[int, list[Any]]) -> tuple[int, dict[str, Any]]:
             k, raw = item
-            return k, decoder(raw, epoch)
+            batch = decoder(raw, epoch)
+            if features is not None:
+                t0 = time.perf_counter()
+                keys = batch.pop(FEATURE_KEY)
+                ts = np.asarray(batch.pop(FEATURE_TS), dtype=np.int64)
+                for name, t in features.table.join(keys, ts).items():
+                    batch[name] = (
+                        t if self.opts.device.type == "cuda" or t.device.type == "cpu" else t.cpu()
+                    )
+                stats.time("join", time.perf_counter() - t0)
+            return k, batch
 
         depth = self.opts.prefetch
         reader = Stage(schedule.worker_batches(world), read, depth=depth, name="read")

@@ -75,6 +75,7 @@ class FieldPlan:
 
     names: tuple[str, ...]
     kinds: dict[str, FieldKind]
+    hidden: frozenset[str] = frozenset()  # decoded (e.g. for a feature key) but not emitted
 
     @property
     def image_fields(self) -> tuple[str, ...]:
@@ -104,6 +105,7 @@ class BatchDecoder:
         policy: ErrorPolicy,
         stats: Stats,
         text: TextConfig | None = None,
+        extract: dict[str, tuple[str, tuple[str, ...], type | tuple[type, ...]]] | None = None,
     ) -> None:
         missing = [f for f in fields.media_fields if f not in media]
         if missing:
@@ -115,6 +117,9 @@ class BatchDecoder:
         self.stats = stats
         self.text = text
         self._tokenizer = Tokenizer(text.tokenizer) if text is not None else None
+        # name -> (field, path into its value, accepted types): per-sample scalars pulled out of
+        # decoded fields (a feature join's key and timestamp), emitted as batch[name] lists.
+        self.extract = extract or {}
 
     def _bad(self, errors: dict[int, _DataError], j: int, err: _DataError) -> None:
         if self.policy.on_error == "raise":
@@ -194,7 +199,32 @@ class BatchDecoder:
                     )
                     self._bad(errors, j, err)
                     break
+            else:
+                self._extract(values, j, s, errors)
         return values
+
+    def _extract(
+        self, values: dict[str, list[Any]], j: int, s: dict[str, Any], errors: dict[int, _DataError]
+    ) -> None:
+        """Pull this sample's extract values (feature key, timestamp) out of decoded fields."""
+        for name, (field, path, types) in self.extract.items():
+            v = values[field][j]
+            for part in path:
+                if not isinstance(v, dict) or part not in v:
+                    v = None
+                    break
+                v = v[part]
+            if isinstance(v, np.generic):
+                v = v.item()
+            if v is None or isinstance(v, bool) or not isinstance(v, types):
+                where = ".".join((field, *path))
+                want = " or ".join(
+                    t.__name__ for t in (types if isinstance(types, tuple) else (types,))
+                )
+                reason = f"{where} is {v!r}: the feature join needs {want}"
+                self._bad(errors, j, DecodeError(reason, shard=s["__shard__"], key=s["__key__"]))
+                return
+            values.setdefault(name, [None] * len(values[field]))[j] = v
 
     def __call__(self, raw: list[dict[str, Any] | ShardError], epoch: int) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -225,7 +255,11 @@ class BatchDecoder:
         src = _replacement(ok).tolist()
         batch: dict[str, Any] = {"__key__": [samples[k]["__key__"] for k in src]}
         text_fields = set(self.text.fields) if self.text is not None else set()
+        for name in self.extract:
+            batch[name] = [values[name][k] for k in src]
         for f in self.fields.names:
+            if f in self.fields.hidden:
+                continue
             if f in decoded:
                 tensor, where = decoded[f]
                 rows = [where[k] for k in src]
