@@ -80,6 +80,8 @@ def test_batches_carry_point_in_time_features(tmp_path: Path, jpegs: list[bytes]
             "user_id": [j["user_id"] for bb in batches for j in bb["json"]],
         }
     )
+    # FeatureTable's documented rule: among duplicate (user, ts) rows the last written wins.
+    df = df.drop_duplicates(["user_id", "ts"], keep="last")
     ref = (
         pd.merge_asof(
             queries.sort_values("ts"),
