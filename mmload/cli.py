@@ -10,6 +10,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ def _progress(total: int | None, desc: str, unit: str, quiet: bool) -> Any:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     import mmload
-    from mmload.demo import demo_samples
+    from mmload.demo import demo_features, demo_samples
     from mmload.sources.write import write_tar_shards
 
     out = args.out or tempfile.mkdtemp(prefix="mmload-demo-")
@@ -63,6 +64,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"wrote {len(paths)} WebDataset shards "
             f"({sum(os.path.getsize(p) for p in paths) / 1e6:.1f} MB)"
         )
+        features = None
+        if not args.no_features:
+            # Per-user features arrive while the loader runs: half now, half from a "streaming job"
+            # thread; each batch joins them as of every sample's own json.ts.
+            rows = demo_features(args.samples, seed=args.seed)
+            table = mmload.FeatureTable(key="user_id", timestamp="ts", device=args.device)
+            table.update(rows.slice(0, rows.num_rows // 2))
+            late = rows.slice(rows.num_rows // 2)
+            feeder = threading.Thread(
+                target=lambda: [table.update(b) for b in late.to_batches(max_chunksize=50)],
+                daemon=True,
+            )
+            features = mmload.FeatureJoin(table, key="json.user_id", timestamp="json.ts")
         loader = mmload.Loader(
             paths,
             batch_size=args.batch_size,
@@ -70,8 +84,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             shuffle=True,
             seed=args.seed,
             image=mmload.ImageConfig(size=args.image_size),
+            audio=mmload.AudioConfig(seconds=0.5, mel=True, n_mels=64),
+            text=mmload.TextConfig(max_length=32),
+            features=features,
             cache_dir=os.path.join(out, ".cache"),
         )
+        if features is not None:
+            feeder.start()
         with loader:
             first: dict[str, Any] | None = None
             t0 = time.perf_counter()
@@ -91,9 +110,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
         print("one batch:")
         for k, v in first.items():
-            print(f"  {k:10s} {_describe(v)}")
-        print(f"  first keys: {first['__key__'][:3]}")
-        print(f"  first caption: {first['txt'][0]!r}; first json: {first['json'][0]}")
+            print(f"  {k:20s} {_describe(v)}")
+        print(f"  first keys: {first['__key__'][:3]}; first json: {first['json'][0]}")
+        if features is not None:
+            found = first["__features_found__"].float().mean().item()
+            fstats = features.table.stats()
+            print(
+                f"  features joined as of each sample's json.ts: {found:.0%} of the batch found; "
+                f"table rows {fstats['rows']}, updates {fstats['updates_applied']}"
+            )
         print(
             f"stats: padded={stats['samples_padded']} dropped={stats['samples_dropped']} "
             f"bad={stats['bad_samples']} index={stats['index_seconds']:.3f}s"
@@ -258,6 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="write the data set here (kept); default: a temporary folder")
     d.add_argument("--keep", action="store_true", help="keep the temporary folder")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--no-features", action="store_true", help="skip the live feature join")
     d.set_defaults(fn=cmd_demo)
 
     def shard_args(sp: argparse.ArgumentParser) -> None:

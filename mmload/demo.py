@@ -113,3 +113,26 @@ def demo_samples(
                 "label_name": name,
             },
         }
+
+
+def demo_features(
+    n: int, *, seed: int = 0, t0: int = 1_700_000_000_000_000, users: int = 100
+) -> Any:
+    """Per-user features for ``demo_samples(n)``: ``user_id``, ``ts`` (µs), ``clicks_1h`` (int)
+    and a 4-d ``embedding``, several versions per user spread over the samples' time range
+    (rows in arrival order, not sorted). A ``pyarrow.Table``."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed + 1)
+    rows = users * 8
+    user = rng.integers(0, users, rows).astype(np.int64)
+    ts = (t0 + rng.integers(-60_000_000, n * 1_000_000, rows)).astype(np.int64)
+    emb = rng.standard_normal((rows, 4)).astype(np.float32)
+    return pa.table(
+        {
+            "user_id": user,
+            "ts": ts,
+            "clicks_1h": rng.poisson(5, rows).astype(np.int64),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 4),
+        }
+    )

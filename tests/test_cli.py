@@ -41,9 +41,13 @@ def test_demo_runs_and_summarises(tmp_path: Path) -> None:
     text = out.stdout
     assert "wrote 3 WebDataset shards" in text
     assert "streamed 48 samples" in text
-    assert "jpg        tensor (8, 3, 64, 64) float16 on cpu" in text
-    assert "cls        tensor (8,) int64" in text
-    assert "wav        list[bytes] of 8" in text
+    assert "jpg                  tensor (8, 3, 64, 64) float16 on cpu" in text
+    assert "cls                  tensor (8,) int64" in text
+    assert "wav                  tensor (8, 64, 51) float32" in text  # log-mel of 0.5 s
+    assert "txt                  tensor (8, 32) int64" in text
+    assert "embedding            tensor (8, 4) float32" in text
+    assert "__features_found__   tensor (8,) bool" in text
+    assert "features joined as of each sample's json.ts" in text
     assert len(list((tmp_path / "d").glob("demo-*.tar"))) == 3
 
 
