@@ -277,7 +277,7 @@ class Loader(_Base):
             self.close()
 
 
-class IterableDataset(_Base, torch.utils.data.IterableDataset):  # type: ignore[misc]
+class IterableDataset(_Base, torch.utils.data.IterableDataset):
     """Drop-in ``torch.utils.data.IterableDataset`` yielding whole batches.
 
     Use ``DataLoader(ds, batch_size=None, num_workers=N)``: worker ``w`` produces the rank's

@@ -139,7 +139,11 @@ class EpochOrder:
         self._group_bounds[-1] = min(self._group_bounds[-1], n_chunks)
         if len(self._group_bounds) >= 2 and self._group_bounds[-2] == n_chunks:
             self._group_bounds = self._group_bounds[:-1]
-        sizes = np.add.reduceat(counts[self._chunks], self._group_bounds[:-1]) if n_chunks else []
+        sizes = (
+            np.add.reduceat(counts[self._chunks], self._group_bounds[:-1])
+            if n_chunks
+            else np.zeros(0, np.int64)
+        )
         self._group_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_groups = cache_groups

@@ -51,12 +51,13 @@ class PilImageDecoder:
         self, data: bytes, src_hw: tuple[int, int], c: tuple[int, int, int, int, bool]
     ) -> np.ndarray:
         from PIL import Image
+        from PIL.JpegImagePlugin import JpegImageFile
 
         y0, x0, h, w, flip = c
         out_h, out_w = self.cfg.size
-        im = Image.open(io.BytesIO(data))
+        im: Image.Image = Image.open(io.BytesIO(data))
         full_w, full_h = src_hw[1], src_hw[0]
-        if im.format == "JPEG":
+        if isinstance(im, JpegImageFile):
             im.draft("RGB", (max(1, -(-full_w * out_w // w)), max(1, -(-full_h * out_h // h))))
         if im.mode != "RGB":
             im = im.convert("RGB")

@@ -46,7 +46,7 @@ def _cache_name(url: str) -> str:
 
 
 def _copy(src: IO[bytes], dst: IO[bytes], gunzip: bool) -> None:
-    stream: IO[bytes] = gzip.GzipFile(fileobj=src) if gunzip else src
+    stream: IO[bytes] = gzip.GzipFile(fileobj=src) if gunzip else src  # type: ignore[assignment]
     shutil.copyfileobj(stream, dst, _CHUNK)
 
 
