@@ -9,7 +9,7 @@ plain NumPy arrays and ``cuda.to_device`` arrays play that role. Every check rai
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numba
@@ -177,3 +177,25 @@ def check_disjoint(**arrays: Any) -> None:
 def num_blocks(n: int, per_block: int) -> int:
     """Blocks needed to cover ``n`` items with ``per_block`` threads each (at least 1)."""
     return max(1, -(-n // per_block))
+
+
+class Variants(dict[str, tuple[Callable[..., None], str]]):
+    """A kernel module's compiled variants: name -> (Python kernel, Numba signature).
+
+    ``compile(name)`` jits a variant on first use (never at import) and keeps it.
+    """
+
+    def __init__(self, table: dict[str, tuple[Callable[..., None], str]]) -> None:
+        super().__init__(table)
+        self._jitted: dict[str, Any] = {}
+
+    def signatures(self) -> list[tuple[str, Callable[..., None], str]]:
+        """``(name, Python kernel, Numba signature)`` of every variant."""
+        return [(name, fn, sig) for name, (fn, sig) in self.items()]
+
+    def compile(self, name: str) -> Any:
+        hit = self._jitted.get(name)
+        if hit is None:
+            fn, sig = self[name]
+            hit = self._jitted[name] = cuda.jit(sig)(fn)
+        return hit

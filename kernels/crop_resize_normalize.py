@@ -21,7 +21,6 @@ consecutive ``x`` of each channel plane, so stores are coalesced.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -32,6 +31,7 @@ from numba.cuda import libdevice
 from ._device import (
     MAX_GRID_YZ,
     SIMULATOR,
+    Variants,
     device_array,
     host_or_device,
     num_blocks,
@@ -165,20 +165,18 @@ def _signature(dtype: str) -> str:
     )
 
 
-_VARIANTS: dict[str, tuple[Callable[..., None], str]] = {
-    f"crop_resize_normalize[{d}]": (_PY_KERNELS[_STORE[d]], _signature(d)) for d in _STORE
-}
+_VARIANTS = Variants(
+    {f"crop_resize_normalize[{d}]": (_PY_KERNELS[_STORE[d]], _signature(d)) for d in _STORE}
+)
 
 
 def kernel_signatures() -> list[tuple[str, Callable[..., None], str]]:
     """``(name, Python kernel, Numba signature)`` of every variant the launcher compiles."""
-    return [(name, fn, sig) for name, (fn, sig) in _VARIANTS.items()]
+    return _VARIANTS.signatures()
 
 
-@functools.cache
 def _compiled(name: str) -> Any:
-    fn, sig = _VARIANTS[name]
-    return cuda.jit(sig)(fn)
+    return _VARIANTS.compile(name)
 
 
 def _mean_std(

@@ -19,7 +19,6 @@ filterbank over each filter's non-zero bins and takes the log.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from numba import cuda
 
 from ._device import (
     MAX_GRID_YZ,
+    Variants,
     check_disjoint,
     device_array,
     num_blocks,
@@ -253,21 +253,21 @@ _POWER_SIG = (
 _MEL_SIG = "void(float32[:, :, ::1], float32[:, ::1], int32[:, ::1], float32, float32[:, :, ::1])"
 
 
-_VARIANTS: dict[str, tuple[Callable[..., None], str]] = {
-    "logmel.power": (_power_kernel, _POWER_SIG),
-    "logmel.mel": (_mel_kernel, _MEL_SIG),
-}
+_VARIANTS = Variants(
+    {
+        "logmel.power": (_power_kernel, _POWER_SIG),
+        "logmel.mel": (_mel_kernel, _MEL_SIG),
+    }
+)
 
 
 def kernel_signatures() -> list[tuple[str, Callable[..., None], str]]:
     """``(name, Python kernel, Numba signature)`` of every variant the launcher compiles."""
-    return [(name, fn, sig) for name, (fn, sig) in _VARIANTS.items()]
+    return _VARIANTS.signatures()
 
 
-@functools.cache
 def _compiled(name: str) -> Any:
-    fn, sig = _VARIANTS[name]
-    return cuda.jit(sig)(fn)
+    return _VARIANTS.compile(name)
 
 
 def logmel(

@@ -15,7 +15,6 @@ thread block may already have overwritten, so in-place mixing would race.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ from numba import cuda, float32
 
 from ._device import (
     MAX_GRID_YZ,
+    Variants,
     check_disjoint,
     device_array,
     host_or_device,
@@ -97,21 +97,21 @@ def _cutmix_signature(dtype: str) -> str:
     return f"void({dtype}[:, ::1], int64[::1], int32[:, ::1], int64, int64, {dtype}[:, ::1])"
 
 
-_VARIANTS: dict[str, tuple[Callable[..., None], str]] = {
-    **{f"mixup[{d}]": (_mixup_kernel, _mixup_signature(d)) for d in _DTYPES},
-    **{f"cutmix[{d}]": (_cutmix_kernel, _cutmix_signature(d)) for d in _DTYPES},
-}
+_VARIANTS = Variants(
+    {
+        **{f"mixup[{d}]": (_mixup_kernel, _mixup_signature(d)) for d in _DTYPES},
+        **{f"cutmix[{d}]": (_cutmix_kernel, _cutmix_signature(d)) for d in _DTYPES},
+    }
+)
 
 
 def kernel_signatures() -> list[tuple[str, Callable[..., None], str]]:
     """``(name, Python kernel, Numba signature)`` of every variant the launchers compile."""
-    return [(name, fn, sig) for name, (fn, sig) in _VARIANTS.items()]
+    return _VARIANTS.signatures()
 
 
-@functools.cache
 def _compiled(name: str) -> Any:
-    fn, sig = _VARIANTS[name]
-    return cuda.jit(sig)(fn)
+    return _VARIANTS.compile(name)
 
 
 def _dtype_of(arr: Any) -> str:

@@ -10,7 +10,6 @@ sequence by binary search over its row's sequences, so every cell is written exa
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,6 +18,7 @@ from numba import cuda
 
 from ._device import (
     MAX_GRID_YZ,
+    Variants,
     check_disjoint,
     device_array,
     host_or_device,
@@ -133,18 +133,16 @@ _SIG = (
 )
 
 
-_VARIANTS: dict[str, tuple[Callable[..., None], str]] = {"pack_tokens": (_pack_kernel, _SIG)}
+_VARIANTS = Variants({"pack_tokens": (_pack_kernel, _SIG)})
 
 
 def kernel_signatures() -> list[tuple[str, Callable[..., None], str]]:
     """``(name, Python kernel, Numba signature)`` of every variant the launcher compiles."""
-    return [(name, fn, sig) for name, (fn, sig) in _VARIANTS.items()]
+    return _VARIANTS.signatures()
 
 
-@functools.cache
 def _compiled(name: str) -> Any:
-    fn, sig = _VARIANTS[name]
-    return cuda.jit(sig)(fn)
+    return _VARIANTS.compile(name)
 
 
 def _check_plan(plan: PackingPlan, n_seqs: int) -> None:
