@@ -49,8 +49,12 @@ def image_output_spec(cfg: ImageConfig, batch: int) -> tuple[tuple[int, ...], st
     return (batch, 3, cfg.size[0], cfg.size[1]), cfg.dtype
 
 
-def _u(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
-    return hash_uniform(seed, epoch, _STREAM + stream, ids)
+_DRAWS = 2 * _ATTEMPTS + 3  # (area, ratio) per attempt, then y, x, flip
+
+
+def _u(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
+    """All of a batch's uniforms in one vectorised pass: ``[_DRAWS, n]``."""
+    return hash_uniform(seed, epoch, _STREAM + np.arange(_DRAWS), ids)
 
 
 def draw_crops(
@@ -73,6 +77,7 @@ def draw_crops(
     ids = np.asarray(ids, dtype=np.int64)
     n = len(H)
     out_h, out_w = cfg.size
+    u = _u(seed, epoch, ids) if cfg.crop == "random_resized" or cfg.flip else None
     if cfg.crop == "resize":
         h, w = H.copy(), W.copy()
         y0 = np.zeros(n, np.int64)
@@ -91,9 +96,10 @@ def draw_crops(
         w = np.zeros(n, np.int64)
         done = np.zeros(n, bool)
         for a in range(_ATTEMPTS):
-            frac = cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * _u(seed, epoch, 2 * a, ids)
+            assert u is not None
+            frac = cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[2 * a]
             target = area * frac
-            ar = np.exp(log_lo + (log_hi - log_lo) * _u(seed, epoch, 2 * a + 1, ids))
+            ar = np.exp(log_lo + (log_hi - log_lo) * u[2 * a + 1])
             cw = np.round(np.sqrt(target * ar)).astype(np.int64)
             ch = np.round(np.sqrt(target / ar)).astype(np.int64)
             ok = ~done & (cw > 0) & (ch > 0) & (cw <= W) & (ch <= H)
@@ -109,9 +115,9 @@ def draw_crops(
             fh[lo] = np.round(fw[lo] / cfg.ratio[0]).astype(np.int64)
             fw[hi] = np.round(fh[hi] * cfg.ratio[1]).astype(np.int64)
             h[rest], w[rest] = np.minimum(fh, H[rest]), np.minimum(fw, W[rest])
-        uy = _u(seed, epoch, 2 * _ATTEMPTS, ids)
-        ux = _u(seed, epoch, 2 * _ATTEMPTS + 1, ids)
+        assert u is not None
+        uy, ux = u[2 * _ATTEMPTS], u[2 * _ATTEMPTS + 1]
         y0 = np.where(done, np.floor(uy * (H - h + 1)), (H - h) // 2).astype(np.int64)
         x0 = np.where(done, np.floor(ux * (W - w + 1)), (W - w) // 2).astype(np.int64)
-    flip = _u(seed, epoch, 2 * _ATTEMPTS + 2, ids) < 0.5 if cfg.flip else np.zeros(n, bool)
+    flip = u[2 * _ATTEMPTS + 2] < 0.5 if u is not None and cfg.flip else np.zeros(n, bool)
     return CropParams(y0, x0, h, w, flip)

@@ -54,16 +54,26 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> _U64(31))
 
 
-def hash_u64(seed: int, epoch: int, stream: int, index: np.ndarray | int) -> np.ndarray:
-    """Counter-based random uint64 per ``index``, a pure function of all four arguments."""
-    base = np.array([seed & _MASK], dtype=_U64)
-    for part in (epoch, stream):
-        base = _splitmix64(base ^ np.array([part & _MASK], dtype=_U64))
+def hash_u64(
+    seed: int, epoch: int, stream: int | np.ndarray, index: np.ndarray | int
+) -> np.ndarray:
+    """Counter-based random uint64 per ``index``, a pure function of all four arguments.
+
+    With an array of ``k`` streams and ``n`` indexes the result is ``[k, n]`` (row ``i`` equals
+    the call with ``stream=streams[i]``): many independent draws in one vectorised pass.
+    """
+    base = _splitmix64(np.array([seed & _MASK], dtype=_U64) ^ _U64(epoch & _MASK))
+    streams = np.asarray(stream, dtype=np.int64).astype(_U64)
+    base = _splitmix64(base ^ streams) if streams.ndim else _splitmix64(base ^ streams)[0]
     idx = np.asarray(index, dtype=np.int64).astype(_U64)
-    return _splitmix64(_splitmix64(idx ^ base[0]) + base[0])
+    if streams.ndim:
+        base = base[:, None]
+    return _splitmix64(_splitmix64(idx ^ base) + base)
 
 
-def hash_uniform(seed: int, epoch: int, stream: int, index: np.ndarray | int) -> np.ndarray:
+def hash_uniform(
+    seed: int, epoch: int, stream: int | np.ndarray, index: np.ndarray | int
+) -> np.ndarray:
     """Uniform float64 in [0, 1) per ``index`` (53 random bits), pure like :func:`hash_u64`."""
     return (hash_u64(seed, epoch, stream, index) >> _U64(11)).astype(np.float64) * (2.0**-53)
 
