@@ -70,7 +70,7 @@ class _Base:
         on_error: str = "raise",
         max_bad_samples: int | float = 0,
         threads: int | None = None,
-        prefetch: int = 2,
+        prefetch: int = 3,
         cache_dir: str | os.PathLike[str] | None = None,
         index_cache: bool = True,
         allow_pipe: bool = False,

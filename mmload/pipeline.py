@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from mmload.config import (
     VideoConfig,
 )
 from mmload.decode import BatchDecoder, FieldDecoder, FieldPlan, ImageField, make_image_decoder
+from mmload.decode.batch import Pending
 from mmload.decode.fields import field_kind
 from mmload.device import DeviceCopier
 from mmload.errors import ConfigError, ShardError
@@ -211,6 +213,7 @@ class Pipeline:
                         device="cuda" if dev.type == "cuda" else "cpu",
                         device_id=dev.index,
                         threads=opts.threads,
+                        depth=opts.prefetch,
                     )
                 media[name] = ImageField(image_backend, opts.image, opts.seed)
             elif kind == "audio":
@@ -233,6 +236,10 @@ class Pipeline:
     ) -> Stage[Any, tuple[int, dict[str, Any]]]:
         """The stage chain yielding ``(k, batch)`` for ``world``'s batches of one epoch."""
         order = self.order(epoch)
+        for dec in self._media_decoders().values():  # an abandoned epoch may leave work in flight
+            reset = getattr(dec, "reset", None)
+            if reset is not None:
+                reset()
         decoder = BatchDecoder(
             self.fields,
             self._media_decoders(),
@@ -252,24 +259,36 @@ class Pipeline:
             stats.time("read", time.perf_counter() - t0)
             return k, raw
 
-        def decode(item: tuple[int, list[Any]]) -> tuple[int, dict[str, Any]]:
-            k, raw = item
-            batch = decoder(raw, epoch)
+        def finish(pending: Pending) -> dict[str, Any]:
+            batch = decoder.finish(pending)
             if features is not None:
                 t0 = time.perf_counter()
                 keys = batch.pop(FEATURE_KEY)
                 ts = np.asarray(batch.pop(FEATURE_TS), dtype=np.int64)
                 for name, t in features.table.join(keys, ts).items():
-                    batch[name] = (
-                        t if self.opts.device.type == "cuda" or t.device.type == "cpu" else t.cpu()
-                    )
+                    on_cpu = self.opts.device.type != "cuda" and t.device.type != "cpu"
+                    batch[name] = t.cpu() if on_cpu else t
                 stats.time("join", time.perf_counter() - t0)
-            return k, batch
+            return batch
 
         depth = self.opts.prefetch
         reader = Stage(schedule.worker_batches(world), read, depth=depth, name="read")
+
+        def decode_ahead() -> Iterator[tuple[int, dict[str, Any]]]:
+            # Keep `depth` batches submitted to the media decoders (DALI decodes batch N+1 while
+            # batch N is assembled); finish them in order.
+            pending: deque[tuple[int, Pending]] = deque()
+            for k, raw in reader:
+                pending.append((k, decoder.prepare(raw, epoch)))
+                if len(pending) >= depth:
+                    k0, p = pending.popleft()
+                    yield k0, finish(p)
+            while pending:
+                k0, p = pending.popleft()
+                yield k0, finish(p)
+
         decoded: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
-            reader, decode, depth=depth, name="decode"
+            decode_ahead(), _identity, depth=depth, name="decode", closes=(reader,)
         )
         if self.opts.device.type != "cuda":
             return decoded
@@ -287,6 +306,10 @@ class Pipeline:
             dec.close()
         self._media = None
         self.ds.close()
+
+
+def _identity(item: Any) -> Any:
+    return item
 
 
 def default_threads(num_workers: int = 1) -> int:

@@ -30,9 +30,16 @@ class Stage(Generic[T, U]):
     """``fn`` applied to each item of ``upstream`` in a background thread, ``depth`` ahead."""
 
     def __init__(
-        self, upstream: Iterable[T], fn: Callable[[T], U], *, depth: int, name: str
+        self,
+        upstream: Iterable[T],
+        fn: Callable[[T], U],
+        *,
+        depth: int,
+        name: str,
+        closes: tuple[Stage[Any, Any], ...] = (),
     ) -> None:
         self._upstream = upstream
+        self._closes = closes  # stages a generator upstream reads from, closed with this one
         self._fn = fn
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
@@ -81,6 +88,8 @@ class Stage(Generic[T, U]):
             return
         self._closed = True
         self._stop.set()
+        for stage in self._closes:
+            stage.close()
         if self._started and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         up = self._upstream

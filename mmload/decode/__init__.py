@@ -28,6 +28,7 @@ def make_image_decoder(
     device: Literal["cpu", "cuda"],
     device_id: int | None,
     threads: int,
+    depth: int = 1,
 ) -> ImageDecoder:
     """The image decoder for ``cfg.backend``.
 
@@ -50,7 +51,9 @@ def make_image_decoder(
             raise ConfigError(
                 "image backend 'dali' needs nvidia-dali-cuda130 (pip install nvidia-dali-cuda130)"
             )
-        return DaliImageDecoder(cfg, max_batch, device=device, device_id=device_id, threads=threads)
+        return DaliImageDecoder(
+            cfg, max_batch, device=device, device_id=device_id, threads=threads, depth=depth
+        )
     from mmload.decode.image import PilImageDecoder
 
     return PilImageDecoder(cfg, threads)

@@ -119,7 +119,9 @@ class AudioDecoder:
             out[i] = self._crop(resample(x, rate, self.cfg.sample_rate), int(ids[i]), epoch)
         return out
 
-    def decode(self, data: list[bytes], ids: np.ndarray, epoch: int) -> torch.Tensor:
+    def decode(
+        self, data: list[bytes], ids: np.ndarray, epoch: int, meta: list[Any] | None = None
+    ) -> torch.Tensor:
         """``float32 [B, T]`` or ``[B, n_mels, frames]`` on the batch device."""
         wav = self.waveforms(data, ids, epoch)
         if not self.cfg.mel:

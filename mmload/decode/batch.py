@@ -44,29 +44,71 @@ class ImageDecoder(Protocol):
 
 
 class FieldDecoder(Protocol):
-    """Decodes one media field for a list of samples; raises if any of them is bad."""
+    """Decodes one media field for a list of samples; raises if any of them is bad.
 
-    def decode(self, data: list[bytes], ids: np.ndarray, epoch: int) -> torch.Tensor: ...
+    ``meta``: per-sample side information from the checks (image sizes), or None. A decoder may
+    also offer ``submit(data, ids, epoch, meta) -> handle`` and ``result(handle)`` to decode
+    batches in flight (submission order), which the batch decoder then uses.
+    """
+
+    def decode(
+        self, data: list[bytes], ids: np.ndarray, epoch: int, meta: list[Any] | None = None
+    ) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
 
 class ImageField:
-    """An image decoder plus the crop/flip draws: ``[n, 3, H, W]``."""
+    """An image decoder plus the crop/flip draws: ``[n, 3, H, W]``; ``meta`` = (h, w) per image."""
 
     def __init__(self, decoder: ImageDecoder, cfg: ImageConfig, seed: int) -> None:
         self.decoder = decoder
         self.cfg = cfg
         self.seed = seed
-        self.sizes: dict[int, tuple[int, int]] = {}  # sample id -> (h, w), from the header check
 
-    def decode(self, data: list[bytes], ids: np.ndarray, epoch: int) -> torch.Tensor:
-        hw = np.array([self.sizes[int(i)] for i in ids], dtype=np.int64).reshape(-1, 2)
-        crops = draw_crops(hw[:, 0], hw[:, 1], self.cfg, seed=self.seed, epoch=epoch, ids=ids)
-        return self.decoder.decode(data, [tuple(x) for x in hw.tolist()], crops)  # type: ignore[misc]
+    def _crops(self, ids: np.ndarray, epoch: int, meta: list[Any] | None) -> CropParams:
+        hw = np.array(meta, dtype=np.int64).reshape(-1, 2)
+        return draw_crops(hw[:, 0], hw[:, 1], self.cfg, seed=self.seed, epoch=epoch, ids=ids)
+
+    def decode(
+        self, data: list[bytes], ids: np.ndarray, epoch: int, meta: list[Any] | None = None
+    ) -> torch.Tensor:
+        return self.decoder.decode(data, list(meta or []), self._crops(ids, epoch, meta))
+
+    def submit(
+        self, data: list[bytes], ids: np.ndarray, epoch: int, meta: list[Any] | None = None
+    ) -> Any:
+        crops = self._crops(ids, epoch, meta)
+        submit = getattr(self.decoder, "submit", None)
+        if submit is None:
+            return (data, list(meta or []), crops)
+        return submit(data, crops)
+
+    def result(self, handle: Any) -> torch.Tensor:
+        if isinstance(handle, tuple):
+            return self.decoder.decode(*handle)
+        return self.decoder.collect(handle)  # type: ignore[attr-defined]
+
+    def reset(self) -> None:
+        reset = getattr(self.decoder, "reset", None)
+        if reset is not None:
+            reset()
 
     def close(self) -> None:
         self.decoder.close()
+
+
+@dataclass
+class Pending:
+    """A batch between ``prepare`` (checks done, media submitted) and ``finish``."""
+
+    n: int
+    epoch: int
+    samples: list[dict[str, Any]]
+    errors: dict[int, _DataError]
+    values: dict[str, list[Any]]
+    media: dict[str, tuple[Any, list[int], list[bytes], np.ndarray, list[Any] | None]]
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -126,31 +168,35 @@ class BatchDecoder:
             raise err
         errors.setdefault(j, err)
 
-    def _decode_media(
-        self,
-        name: str,
-        raws: list[dict[str, Any]],
-        good: list[int],
-        epoch: int,
-        errors: dict[int, _DataError],
-    ) -> tuple[torch.Tensor, dict[int, int]]:
-        """The decoded field of the ``good`` slots and, per slot, its row in that tensor."""
+    def _media_result(self, name: str, p: Pending) -> tuple[torch.Tensor, dict[int, int]]:
+        """The decoded field of its slots and, per slot, its row in that tensor; on a batch
+        failure each sample is decoded alone to find (and mark) the bad ones."""
         dec = self.media[name]
-        ids = np.array([raws[j]["__id__"] for j in good], dtype=np.int64)
-        data = [raws[j][name] for j in good]
+        handle, good, data, ids, meta = p.media[name]
         try:
-            return dec.decode(data, ids, epoch), {j: i for i, j in enumerate(good)}
+            result = getattr(dec, "result", None)
+            out = (
+                result(handle)
+                if result is not None and handle is not None
+                else dec.decode(data, ids, p.epoch, meta)
+            )
+            return out, {j: i for i, j in enumerate(good)}
         except _DECODE_ERRORS as e:
             log.info("batch decode of field %r failed (%s); isolating the bad sample", name, e)
         rows: list[torch.Tensor] = []
         where: dict[int, int] = {}
         for i, j in enumerate(good):
             try:
-                one = dec.decode([data[i]], ids[i : i + 1], epoch)
+                one = dec.decode(
+                    [data[i]],
+                    ids[i : i + 1],
+                    p.epoch,
+                    meta[i : i + 1] if meta is not None else None,
+                )
             except _DECODE_ERRORS as e:
-                s = raws[j]
+                s = p.samples[j]
                 reason = f"field {name!r}: cannot decode {self.fields.kinds[name]}: {e}"
-                self._bad(errors, j, DecodeError(reason, shard=s["__shard__"], key=s["__key__"]))
+                self._bad(p.errors, j, DecodeError(reason, shard=s["__shard__"], key=s["__key__"]))
                 continue
             where[j] = len(rows)
             rows.append(one[0])
@@ -158,10 +204,12 @@ class BatchDecoder:
 
     def _check(
         self, raw: list[dict[str, Any] | ShardError], errors: dict[int, _DataError]
-    ) -> dict[str, list[Any]]:
-        """Missing fields, value decode and image header checks; returns the value columns."""
+    ) -> tuple[dict[str, list[Any]], dict[str, dict[int, tuple[int, int]]]]:
+        """Missing fields, value decode and image header checks: the value columns and, per
+        image field, each slot's (height, width)."""
         n = len(raw)
         values: dict[str, list[Any]] = {f: [None] * n for f in self.fields.names}
+        sizes: dict[str, dict[int, tuple[int, int]]] = {f: {} for f in self.fields.image_fields}
         for j, s in enumerate(raw):
             if isinstance(s, ShardError):
                 self._bad(errors, j, s)
@@ -183,9 +231,7 @@ class BatchDecoder:
                             max_pixels=self.image.max_pixels,
                             max_side=self.image.max_side,
                         )
-                        dec = self.media[f]
-                        assert isinstance(dec, ImageField)
-                        dec.sizes[s["__id__"]] = (h.height, h.width)
+                        sizes[f][j] = (h.height, h.width)
                     elif kind not in MEDIA:
                         values[f][j] = decode_value(kind, s[f])
                 except DecodeError as e:
@@ -201,7 +247,7 @@ class BatchDecoder:
                     break
             else:
                 self._extract(values, j, s, errors)
-        return values
+        return values, sizes
 
     def _extract(
         self, values: dict[str, list[Any]], j: int, s: dict[str, Any], errors: dict[int, _DataError]
@@ -226,20 +272,31 @@ class BatchDecoder:
                 return
             values.setdefault(name, [None] * len(values[field]))[j] = v
 
-    def __call__(self, raw: list[dict[str, Any] | ShardError], epoch: int) -> dict[str, Any]:
+    def prepare(self, raw: list[dict[str, Any] | ShardError], epoch: int) -> Pending:
+        """Checks and value fields now; media fields submitted to their decoders."""
         t0 = time.perf_counter()
         n = len(raw)
         errors: dict[int, _DataError] = {}
-        for dec in self.media.values():
-            if isinstance(dec, ImageField):
-                dec.sizes.clear()
-        values = self._check(raw, errors)
+        values, sizes = self._check(raw, errors)
         samples: list[dict[str, Any]] = [s if isinstance(s, dict) else {} for s in raw]
-        decoded: dict[str, tuple[torch.Tensor, dict[int, int]]] = {}
-        for f in self.fields.media_fields:
-            good = [j for j in range(n) if j not in errors]
-            if good:
-                decoded[f] = self._decode_media(f, samples, good, epoch, errors)
+        media: dict[str, tuple[Any, list[int], list[bytes], np.ndarray, list[Any] | None]] = {}
+        good = [j for j in range(n) if j not in errors]
+        if good:
+            ids = np.array([samples[j]["__id__"] for j in good], dtype=np.int64)
+            for f in self.fields.media_fields:
+                dec = self.media[f]
+                data = [samples[j][f] for j in good]
+                meta = [sizes[f][j] for j in good] if f in sizes else None
+                submit = getattr(dec, "submit", None)
+                handle = submit(data, ids, epoch, meta) if submit is not None else None
+                media[f] = (handle, good, data, ids, meta)
+        return Pending(n, epoch, samples, errors, values, media, time.perf_counter() - t0)
+
+    def finish(self, p: Pending) -> dict[str, Any]:
+        """Collect the media fields, replace bad slots, assemble the batch dict."""
+        t0 = time.perf_counter()
+        n, errors, values, samples = p.n, p.errors, p.values, p.samples
+        decoded = {f: self._media_result(f, p) for f in self.fields.media_fields if f in p.media}
         ok = np.array([j not in errors for j in range(n)], dtype=bool)
         if errors:
             if not ok.any():
@@ -275,5 +332,15 @@ class BatchDecoder:
                 batch[f"{f}_attention_mask"] = mask
             else:
                 batch[f] = collate([values[f][k] for k in src])
-        self.stats.time("decode", time.perf_counter() - t0)
+        self.stats.time("decode", p.seconds + time.perf_counter() - t0)
         return batch
+
+    def __call__(self, raw: list[dict[str, Any] | ShardError], epoch: int) -> dict[str, Any]:
+        return self.finish(self.prepare(raw, epoch))
+
+    def reset(self) -> None:
+        """Forget media batches in flight (an iteration was abandoned)."""
+        for dec in self.media.values():
+            reset = getattr(dec, "reset", None)
+            if reset is not None:
+                reset()

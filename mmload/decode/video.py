@@ -135,7 +135,9 @@ class VideoDecoder:
         ]
         return (x.to(torch.float32) - mean).mul_(inv).to(dtype).contiguous()
 
-    def decode(self, data: list[bytes], ids: np.ndarray, epoch: int) -> torch.Tensor:
+    def decode(
+        self, data: list[bytes], ids: np.ndarray, epoch: int, meta: list[Any] | None = None
+    ) -> torch.Tensor:
         indices = self._indices(data, ids, epoch)
         if self.device.type == "cuda":
             return self._finish(self._decode_gpu(data, indices))
