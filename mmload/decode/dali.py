@@ -255,8 +255,10 @@ class DaliImageDecoder:
                 t.error = e
 
     def reset(self) -> None:
-        """Drop batches in flight (an iteration was abandoned); the next submit starts afresh."""
-        if self._inflight:
+        """Drop batches in flight if an iteration was abandoned (real batches never collected);
+        the next submit starts afresh. Dummy padding from a finished stream is kept: the next
+        collect drops it without rebuilding the pipeline."""
+        if any(not t.dummy and t.result is None and t.error is None for t in self._inflight):
             self._async = None
             self._inflight.clear()
 
