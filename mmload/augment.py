@@ -18,7 +18,7 @@ import numpy as np
 from mmload.config import ImageConfig
 from mmload.plan import hash_uniform
 
-__all__ = ["CropParams", "draw_crops", "image_output_spec"]
+__all__ = ["CropParams", "draw_crops"]
 
 _STREAM = 1 << 48  # well above the plan's streams
 _ATTEMPTS = 10
@@ -42,11 +42,6 @@ class CropParams:
 
     def take(self, idx: np.ndarray) -> CropParams:
         return CropParams(self.y0[idx], self.x0[idx], self.h[idx], self.w[idx], self.flip[idx])
-
-
-def image_output_spec(cfg: ImageConfig, batch: int) -> tuple[tuple[int, ...], str]:
-    """The shape and dtype an image field has in the batch: ``([B, 3, H, W], dtype)``."""
-    return (batch, 3, cfg.size[0], cfg.size[1]), cfg.dtype
 
 
 _DRAWS = 2 * _ATTEMPTS + 3  # (area, ratio) per attempt, then y, x, flip

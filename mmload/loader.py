@@ -158,7 +158,12 @@ class _Base:
             samples_consumed=consumed,
             num_samples=self.num_samples,
             global_batch_size=self.opts.batch_size * self.world.world_size,
+            shuffle=self._shuffle_id,
         ).to_dict()
+
+    @property
+    def _shuffle_id(self) -> int:
+        return -1 if self.opts.shuffle is None else self.opts.shuffle.interleave
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume exactly where ``state`` was taken; any world size works (same global order)."""
@@ -171,6 +176,11 @@ class _Base:
             raise ConfigError(
                 f"state_dict was taken over {st.num_samples} samples, this data set has "
                 f"{self.num_samples}: the shards changed, so the order cannot be resumed"
+            )
+        if st.shuffle != self._shuffle_id:
+            raise ConfigError(
+                f"state_dict was taken with shuffle={st.shuffle} (interleave; -1 = off), this "
+                f"loader has {self._shuffle_id}: the order would differ"
             )
         if not 0 <= st.samples_consumed <= st.num_samples:
             raise ConfigError(f"state_dict samples_consumed={st.samples_consumed} out of range")
@@ -238,9 +248,9 @@ class Loader(_Base):
         sched = self._schedule()
         world = self.world
         self._stats.start_epoch(self._pipe.process_budget(world))
-        if self._start == 0:
-            self._stats.add("samples_padded", sched.padded)
-            self._stats.add("samples_dropped", sched.dropped)
+        # Counted for the part of the epoch this iteration runs (all of it, or after a resume).
+        self._stats.add("samples_padded", sched.padded)
+        self._stats.add("samples_dropped", sched.dropped)
         for k, batch in iter_epoch(self._pipe, epoch, sched, world, self._stats):
             self._start = sched.consumed_after(k + 1)
             yield batch
@@ -298,6 +308,12 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         world = self.world if info is None else self.world.with_worker(info.id, info.num_workers)
+        if info is not None and self.opts.features is not None:
+            raise ConfigError(
+                "IterableDataset(features=...) in DataLoader worker processes would join against "
+                "a frozen copy of the FeatureTable, not the live one: use mmload.Loader, or "
+                "num_workers=0"
+            )
         if info is not None and self.opts.device.type == "cuda":
             raise ConfigError(
                 "IterableDataset(device='cuda') cannot run in DataLoader worker processes; use "

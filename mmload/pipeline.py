@@ -146,6 +146,8 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, 
     return FieldPlan(tuple(names), kinds, frozenset(hidden)), extract
 
 
+_FORK_LEFTOVERS: list[Any] = []  # decoders inherited by forked processes, deliberately kept
+
 FEATURE_KEY = "__feature_key__"
 FEATURE_TS = "__feature_ts__"
 
@@ -159,6 +161,7 @@ class Pipeline:
         self.fields, self._extract = _field_plan(ds, opts)
         self._read_fields = set(self.fields.names)
         self._media: dict[str, FieldDecoder] | None = None
+        self._media_pid = os.getpid()
         self._order: EpochOrder | None = None
         global_budget = opts.policy.budget(ds.num_samples)
         if len(ds.bad) > global_budget:
@@ -197,9 +200,15 @@ class Pipeline:
     # -- one epoch ----------------------------------------------------------------------------
 
     def _media_decoders(self) -> dict[str, FieldDecoder]:
-        """One decoder per media field, built on first use (in the decode thread)."""
-        if self._media is not None:
+        """One decoder per media field, built on first use, once per process: a DataLoader
+        worker forked after the parent iterated must not reuse the parent's DALI pipelines."""
+        if self._media is not None and self._media_pid == os.getpid():
             return self._media
+        if self._media is not None:
+            # Inherited through fork: a DALI pipeline's destructor waits for its worker threads,
+            # which do not exist in this process. Keep the objects alive instead (never freed).
+            _FORK_LEFTOVERS.append(self._media)
+        self._media_pid = os.getpid()
         opts, dev = self.opts, self.opts.device
         media: dict[str, FieldDecoder] = {}
         image_backend = None
@@ -302,10 +311,19 @@ class Pipeline:
         return Stage(decoded, copy, depth=depth, name="copy")
 
     def close(self) -> None:
-        for dec in (self._media or {}).values():
-            dec.close()
+        if self._media_pid == os.getpid():
+            for dec in (self._media or {}).values():
+                dec.close()
+        elif self._media is not None:
+            _FORK_LEFTOVERS.append(self._media)
         self._media = None
         self.ds.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_media"] = None  # decoders (DALI pipelines, thread pools) are per process
+        state["_order"] = None
+        return state
 
 
 def _identity(item: Any) -> Any:

@@ -20,7 +20,7 @@ orders are reproducible across NumPy versions and machines.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,12 +62,14 @@ def hash_u64(
     With an array of ``k`` streams and ``n`` indexes the result is ``[k, n]`` (row ``i`` equals
     the call with ``stream=streams[i]``): many independent draws in one vectorised pass.
     """
-    base = _splitmix64(np.array([seed & _MASK], dtype=_U64) ^ _U64(epoch & _MASK))
+    # Each argument goes through the mixer before the next is folded in: (seed, epoch) pairs
+    # never collide the way seed ^ epoch would ((0, 1) and (1, 0)).
+    base = _splitmix64(np.array([seed & _MASK], dtype=_U64))
+    base = _splitmix64(base ^ _U64(epoch & _MASK))
     streams = np.asarray(stream, dtype=np.int64).astype(_U64)
-    base = _splitmix64(base ^ streams) if streams.ndim else _splitmix64(base ^ streams)[0]
+    base = _splitmix64(base ^ streams)
     idx = np.asarray(index, dtype=np.int64).astype(_U64)
-    if streams.ndim:
-        base = base[:, None]
+    base = base[:, None] if streams.ndim else base[0]
     return _splitmix64(_splitmix64(idx ^ base) + base)
 
 
@@ -147,8 +149,6 @@ class EpochOrder:
             per_group = shuffle.interleave or max(n_chunks, 1)
         self._group_bounds = np.arange(0, n_chunks + per_group, per_group, dtype=np.int64)
         self._group_bounds[-1] = min(self._group_bounds[-1], n_chunks)
-        if len(self._group_bounds) >= 2 and self._group_bounds[-2] == n_chunks:
-            self._group_bounds = self._group_bounds[:-1]
         sizes = (
             np.add.reduceat(counts[self._chunks], self._group_bounds[:-1])
             if n_chunks
@@ -185,6 +185,8 @@ class EpochOrder:
         pos = np.asarray(positions, dtype=np.int64)
         if pos.size and (pos.min() < 0 or pos.max() >= self.num_samples):
             raise IndexError(f"epoch positions out of range [0, {self.num_samples})")
+        if self.shuffle is None:
+            return pos.copy()  # the stored order: nothing to materialise
         groups = np.searchsorted(self._group_start, pos, side="right") - 1
         out = np.empty(pos.shape, dtype=np.int64)
         for g in np.unique(groups):
@@ -262,16 +264,11 @@ class Schedule:
         return range(world.worker, self.num_batches, world.num_workers)
 
     def consumed_after(self, k: int) -> int:
-        """The global resume position after every rank consumed batches ``0..k-1``."""
-        return min(self.start + k * self.global_batch, self.num_samples)
-
-
-def iter_batch_ids(
-    order: EpochOrder, schedule: Schedule, world: World
-) -> Iterator[tuple[int, np.ndarray]]:
-    """``(k, sample_ids)`` for each batch of ``world``'s rank and worker, in order."""
-    for k in schedule.worker_batches(world):
-        yield k, order[schedule.positions(world.rank, k)]
+        """The global resume position after every rank consumed batches ``0..k-1``; after the
+        last batch the whole epoch (the dropped tail included) counts as consumed."""
+        if k >= self.num_batches:
+            return self.num_samples
+        return self.start + k * self.global_batch
 
 
 @dataclass(frozen=True)
@@ -288,6 +285,7 @@ class LoaderState:
     samples_consumed: int = 0
     num_samples: int = 0
     global_batch_size: int = 0
+    shuffle: int = -1  # ShuffleConfig.interleave, -1 without shuffle: the order's fingerprint
     version: int = 1
 
     def to_dict(self) -> dict[str, int]:

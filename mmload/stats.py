@@ -36,6 +36,15 @@ class Stats:
         self.seconds: dict[str, float] = {"read": 0.0, "decode": 0.0, "wait": 0.0}
         self.bad: list[BadEntry] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def start_epoch(self, budget: int) -> None:
         with self._lock:
             self.budget = budget

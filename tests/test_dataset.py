@@ -101,3 +101,16 @@ def test_cuda_in_workers_is_refused(make_shards, tmp_path: Path) -> None:  # typ
     ds = _ds(make_shards([3], image=False)[0], tmp_path, device="cuda")
     with pytest.raises(ConfigError, match="worker"):
         _run(ds, 1)
+
+
+def test_workers_after_the_parent_iterated(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The parent built its DALI decoder first; forked and spawned workers build their own."""
+    paths, _ = make_shards([5, 4])
+    ds = _ds(paths, tmp_path)
+    in_process = _run(ds, 0)
+    assert _run(ds, 2) == in_process
+    spawned = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    batches = list(spawned)
+    assert [list(b["__key__"]) for b in batches] == in_process
+    assert batches[0]["jpg"].shape == (3, 3, 32, 32)
+    ds.close()

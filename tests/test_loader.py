@@ -178,6 +178,19 @@ def test_load_state_validation(make_shards, tmp_path: Path) -> None:  # type: ig
             L.load_state_dict({**st, "seed": 2})
         with pytest.raises(ConfigError, match="shards changed"):
             L.load_state_dict({**st, "num_samples": 9})
+        with pytest.raises(ConfigError, match="shuffle"):
+            L.load_state_dict({**st, "shuffle": 32})
+
+
+def test_padding_is_counted_after_a_resume(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    paths, _ = make_shards([10])  # 10 samples, batch 4: 2 padded
+    with _loader(paths, tmp_path, fields=["cls"]) as L:
+        _keys(L, limit=1)
+        st = L.state_dict()
+    with _loader(paths, tmp_path, fields=["cls"]) as R:
+        R.load_state_dict(st)
+        rest = _keys(R)
+        assert len(rest) == 2 and R.stats()["samples_padded"] == 2
 
 
 def test_config_errors(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

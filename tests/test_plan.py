@@ -173,3 +173,27 @@ def test_state_validation() -> None:
     with pytest.raises(ConfigError, match="must be an int"):
         LoaderState.from_dict({"epoch": "0"})
     assert LoaderState.from_dict(LoaderState(2, 1, 5, 9, 3).to_dict()) == LoaderState(2, 1, 5, 9, 3)
+
+
+def test_seed_and_epoch_do_not_alias() -> None:
+    counts = np.array([30, 30, 30])
+    a = EpochOrder(counts, seed=0, epoch=1, shuffle=ShuffleConfig(interleave=0)).full()
+    b = EpochOrder(counts, seed=1, epoch=0, shuffle=ShuffleConfig(interleave=0)).full()
+    assert not np.array_equal(a, b)
+    assert not np.array_equal(
+        hash_uniform(2, 3, 5, np.arange(8)), hash_uniform(3, 2, 5, np.arange(8))
+    )
+
+
+def test_unshuffled_order_materialises_nothing() -> None:
+    o = EpochOrder(np.full(1000, 100_000), seed=0, epoch=0, shuffle=None)  # 1e8 samples
+    pos = np.array([0, 5, 99_999_999])
+    assert o[pos].tolist() == pos.tolist()
+    assert not o._cache
+
+
+def test_drop_last_state_after_the_last_batch_is_the_next_epoch() -> None:
+    s = Schedule(10, batch_size=3, world_size=1, drop_last=True)
+    assert s.num_batches == 3
+    assert s.consumed_after(2) == 6
+    assert s.consumed_after(3) == 10  # the dropped tail counts as consumed
