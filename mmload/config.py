@@ -43,8 +43,8 @@ class ShuffleConfig:
     The epoch order is built from *chunks* (a tar shard, a Parquet row group, an Arrow record
     batch): the chunks are permuted, then consecutive groups of ``interleave`` chunks have their
     samples shuffled together uniformly. ``interleave=0`` shuffles the whole data set at once.
-    Larger groups mix better; for Parquet a reader keeps about ``interleave`` decoded row groups
-    in memory.
+    Larger groups mix better; for Parquet/Arrow a process keeps at most ``2 * interleave``
+    decoded row groups / record batches in memory (64 with ``interleave=0``).
     """
 
     interleave: int = 32

@@ -105,8 +105,11 @@ class _Base:
         self._threads_given = threads is not None
         if self.opts.image.backend != "pil":
             import_in_background()
+        # Decoded Parquet/Arrow chunks kept per process: a shuffle group's worth (and a margin).
+        inter = shuffle_cfg.interleave if shuffle_cfg is not None else 4
         ds = Dataset.open(
             source,
+            cache_chunks=max(8, 2 * inter) if inter else 64,
             key_column=key_column,
             skip_bad=policy.on_error == "skip",
             cache_dir=cache_dir,

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from mmload.errors import ShardError
 
-__all__ = ["TableIndex", "TableReader", "index_table"]
+__all__ = ["ChunkCache", "TableIndex", "TableReader", "index_table"]
 
 
 @dataclass
@@ -103,28 +103,40 @@ def _column_values(col: pa.Array) -> list[Any]:
     return col.to_pylist()
 
 
+ChunkCache = OrderedDict[tuple[str, int, tuple[str, ...]], "pa.RecordBatch | pa.Table"]
+
+
 class TableReader:
-    """Reads rows of one shard, keeping up to ``cache_chunks`` decoded chunks (LRU)."""
+    """Reads rows of one shard. Decoded chunks live in a cache shared by every reader of the
+    data set (``cache``, at most ``cache_chunks`` entries, LRU), so memory stays bounded by
+    that, not by the number of shards."""
 
     def __init__(
-        self, path: str, index: TableIndex, *, shard: str, key_column: str | None, cache_chunks: int
+        self,
+        path: str,
+        index: TableIndex,
+        *,
+        shard: str,
+        key_column: str | None,
+        cache: ChunkCache,
+        cache_chunks: int,
+        lock: threading.Lock,
     ) -> None:
         self.path = path
         self.index = index
         self.shard = shard
         self.key_column = key_column
-        self._cache: OrderedDict[tuple[int, tuple[str, ...]], pa.RecordBatch | pa.Table] = (
-            OrderedDict()
-        )
+        self._cache = cache
         self._cache_chunks = max(1, cache_chunks)
-        self._lock = threading.Lock()
+        self._lock = lock
         self._pf: pq.ParquetFile | None = None
         self._arrow: tuple[pa.RecordBatchFileReader | None, list[pa.RecordBatch]] | None = None
 
     def _chunk(self, c: int, columns: tuple[str, ...]) -> pa.RecordBatch | pa.Table:
-        hit = self._cache.get((c, columns))
+        ckey = (self.shard, c, columns)
+        hit = self._cache.get(ckey)
         if hit is not None:
-            self._cache.move_to_end((c, columns))
+            self._cache.move_to_end(ckey)
             return hit
         try:
             if self.index.kind == "parquet":
@@ -145,13 +157,16 @@ class TableReader:
                 "(shard changed after indexing?)",
                 shard=self.shard,
             )
-        self._cache[(c, columns)] = data
-        if len(self._cache) > self._cache_chunks:
+        self._cache[ckey] = data
+        while len(self._cache) > self._cache_chunks:
             self._cache.popitem(last=False)
         return data
 
-    def read(self, chunk: int, rows: np.ndarray, fields: set[str] | None) -> list[dict[str, Any]]:
-        """Samples ``rows`` (row numbers within ``chunk``) as dicts with ``__key__``."""
+    def read(
+        self, chunk: int, rows: np.ndarray, fields: set[str] | None
+    ) -> list[dict[str, Any] | ShardError]:
+        """Samples ``rows`` (row numbers within ``chunk``) as dicts with ``__key__``; a row
+        that cannot be a sample (a null key) is its ShardError."""
         wanted = [
             c for c in self.index.columns if fields is None or c in fields or c == self.key_column
         ]
@@ -160,7 +175,7 @@ class TableReader:
         taken = data.take(pa.array(rows, pa.int64()))
         cols = {name: _column_values(taken.column(name)) for name in wanted}
         first_row = int(self.index.chunk_rows[:chunk].sum())
-        out: list[dict[str, Any]] = []
+        out: list[dict[str, Any] | ShardError] = []
         for j, r in enumerate(rows):
             s = {name: vals[j] for name, vals in cols.items() if name != self.key_column}
             if self.key_column is None:
@@ -168,8 +183,17 @@ class TableReader:
             else:
                 k = cols[self.key_column][j]
                 if k is None:
-                    raise ShardError(f"row {first_row + int(r)} has a null key", shard=self.shard)
+                    out.append(
+                        ShardError(f"row {first_row + int(r)} has a null key", shard=self.shard)
+                    )
+                    continue
                 key = k if isinstance(k, str) else str(k)
             s["__key__"] = key
             out.append(s)
         return out
+
+    def close(self) -> None:
+        if self._pf is not None:
+            self._pf.close()
+        self._pf = None
+        self._arrow = None

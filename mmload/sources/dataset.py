@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mmload.errors import BadEntry, ShardError
-from mmload.sources.arrow import TableIndex, TableReader
+from mmload.sources.arrow import ChunkCache, TableIndex, TableReader
 from mmload.sources.fetch import default_cache_dir, localize
 from mmload.sources.index import IndexCache, ShardIndex
 from mmload.sources.spec import ShardSpec, expand, is_local
@@ -78,7 +78,8 @@ class Dataset:
         # must not inherit a lock another thread held at fork time.
         self._pid = os.getpid()
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._tables: dict[int, TableReader] = {}
+        self._tables: OrderedDict[int, TableReader] = OrderedDict()
+        self._chunk_cache: ChunkCache = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -191,17 +192,23 @@ class Dataset:
             self._reset_handles()
         with self._lock:
             r = self._tables.get(s)
-            if r is None:
-                info = self.shards[s]
-                assert isinstance(info.index, TableIndex)
-                r = TableReader(
-                    info.path,
-                    info.index,
-                    shard=info.spec.url,
-                    key_column=self.key_column,
-                    cache_chunks=self.cache_chunks,
-                )
-                self._tables[s] = r
+            if r is not None:
+                self._tables.move_to_end(s)
+                return r
+            info = self.shards[s]
+            assert isinstance(info.index, TableIndex)
+            r = TableReader(
+                info.path,
+                info.index,
+                shard=info.spec.url,
+                key_column=self.key_column,
+                cache=self._chunk_cache,
+                cache_chunks=self.cache_chunks,
+                lock=self._lock,
+            )
+            self._tables[s] = r
+            if len(self._tables) > _MAX_OPEN_FILES:  # open Parquet/Arrow files, like tar fds
+                self._tables.popitem(last=False)[1].close()
             return r
 
     def _read_tar(self, s: int, row: int, fields: set[str] | None) -> RawSample:
@@ -258,8 +265,9 @@ class Dataset:
                     out[j] = e
                 continue
             for j, smp in zip(js, samples, strict=True):
-                smp["__shard__"] = self.shards[s].spec.url
-                smp["__id__"] = int(ids[j])
+                if isinstance(smp, dict):
+                    smp["__shard__"] = self.shards[s].spec.url
+                    smp["__id__"] = int(ids[j])
                 out[j] = smp
         return out
 
@@ -271,11 +279,14 @@ class Dataset:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            for r in self._tables.values():
+                r.close()
             self._tables.clear()
+            self._chunk_cache.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("_pid", "_fds", "_tables", "_lock"):
+        for k in ("_pid", "_fds", "_tables", "_chunk_cache", "_lock"):
             del state[k]
         return state
 

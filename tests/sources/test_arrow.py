@@ -116,3 +116,32 @@ def test_skip_mode_leaves_out_bad_shard(tmp_path: Path) -> None:
     assert ds.num_samples == 5
     assert len(ds.bad) == 1
     assert ds.bad[0].shard == bad
+
+
+def test_decoded_chunks_are_bounded(tmp_path: Path) -> None:
+    from mmload import Loader, ShuffleConfig
+
+    paths = [_write(tmp_path, "parquet", _table(30, 100 * s), f"p{s}", chunk=5) for s in range(12)]
+    with Loader(
+        paths,
+        batch_size=10,
+        shuffle=ShuffleConfig(interleave=4),
+        fields=["label"],
+        cache_dir=tmp_path / "c",
+    ) as L:
+        labels = sorted(int(x) for b in L for x in b["label"])
+        ds = L._pipe.ds
+        assert 0 < len(ds._chunk_cache) <= 8  # 2 x interleave, though 72 row groups exist
+    assert labels == sorted(int(x) for s in range(12) for x in range(100 * s, 100 * s + 30))
+    assert not ds._chunk_cache and not ds._tables  # released on close
+
+
+def test_null_key_is_a_bad_row_not_a_bad_chunk(tmp_path: Path) -> None:
+    t = _table(6)
+    keys = t.column("__key__").to_pylist()
+    keys[2] = None
+    t = t.set_column(0, "__key__", pa.array(keys, pa.string()))
+    ds = Dataset.open(_write(tmp_path, "parquet", t, "nulls", chunk=6), index_cache=False)
+    got = ds.read(np.arange(6))
+    assert isinstance(got[2], ShardError) and "null key" in str(got[2])
+    assert all(isinstance(g, dict) for i, g in enumerate(got) if i != 2)
