@@ -64,6 +64,10 @@ class DeviceCopier:
     def __call__(self, batch: dict[str, Any]) -> tuple[dict[str, Any], torch.cuda.Event | None]:
         if self._stream is None:
             return batch, None
+        # Tensors already on the device (DALI `mixed` output, joined features, log-mel) were made
+        # on the producing thread's stream: order the copy stream after it, so the event the
+        # consumer waits on covers them too.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             moved = to_device(batch, self.device, non_blocking=True)
             event = torch.cuda.Event()

@@ -327,12 +327,15 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
         stats = self._stats if info is None else self._worker_stats()
         stats.start_epoch(self._pipe.process_budget(world))
         sched = self._schedule()
+        spooled_bad = -1
         try:
             for i, (_k, batch) in enumerate(
                 iter_epoch(self._pipe, self._epoch, sched, world, stats)
             ):
-                if info is not None and (i % 50 == 0 or stats.counters["bad_samples"]):
+                bad = stats.counters["bad_samples"]
+                if info is not None and (i % 50 == 0 or bad != spooled_bad):
                     self._spool_write(stats, info.id)
+                    spooled_bad = bad
                 yield batch
         finally:
             if info is not None:

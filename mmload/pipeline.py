@@ -132,6 +132,11 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, 
             raise ConfigError(
                 f"TextConfig.fields {absent} are not fields of this data set {list(names)}"
             )
+        for f in opts.text.fields:
+            if kinds[f] in ("bytes", "text"):
+                kinds[f] = "text"  # UTF-8 text whatever the extension (a bad byte: a bad sample)
+            elif kinds[f] != "value":
+                raise ConfigError(f"TextConfig field {f!r} is a {kinds[f]} field, not text")
     for name, (field, _, _) in extract.items():
         if kinds[field] in ("image", "audio", "video", "bytes"):
             raise ConfigError(

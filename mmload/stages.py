@@ -7,12 +7,15 @@ worker's traceback attached. ``close()`` is idempotent and also closes the upstr
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 __all__ = ["Stage"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -92,6 +95,8 @@ class Stage(Generic[T, U]):
             stage.close()
         if self._started and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                log.warning("%s did not stop within 30 s; leaving it behind", self._thread.name)
         up = self._upstream
         if isinstance(up, Stage):
             up.close()

@@ -376,3 +376,12 @@ def test_closed_loader_refuses(make_shards, tmp_path: Path) -> None:  # type: ig
     L.close()  # idempotent
     with pytest.raises(ConfigError, match="closed"):
         iter(L)
+
+
+def test_an_all_bad_batch_is_counted_then_raises(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    paths, keys = make_shards([4])
+    _corrupt_one_jpeg(paths, 1, "garbage")
+    with _loader(paths, tmp_path, batch_size=1, on_error="skip", max_bad_samples=3) as L:
+        with pytest.raises(DecodeError, match="nothing to replace them with"):
+            list(L)
+        assert L.stats()["bad"][0]["key"] == keys[1]

@@ -19,6 +19,7 @@ import torch
 
 from mmload.augment import CropParams, draw_crops
 from mmload.config import ErrorPolicy, ImageConfig, TextConfig
+from mmload.decode.dali import DaliBatchError
 from mmload.decode.fields import FieldKind, collate, decode_value
 from mmload.decode.headers import read_header
 from mmload.decode.text import Tokenizer, encode_batch
@@ -31,7 +32,10 @@ __all__ = ["BatchDecoder", "FieldDecoder", "FieldPlan", "ImageDecoder", "ImageFi
 
 log = logging.getLogger(__name__)
 
-_DECODE_ERRORS = (RuntimeError, OSError, ValueError, SyntaxError, EOFError)
+# What a decoder raises for bad bytes (PIL: OSError/ValueError/SyntaxError/EOFError; audio, video
+# and torchvision decoders turn theirs into ValueError; DALI: DaliBatchError). Anything else (CUDA
+# out of memory, a bug) is not blamed on the data: it propagates.
+_DECODE_ERRORS = (DaliBatchError, OSError, ValueError, SyntaxError, EOFError)
 MEDIA: frozenset[FieldKind] = frozenset({"image", "audio", "video"})
 
 
@@ -300,9 +304,15 @@ class BatchDecoder:
         ok = np.array([j not in errors for j in range(n)], dtype=bool)
         if errors:
             if not ok.any():
+                # Counted and listed first (the budget may be what stops the run), but a batch
+                # needs one good sample to replace the bad ones from.
+                self.stats.add_bad(
+                    [BadEntry(e.shard, e.key, e.reason) for e in errors.values()], errors.values()
+                )
                 first = next(iter(errors.values()))
                 raise type(first)(
-                    f"every sample of a batch of {n} is bad; first: {first.reason}",
+                    f"every sample of a batch of {n} is bad, nothing to replace them with; "
+                    f"first: {first.reason}",
                     shard=first.shard,
                     key=first.key,
                 )

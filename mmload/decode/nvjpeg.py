@@ -18,6 +18,7 @@ import torch
 
 from mmload.augment import CropParams
 from mmload.config import ImageConfig
+from mmload.decode.image import torch_dtype
 from mmload.errors import MissingDependencyError
 
 __all__ = ["TorchvisionGpuDecoder"]
@@ -41,7 +42,12 @@ class TorchvisionGpuDecoder:
         jpeg = [i for i, d in enumerate(data) if d[:3] == b"\xff\xd8\xff"]
         if jpeg:
             encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in jpeg]
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            try:
+                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError as e:
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
+                raise ValueError(f"nvJPEG: {e}") from None
             for i, img in zip(jpeg, decoded, strict=True):
                 out[i] = img.permute(1, 2, 0)
         for i, d in enumerate(data):
@@ -72,13 +78,9 @@ class TorchvisionGpuDecoder:
             [[0], np.cumsum(heights.astype(np.int64) * widths * 3)[:-1]]
         ).astype(np.int64)
         h, w = self.cfg.size
-        out_dtype = {
-            "uint8": torch.uint8,
-            "float16": torch.float16,
-            "bfloat16": torch.bfloat16,
-            "float32": torch.float32,
-        }[self.cfg.dtype]
-        out = torch.empty((len(images), 3, h, w), dtype=out_dtype, device=self.device)
+        out = torch.empty(
+            (len(images), 3, h, w), dtype=torch_dtype(self.cfg.dtype), device=self.device
+        )
         kw: dict[str, Any] = {}
         if self.cfg.normalize:
             kw = {"mean": self.cfg.mean, "std": self.cfg.std}

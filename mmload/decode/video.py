@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mmload.config import VideoConfig
+from mmload.decode.image import torch_dtype
 from mmload.errors import MissingDependencyError
 from mmload.plan import hash_uniform
 
@@ -130,10 +131,7 @@ class VideoDecoder:
         dev = x.device
         mean = torch.tensor(self.cfg.mean, dtype=torch.float32, device=dev).view(1, 1, 3, 1, 1)
         inv = 1.0 / torch.tensor(self.cfg.std, dtype=torch.float32, device=dev).view(1, 1, 3, 1, 1)
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
-            self.cfg.dtype
-        ]
-        return (x.to(torch.float32) - mean).mul_(inv).to(dtype).contiguous()
+        return (x.to(torch.float32) - mean).mul_(inv).to(torch_dtype(self.cfg.dtype)).contiguous()
 
     def decode(
         self, data: list[bytes], ids: np.ndarray, epoch: int, meta: list[Any] | None = None

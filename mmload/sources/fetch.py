@@ -68,13 +68,22 @@ def localize(shard: ShardSpec, cache_dir: Path) -> str:
     if is_local(url) and not shard.compressed:
         return local_path(url)  # a missing file is reported when it is indexed (one stat)
     target = cache_dir / "shards" / _cache_name(url)
-    remote_size = None if url.startswith("pipe:") or is_local(url) else _remote_size(url)
+    if url.startswith("pipe:"):
+        source_version = None
+    elif is_local(url):
+        try:
+            st = os.stat(local_path(url))
+        except FileNotFoundError:
+            raise ShardError("shard file not found", shard=url) from None
+        source_version = st.st_size * 1_000_000_007 + st.st_mtime_ns  # changes with size or mtime
+    else:
+        source_version = _remote_size(url)
     if target.exists():
         meta = target.with_suffix(target.suffix + ".size")
         recorded = int(meta.read_text()) if meta.exists() else None
-        if remote_size is None or recorded == remote_size:
+        if source_version is None or recorded == source_version:
             return str(target)
-        log.info("remote shard %s changed size; fetching it again", url)
+        log.info("shard %s changed since it was cached; fetching it again", url)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".fetch-")
     try:
@@ -99,18 +108,27 @@ def localize(shard: ShardSpec, cache_dir: Path) -> str:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    if remote_size is not None:
-        target.with_suffix(target.suffix + ".size").write_text(str(remote_size))
+    if source_version is not None:
+        target.with_suffix(target.suffix + ".size").write_text(str(source_version))
     log.info("fetched %s -> %s", url, target)
     return str(target)
 
 
 def _run_pipe(url: str, out: IO[bytes], gunzip: bool) -> None:
     cmd = url[len("pipe:") :]
-    proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    _copy(proc.stdout, out, gunzip)
-    err = proc.stderr.read().decode(errors="replace").strip()
-    if proc.wait() != 0:
-        raise OSError(f"pipe command exited with {proc.returncode}: {err[-500:]}")
+    # stderr goes to a file, not a pipe: a chatty command must not block on a full stderr pipe
+    # while we read its stdout.
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=err)
+        try:
+            assert proc.stdout is not None
+            _copy(proc.stdout, out, gunzip)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if code != 0:
+            err.seek(0)
+            tail = err.read()[-500:].decode(errors="replace").strip()
+            raise OSError(f"pipe command exited with {code}: {tail}")

@@ -92,6 +92,7 @@ def _checksum_ok(h: bytes) -> bool:
 
 
 def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a PAX extended header; ValueError if the records are malformed."""
     path = None
     pos = 0
     while pos < len(data):
@@ -99,6 +100,8 @@ def _pax_path(data: bytes) -> str | None:
         if sp < 0:
             break
         length = int(data[pos:sp])
+        if length <= sp - pos or pos + length > len(data):
+            raise ValueError(f"PAX record of length {length} at {pos} does not fit its header")
         rec = data[sp + 1 : pos + length - 1]
         k, _, v = rec.partition(b"=")
         if k == b"path":
@@ -221,7 +224,11 @@ def scan_tar(path: str, *, shard: str | None = None, skip: bool = False) -> TarI
                 raw_name = os.pread(fd, size, data).split(b"\0", 1)[0]
                 long_name = raw_name.decode("utf-8", "surrogateescape")
             elif typeflag == b"x":  # PAX extended header for the next member
-                long_name = _pax_path(os.pread(fd, size, data)) or long_name
+                try:
+                    long_name = _pax_path(os.pread(fd, size, data)) or long_name
+                except ValueError as e:
+                    b.problem(f"corrupt PAX header at byte {pos}: {e}", None)
+                    break
             elif typeflag in (b"g", b"K") or typeflag in _SKIPPED:
                 long_name = None
             elif typeflag in _REGULAR:
@@ -272,14 +279,17 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
         if len(tok) % 4:
             raise ShardError(f"DALI index {idx_path!r}: malformed line {line!r}", shard=shard)
         for j in range(0, len(tok), 4):
-            _ext, off, size, name = tok[j : j + 4]
-            if int(off) + int(size) > file_size:
+            _ext, off_s, size_s, name = tok[j : j + 4]
+            if not (off_s.isdigit() and size_s.isdigit()):
+                raise ShardError(f"DALI index {idx_path!r}: malformed line {line!r}", shard=shard)
+            off, size = int(off_s), int(size_s)
+            if off + size > file_size:
                 raise ShardError(
                     f"DALI index {idx_path!r} points past the end of the tar (stale index?)",
                     shard=shard,
                     key=name,
                 )
-            b.add(name, int(off), int(size))
+            b.add(name, off, size)
     if len(b.keys) != int(header[1]):
         raise ShardError(
             f"DALI index {idx_path!r} announces {header[1]} samples, lists {len(b.keys)}",

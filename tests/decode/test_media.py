@@ -216,3 +216,19 @@ def test_pack_on_cpu() -> None:
     assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
     assert out["segment_ids"].tolist() == [[1, 1, 1, 2, 2], [1, 1, 1, 1, 1]]
     assert out["attention_mask"].tolist() == [[1] * 5, [1] * 5]
+
+
+def test_text_config_decodes_any_bytes_field_as_utf8(tmp_path: Path) -> None:
+    p = _write(tmp_path / "c.tar", [{"__key__": "c0", "caption": "hi"}])
+    with Loader(
+        [p],
+        batch_size=1,
+        text=TextConfig(fields=("caption",), max_length=3),
+        cache_dir=tmp_path / "c",
+    ) as L:
+        assert next(iter(L))["caption"].tolist() == [[105, 106, 0]]  # not the repr "b'hi'"
+    p2 = _write(tmp_path / "j.tar", [{"__key__": "j0", "json": b'{"t": 1}'}])
+    from mmload import ConfigError
+
+    with pytest.raises(ConfigError, match="json field"):
+        Loader([p2], batch_size=1, text=TextConfig(fields=("json",)), cache_dir=tmp_path / "c")

@@ -109,3 +109,23 @@ def test_http_404_names_the_url(http_root, tmp_path: Path) -> None:  # type: ign
     with pytest.raises(ShardError) as e:
         Dataset.open(base + "/missing.tar", cache_dir=tmp_path / "cache")
     assert "missing.tar" in str(e.value)
+
+
+def test_chatty_pipe_does_not_deadlock(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    paths, keys = make_shards([3])
+    cmd = f"pipe:python3 -c \"import sys; sys.stderr.write('x' * 300000)\"; cat {paths[0]}"
+    ds = Dataset.open(cmd, allow_pipe=True, cache_dir=tmp_path / "c")
+    assert [s["__key__"] for s in ds.read(np.arange(3))] == keys  # type: ignore[index]
+
+
+def test_rewritten_local_targz_is_fetched_again(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import gzip
+    import os
+
+    paths, _ = make_shards([4, 9])
+    gz = tmp_path / "c.tar.gz"
+    gz.write_bytes(gzip.compress(Path(paths[0]).read_bytes()))
+    assert Dataset.open(str(gz), cache_dir=tmp_path / "c").num_samples == 4
+    gz.write_bytes(gzip.compress(Path(paths[1]).read_bytes()))
+    os.utime(gz, ns=(2_000_000_000_000_000_000, 2_000_000_000_000_000_000))
+    assert Dataset.open(str(gz), cache_dir=tmp_path / "c").num_samples == 9

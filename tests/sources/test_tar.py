@@ -215,3 +215,24 @@ def test_shardwriter_round_trip(tmp_path: Path, jpegs: list[bytes]) -> None:
     for g, s in zip(got, samples, strict=True):
         assert isinstance(g, dict)
         assert {k: g[k] for k in s} == s
+
+
+@pytest.mark.parametrize("record", [b"0 path=a\n", b"zz path=a\n", b"99 path=a\n"])
+def test_corrupt_pax_header_is_a_shard_error(tmp_path: Path, record: bytes) -> None:
+    p = _tar(tmp_path / "pax.tar", [("a.jpg", b"1"), ("b.jpg", b"2")], tarfile.PAX_FORMAT)
+    data = bytearray(Path(p).read_bytes())
+    # Give member b a PAX header by hand: an 'x' header block followed by the record.
+    with tarfile.open(p) as t:
+        b_off = t.getmembers()[1].offset
+    hdr = bytearray(data[b_off : b_off + 512])
+    hdr[156:157] = b"x"
+    hdr[124:136] = b"%011o\0" % len(record)
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    payload = record.ljust(512, b"\0")
+    fixed = bytes(data[:b_off]) + bytes(hdr) + payload + bytes(data[b_off:])
+    Path(p).write_bytes(fixed)
+    with pytest.raises(ShardError, match="corrupt PAX header") as e:
+        scan_tar(p)
+    assert "pax.tar" in str(e.value)
+    assert scan_tar(p, skip=True).keys == ["a"]
