@@ -344,13 +344,3 @@ class BatchDecoder:
                 batch[f] = collate([values[f][k] for k in src])
         self.stats.time("decode", p.seconds + time.perf_counter() - t0)
         return batch
-
-    def __call__(self, raw: list[dict[str, Any] | ShardError], epoch: int) -> dict[str, Any]:
-        return self.finish(self.prepare(raw, epoch))
-
-    def reset(self) -> None:
-        """Forget media batches in flight (an iteration was abandoned)."""
-        for dec in self.media.values():
-            reset = getattr(dec, "reset", None)
-            if reset is not None:
-                reset()
