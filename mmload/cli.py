@@ -182,7 +182,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from mmload.sources import Dataset
-    from mmload.sources.tar import TarIndex
+    from mmload.sources.tar import TarIndex, write_dali_idx
 
     ds = Dataset.open(args.shards, key_column=args.key_column, cache_dir=args.cache_dir)
     written = 0
@@ -196,15 +196,11 @@ def cmd_index(args: argparse.Namespace) -> int:
                 if info.path.endswith(".tar")
                 else info.path + ".idx"
             )
-            with open(target, "w", encoding="utf-8") as f:
-                f.write(f"v1.2 {idx.num_samples}\n")
-                for i, key in enumerate(idx.keys):
-                    parts = [
-                        f"{idx.fields[m]} {idx.offsets[m]} {idx.sizes[m]} {key}.{idx.fields[m]}"
-                        for m in idx.members(i)
-                    ]
-                    f.write(" ".join(parts) + "\n")
-            written += 1
+            why_not = write_dali_idx(idx, target)
+            if why_not is None:
+                written += 1
+            else:
+                print(f"no DALI .idx for {info.spec.url}: {why_not}", file=sys.stderr)
     print(
         f"indexed {len(ds.shards)} shards, {ds.num_samples} samples in {ds.index_seconds:.3f}s"
         + (f"; wrote {written} DALI .idx files" if args.dali_idx else "")

@@ -29,23 +29,34 @@ class TableIndex:
     kind: str
     chunk_rows: np.ndarray
     columns: list[str]
+    types: list[str]  # each column's Arrow type, as ``str(pa.DataType)``
 
     @property
     def num_samples(self) -> int:
         return int(self.chunk_rows.sum())
 
     def to_json(self) -> dict[str, object]:
-        return {"kind": self.kind, "chunk_rows": self.chunk_rows.tolist(), "columns": self.columns}
+        return {
+            "kind": self.kind,
+            "chunk_rows": self.chunk_rows.tolist(),
+            "columns": self.columns,
+            "types": self.types,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TableIndex:
-        return cls(d["kind"], np.asarray(d["chunk_rows"], dtype=np.int64), list(d["columns"]))
+        rows = np.asarray(d["chunk_rows"], dtype=np.int64)
+        return cls(d["kind"], rows, list(d["columns"]), list(d["types"]))
 
 
 def _open_arrow(
     path: str, shard: str
 ) -> tuple[pa.RecordBatchFileReader | None, list[pa.RecordBatch]]:
-    """An IPC *file* is memory-mapped for random access; an IPC *stream* is read whole."""
+    """An IPC *file* is memory-mapped for random access; an IPC *stream* is read whole.
+
+    Memory-mapped batches point into the file as it is: nothing is used before
+    :func:`_validated` has checked it (a bit flip in an offset buffer is otherwise a SIGSEGV).
+    """
     source = pa.memory_map(path, "r")
     try:
         return ipc.open_file(source), []
@@ -54,22 +65,28 @@ def _open_arrow(
     try:
         with ipc.open_stream(pa.memory_map(path, "r")) as r:
             return None, list(r)
-    except pa.ArrowInvalid as e:
+    except (pa.ArrowException, OSError, ValueError) as e:
         raise ShardError(f"not an Arrow IPC file or stream: {e}", shard=shard) from None
+
+
+def _validated(data: pa.RecordBatch | pa.Table, c: int, shard: str) -> pa.RecordBatch | pa.Table:
+    """``data`` after a full validation (offsets, lengths, UTF-8, nested children): a corrupt
+    chunk is a ShardError, never memory read out of bounds later. Costs one pass over the
+    offsets and string bytes of the chunk (measured in docs/reliability.md)."""
+    try:
+        data.validate(full=True)
+    except (pa.ArrowException, ValueError) as e:
+        raise ShardError(f"chunk {c} is corrupt: {e}", shard=shard) from None
+    return data
 
 
 def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> TableIndex:
     """Read the footer/metadata of an Arrow or Parquet shard (no column data)."""
     try:
         if kind == "parquet":
-            try:
-                md = pq.ParquetFile(path).metadata
-            except (pa.ArrowInvalid, OSError) as e:
-                if isinstance(e, FileNotFoundError):
-                    raise
-                raise ShardError(f"not a readable Parquet file: {e}", shard=shard) from None
+            md = pq.ParquetFile(path).metadata
             rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], np.int64)
-            columns = list(md.schema.to_arrow_schema().names)
+            schema = md.schema.to_arrow_schema()
         else:
             reader, batches = _open_arrow(path, shard)
             if reader is not None:
@@ -77,19 +94,29 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
                     [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)],
                     np.int64,
                 )
-                columns = list(reader.schema.names)
+                schema = reader.schema
             else:
                 rows = np.array([b.num_rows for b in batches], np.int64)
-                columns = list(batches[0].schema.names) if batches else []
+                schema = batches[0].schema if batches else pa.schema([])
     except FileNotFoundError:
         raise ShardError("shard file not found", shard=shard) from None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        # ValueError covers UnicodeDecodeError in footer metadata; OSError a damaged footer.
+        what = "Parquet" if kind == "parquet" else "Arrow IPC"
+        msg = f"not a readable {what} file: {type(e).__name__}: {e}"
+        raise ShardError(msg, shard=shard) from None
+    if (rows < 0).any():
+        raise ShardError(f"footer claims a negative row count: {rows.tolist()}", shard=shard)
+    columns = list(schema.names)
+    if len(set(columns)) != len(columns):
+        raise ShardError(f"duplicate column names in {columns}", shard=shard)
     if key_column is not None and key_column not in columns:
         raise ShardError(
             f"key column {key_column!r} is missing (columns: {columns}); "
             "pass key_column=<name>, or key_column=None to number rows",
             shard=shard,
         )
-    return TableIndex(kind, rows, columns)
+    return TableIndex(kind, rows, columns, [str(t) for t in schema.types])
 
 
 def _column_values(col: pa.Array) -> list[Any]:
@@ -149,8 +176,11 @@ class TableReader:
                 reader, batches = self._arrow
                 data = reader.get_batch(c) if reader is not None else batches[c]
                 data = data.select(list(columns))
-        except (pa.ArrowException, OSError) as e:
-            raise ShardError(f"cannot read chunk {c}: {e}", shard=self.shard) from None
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise ShardError(
+                f"cannot read chunk {c}: {type(e).__name__}: {e}", shard=self.shard
+            ) from None
+        data = _validated(data, c, self.shard)
         if data.num_rows != int(self.index.chunk_rows[c]):
             raise ShardError(
                 f"chunk {c} has {data.num_rows} rows, the index says {self.index.chunk_rows[c]} "
@@ -172,8 +202,13 @@ class TableReader:
         ]
         with self._lock:
             data = self._chunk(chunk, tuple(wanted))
-        taken = data.take(pa.array(rows, pa.int64()))
-        cols = {name: _column_values(taken.column(name)) for name in wanted}
+        try:
+            taken = data.take(pa.array(rows, pa.int64()))
+            cols = {name: _column_values(taken.column(name)) for name in wanted}
+        except (pa.ArrowException, ValueError) as e:
+            raise ShardError(
+                f"cannot read rows of chunk {chunk}: {type(e).__name__}: {e}", shard=self.shard
+            ) from None
         first_row = int(self.index.chunk_rows[:chunk].sum())
         out: list[dict[str, Any] | ShardError] = []
         for j, r in enumerate(rows):

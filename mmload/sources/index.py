@@ -24,7 +24,7 @@ from mmload.sources.tar import TarIndex, read_dali_idx, scan_tar
 __all__ = ["IndexCache", "ShardIndex", "build_index"]
 
 log = logging.getLogger(__name__)
-_VERSION = 3
+_VERSION = 4  # 4: Arrow column types in TableIndex
 
 ShardIndex = TarIndex | TableIndex
 

@@ -16,12 +16,11 @@ import numpy as np
 
 from mmload.errors import BadEntry, ShardError
 
-__all__ = ["TarIndex", "read_dali_idx", "scan_tar", "split_name"]
+__all__ = ["TarIndex", "read_dali_idx", "scan_tar", "split_name", "write_dali_idx"]
 
 _BLOCK = 512
 _NAME_RE = re.compile(r"^((?:.*/)?[^./][^./]*)\.([^/]*)$")
 _REGULAR = (b"0", b"\0", b"7")
-_SKIPPED = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos
 
 
 @dataclass
@@ -75,11 +74,26 @@ def split_name(name: str) -> tuple[str, str] | None:
     return m.group(1), m.group(2).lower()
 
 
+_OCTAL_RE = re.compile(rb"^[0-7]+$")
+_MAX_NAME_HEADER = 1 << 20  # GNU long-name / PAX header data read into memory, at most
+
+
 def _octal(raw: bytes) -> int:
-    if raw and raw[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+    """A tar numeric field: NUL/space-terminated octal digits, or GNU base-256.
+
+    Raises ValueError for anything else (signs, underscores, garbage) and for negative
+    base-256 values: ``int(text, 8)`` alone would accept ``"-1"`` and loop the scan forever.
+    """
+    if raw and raw[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB; 0xff starts a negative one
+        if raw[0] == 0xFF:
+            raise ValueError("negative base-256 number")
         return int.from_bytes(raw, "big") & ~(0x80 << (8 * (len(raw) - 1)))
-    text = raw.split(b"\0", 1)[0].strip(b" \0")
-    return int(text, 8) if text else 0
+    text = raw.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
+    if not _OCTAL_RE.match(text):
+        raise ValueError(f"not an octal number: {text[:16]!r}")
+    return int(text, 8)
 
 
 def _checksum_ok(h: bytes) -> bool:
@@ -96,11 +110,13 @@ def _pax_path(data: bytes) -> str | None:
     path = None
     pos = 0
     while pos < len(data):
+        if data[pos:].strip(b"\0") == b"":
+            break  # NUL padding after the last record
         sp = data.find(b" ", pos)
-        if sp < 0:
-            break
+        if sp < 0 or not data[pos:sp].isdigit():
+            raise ValueError(f"PAX record at {pos} has no decimal length")
         length = int(data[pos:sp])
-        if length <= sp - pos or pos + length > len(data):
+        if length <= sp - pos or pos + length > len(data) or data[pos + length - 1] != 0x0A:
             raise ValueError(f"PAX record of length {length} at {pos} does not fit its header")
         rec = data[sp + 1 : pos + length - 1]
         k, _, v = rec.partition(b"=")
@@ -110,7 +126,18 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
+_KIND_OF = {
+    b"1": "a hard link",
+    b"2": "a symbolic link",
+    b"3": "a character device",
+    b"4": "a block device",
+    b"6": "a FIFO",
+}
+
+
 class _Builder:
+    """Collects samples; a sample with any bad member is dropped whole and listed once."""
+
     def __init__(self, shard: str, skip: bool) -> None:
         self.shard = shard
         self.skip = skip
@@ -121,10 +148,18 @@ class _Builder:
         self.sizes: list[int] = []
         self.bad: list[BadEntry] = []
         self._seen: set[str] = set()
+        self._dropped: set[str] = set()
 
     def problem(self, reason: str, key: str | None) -> None:
+        """A shard-level problem (``key`` None) or one that makes sample ``key`` bad."""
         if not self.skip:
             raise ShardError(reason, shard=self.shard, key=key)
+        if key is not None:
+            if key in self._dropped:
+                return
+            self._dropped.add(key)
+            if self.keys and self.keys[-1] == key:
+                self.drop_last_sample()
         self.bad.append(BadEntry(self.shard, key, reason))
 
     def add(self, name: str, offset: int, size: int) -> None:
@@ -133,9 +168,12 @@ class _Builder:
             self.problem(f"tar member {name!r} has no sample key and field (want 'key.ext')", None)
             return
         key, fld = parts
+        if key in self._dropped:
+            return
         if not self.keys or self.keys[-1] != key:
             if key in self._seen:
                 self.problem(f"members of sample {key!r} are not contiguous in the tar", key)
+                self._remove(key)
                 return
             self._seen.add(key)
             self.keys.append(key)
@@ -149,6 +187,26 @@ class _Builder:
         self.sizes.append(size)
         self.starts[-1] += 1
 
+    def not_regular(self, name: str, typeflag: bytes) -> None:
+        """A link/device/FIFO member: never followed; if it looks like a sample member, its
+        sample is bad (it would otherwise lose that field, or vanish, silently)."""
+        parts = split_name(name)
+        if parts is None:
+            return
+        what = _KIND_OF.get(typeflag, f"of unsupported tar type {typeflag!r}")
+        self.problem(f"tar member {name!r} is {what}, not a regular file", parts[0])
+
+    def _remove(self, key: str) -> None:
+        """Drop an earlier, already indexed sample (its members turned out bad later)."""
+        i = self.keys.index(key)
+        lo, hi = self.starts[i], self.starts[i + 1]
+        n = hi - lo
+        del self.fields[lo:hi], self.offsets[lo:hi], self.sizes[lo:hi]
+        del self.keys[i]
+        del self.starts[i + 1]
+        for j in range(i + 1, len(self.starts)):
+            self.starts[j] -= n
+
     def drop_last_sample(self) -> None:
         n = self.starts[-1] - self.starts[-2]
         del self.fields[len(self.fields) - n :]
@@ -156,6 +214,17 @@ class _Builder:
         del self.sizes[len(self.sizes) - n :]
         self.keys.pop()
         self.starts.pop()
+
+    def cut(self, reason: str, pos: int, key: str | None = None) -> None:
+        """The shard ends early at byte ``pos``. The sample whose member is cut (``key``, when
+        its header is readable) is dropped and listed; whatever followed is lost, listed for the
+        shard. Samples before the cut are kept: one that lost a later member lacks a field,
+        which the batch decoder reports for that sample."""
+        if not self.skip:
+            raise ShardError(reason, shard=self.shard, key=key)
+        if key is not None:
+            self.problem(f"{reason}; sample {key!r} is incomplete", key)
+        self.problem(f"{reason}; any samples after byte {pos} are lost", None)
 
     def build(self) -> TarIndex:
         return TarIndex(
@@ -168,13 +237,28 @@ class _Builder:
         )
 
 
+def _zero_tail(fd: int, pos: int, file_size: int) -> bool:
+    """True if bytes ``pos..file_size`` are all zero (the end-of-archive blocks and record
+    padding); stops at the first non-zero chunk, so a long tail is read only if it is empty."""
+    while pos < file_size:
+        chunk = os.pread(fd, min(1 << 20, file_size - pos), pos)
+        if not chunk:
+            return True
+        if chunk.count(0) != len(chunk):
+            return False
+        pos += len(chunk)
+    return True
+
+
 def scan_tar(path: str, *, shard: str | None = None, skip: bool = False) -> TarIndex:
     """Index a tar file by reading only its 512-byte headers (one ``pread`` per member).
 
     Raises :class:`ShardError` (naming the shard and, where known, the key) for a missing file,
-    a file that is not a tar, a truncated tar, or a member without ``key.field`` name. With
-    ``skip=True`` per-sample problems are recorded in ``TarIndex.bad`` instead, and a truncated
-    tail drops only the incomplete sample.
+    a file that is not a tar, a truncated tar (cut anywhere, also at a member boundary without
+    the end-of-archive blocks), a corrupt header, a link/device member named like a sample
+    member, or a member without ``key.field`` name. With ``skip=True`` these are recorded in
+    ``TarIndex.bad`` instead: a bad sample is left out whole, and a shard that ends early keeps
+    its complete samples and lists the loss.
     """
     shard = shard or path
     try:
@@ -185,64 +269,87 @@ def scan_tar(path: str, *, shard: str | None = None, skip: bool = False) -> TarI
         raise ShardError(f"cannot open shard: {e.strerror}", shard=shard) from None
     b = _Builder(shard, skip)
     try:
-        file_size = os.fstat(fd).st_size
-        pos = 0
-        long_name: str | None = None
-        while True:
-            h = os.pread(fd, _BLOCK, pos)
-            if len(h) == 0 and pos > 0:
-                break  # EOF at a member boundary without the end-of-archive blocks
-            if len(h) < _BLOCK:
-                if pos == 0:
-                    raise ShardError("not a tar file (shorter than one tar header)", shard=shard)
-                b.problem(f"truncated tar: partial header at byte {pos}", None)
-                break
-            if h == b"\0" * _BLOCK:
-                break
-            if not _checksum_ok(h):
-                if pos == 0:
-                    raise ShardError("not a tar file (bad header checksum at byte 0)", shard=shard)
-                b.problem(f"corrupt tar header at byte {pos} (truncated or overwritten)", None)
-                break
-            size = _octal(h[124:136])
-            typeflag = h[156:157]
-            data = pos + _BLOCK
-            end = data + size
-            nxt = data + -(-size // _BLOCK) * _BLOCK
-            if end > file_size:
-                name = long_name or _header_name(h)
-                parts = split_name(name)
-                key = parts[0] if parts else None
-                if b.keys and key == b.keys[-1]:
-                    b.drop_last_sample()
-                b.problem(
-                    f"truncated tar: member {name!r} needs bytes up to {end}, file has {file_size}",
-                    key,
-                )
-                break
-            if typeflag in (b"L",):  # GNU long name for the next member
-                raw_name = os.pread(fd, size, data).split(b"\0", 1)[0]
-                long_name = raw_name.decode("utf-8", "surrogateescape")
-            elif typeflag == b"x":  # PAX extended header for the next member
-                try:
-                    long_name = _pax_path(os.pread(fd, size, data)) or long_name
-                except ValueError as e:
-                    b.problem(f"corrupt PAX header at byte {pos}: {e}", None)
-                    break
-            elif typeflag in (b"g", b"K") or typeflag in _SKIPPED:
-                long_name = None
-            elif typeflag in _REGULAR:
-                name = long_name or _header_name(h)
-                long_name = None
-                b.add(name, data, size)
-            else:
-                long_name = None
-            pos = nxt
+        _scan(fd, b, shard)
+    except OSError as e:
+        raise ShardError(f"cannot read shard: {e.strerror or e}", shard=shard) from None
     finally:
         os.close(fd)
     if not b.keys and not b.bad:
         raise ShardError("tar shard holds no samples", shard=shard)
     return b.build()
+
+
+def _scan(fd: int, b: _Builder, shard: str) -> None:
+    file_size = os.fstat(fd).st_size
+    pos = 0
+    long_name: str | None = None
+    while True:
+        if pos == file_size and pos > 0:
+            b.cut(f"truncated tar: ends at byte {pos} without the end-of-archive blocks", pos)
+            return
+        h = os.pread(fd, _BLOCK, pos)
+        if len(h) < _BLOCK:
+            if pos == 0:
+                raise ShardError("not a tar file (shorter than one tar header)", shard=shard)
+            b.cut(f"truncated tar: partial header at byte {pos}", pos)
+            return
+        if h.count(0) == _BLOCK:
+            if not _zero_tail(fd, pos, file_size):
+                b.cut(f"corrupt tar: a zero block at byte {pos} is followed by more data", pos)
+            return
+        if not _checksum_ok(h):
+            if pos == 0:
+                raise ShardError("not a tar file (bad header checksum at byte 0)", shard=shard)
+            b.cut(f"corrupt tar header at byte {pos} (truncated or overwritten)", pos)
+            return
+        try:
+            size = _octal(h[124:136])
+        except ValueError as e:
+            b.cut(f"corrupt tar header at byte {pos}: size field: {e}", pos)
+            return
+        typeflag = h[156:157]
+        data = pos + _BLOCK
+        end = data + size
+        nxt = data + -(-size // _BLOCK) * _BLOCK
+        if end > file_size:
+            name = long_name or _header_name(h)
+            parts = split_name(name)
+            b.cut(
+                f"truncated tar: member {name!r} needs bytes up to {end}, file has {file_size}",
+                pos,
+                parts[0] if parts is not None and typeflag in _REGULAR else None,
+            )
+            return
+        if nxt > file_size:
+            parts = split_name(long_name or _header_name(h))
+            b.cut(
+                f"truncated tar: cut inside the padding of the member at byte {pos}",
+                pos,
+                parts[0] if parts is not None and typeflag in _REGULAR else None,
+            )
+            return
+        if typeflag in (b"L", b"x") and size > _MAX_NAME_HEADER:
+            b.cut(f"corrupt tar header at byte {pos}: a name header of {size} bytes", pos)
+            return
+        if typeflag == b"L":  # GNU long name for the next member
+            raw_name = os.pread(fd, size, data).split(b"\0", 1)[0]
+            long_name = raw_name.decode("utf-8", "surrogateescape")
+        elif typeflag == b"x":  # PAX extended header for the next member
+            try:
+                long_name = _pax_path(os.pread(fd, size, data)) or long_name
+            except ValueError as e:
+                b.cut(f"corrupt PAX header at byte {pos}: {e}", pos)
+                return
+        elif typeflag in _REGULAR:
+            name = long_name or _header_name(h)
+            long_name = None
+            b.add(name, data, size)
+        elif typeflag in (b"g", b"K", b"5"):  # global PAX header, GNU long link name, directory
+            long_name = None
+        else:
+            b.not_regular(long_name or _header_name(h), typeflag)
+            long_name = None
+        pos = nxt
 
 
 def _header_name(h: bytes) -> str:
@@ -254,6 +361,10 @@ def _header_name(h: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
+def _is_count(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> TarIndex:
     """Build a :class:`TarIndex` from a DALI webdataset ``.idx`` file (format ``v1.2``).
 
@@ -262,17 +373,21 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
     """
     shard = shard or tar_path
     try:
-        with open(idx_path, encoding="utf-8") as f:
+        with open(idx_path, encoding="utf-8", errors="surrogateescape") as f:
             header = f.readline().split()
             lines = f.read().splitlines()
     except OSError as e:
         msg = f"cannot read DALI index {idx_path!r}: {e.strerror}"
         raise ShardError(msg, shard=shard) from None
-    if len(header) != 2 or header[0] != "v1.2":
+    if len(header) != 2 or header[0] != "v1.2" or not _is_count(header[1]):
         raise ShardError(
-            f"DALI index {idx_path!r}: unsupported header {header!r} (want v1.2)", shard=shard
+            f"DALI index {idx_path!r}: unsupported header {header[:3]!r} (want 'v1.2 <count>')",
+            shard=shard,
         )
-    file_size = os.path.getsize(tar_path)
+    try:
+        file_size = os.path.getsize(tar_path)
+    except OSError as e:
+        raise ShardError(f"cannot stat shard: {e.strerror}", shard=shard) from None
     b = _Builder(shard, skip=False)
     for line in lines:
         tok = line.split()
@@ -280,7 +395,7 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
             raise ShardError(f"DALI index {idx_path!r}: malformed line {line!r}", shard=shard)
         for j in range(0, len(tok), 4):
             _ext, off_s, size_s, name = tok[j : j + 4]
-            if not (off_s.isdigit() and size_s.isdigit()):
+            if not (_is_count(off_s) and _is_count(size_s)):
                 raise ShardError(f"DALI index {idx_path!r}: malformed line {line!r}", shard=shard)
             off, size = int(off_s), int(size_s)
             if off + size > file_size:
@@ -296,3 +411,23 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
             shard=shard,
         )
     return b.build()
+
+
+def write_dali_idx(idx: TarIndex, target: str) -> str | None:
+    """Write ``idx`` as a DALI ``v1.2`` ``.idx`` file; returns why not when the format cannot
+    hold it (fields are space-separated, so a key or field with whitespace would be misread)."""
+    for key in idx.keys:
+        if any(c.isspace() for c in key):
+            return f"key {key!r} contains whitespace, which DALI .idx lines cannot represent"
+    for fld in set(idx.fields):
+        if any(c.isspace() for c in fld):
+            return f"field {fld!r} contains whitespace, which DALI .idx lines cannot represent"
+    with open(target, "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write(f"v1.2 {idx.num_samples}\n")
+        for i, key in enumerate(idx.keys):
+            parts = [
+                f"{idx.fields[m]} {idx.offsets[m]} {idx.sizes[m]} {key}.{idx.fields[m]}"
+                for m in idx.members(i)
+            ]
+            f.write(" ".join(parts) + "\n")
+    return None

@@ -148,7 +148,7 @@ def test_truncated_tar_skip_keeps_complete_samples(make_shards) -> None:  # type
     _cut_inside_last_member(paths[0])
     idx = scan_tar(paths[0], skip=True)
     assert idx.keys == keys[:3]
-    assert [b.key for b in idx.bad] == [keys[3]]
+    assert [b.key for b in idx.bad] == [keys[3], None]  # the sample, then the lost rest
     assert "truncated" in idx.bad[0].reason
 
 
@@ -178,7 +178,9 @@ def test_empty_tar(tmp_path: Path) -> None:
         scan_tar(p)
 
 
-def test_directories_and_links_are_skipped(tmp_path: Path) -> None:
+def test_directories_are_skipped_and_link_samples_reported(tmp_path: Path) -> None:
+    """A directory is not sample data; a link named like a sample member is never followed and
+    makes its sample bad (it would otherwise vanish, or lose that field, silently)."""
     p = tmp_path / "mixed.tar"
     with tarfile.open(p, "w") as t:
         d = tarfile.TarInfo("sub")
@@ -191,8 +193,12 @@ def test_directories_and_links_are_skipped(tmp_path: Path) -> None:
         link.type = tarfile.SYMTYPE
         link.linkname = "a.txt"
         t.addfile(link)
-    idx = scan_tar(str(p))
+    with pytest.raises(ShardError, match="symbolic link") as e:
+        scan_tar(str(p))
+    assert e.value.key == "sub/b"
+    idx = scan_tar(str(p), skip=True)
     assert idx.keys == ["sub/a"]
+    assert [b.key for b in idx.bad] == ["sub/b"]
 
 
 def test_shardwriter_round_trip(tmp_path: Path, jpegs: list[bytes]) -> None:
