@@ -31,12 +31,13 @@ from mmload.config import (
     VideoConfig,
 )
 from mmload.decode import BatchDecoder, FieldDecoder, FieldPlan, ImageField, make_image_decoder
-from mmload.decode.batch import Pending
-from mmload.decode.fields import field_kind
+from mmload.decode.batch import MEDIA, Pending
+from mmload.decode.fields import FieldKind, ValueClass, field_kind, kind_class
 from mmload.device import DeviceCopier
 from mmload.errors import ConfigError, ShardError
 from mmload.plan import EpochOrder, Schedule, World
 from mmload.sources import Dataset
+from mmload.sources.dataset import FieldInfo
 from mmload.stages import Stage
 from mmload.stats import Stats
 
@@ -96,21 +97,35 @@ def _split_path(spec: str, available: set[str], what: str) -> tuple[str, tuple[s
 
 
 def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, Any]]:
-    """Fields of every batch (``opts.fields``, else those of the data set's first sample) and
-    what the feature join extracts from them."""
-    first = ds.read(np.array([0], dtype=np.int64))[0]
-    if isinstance(first, ShardError):
-        if opts.fields is None:
-            raise first
-        first = {}
+    """Fields of every batch (``opts.fields``, else every field of the data set's schema: the
+    union over all shards, read from the indexes) and what the feature join extracts."""
+    schema = ds.field_schema()
     names = opts.fields
     if names is None:
-        names = tuple(sorted(k for k in first if not k.startswith("__")))
-        log.info("batch fields (from the first sample): %s", ", ".join(names))
+        names = tuple(sorted(k for k in schema if not k.startswith("__")))
+        log.info("batch fields (every field of the data set): %s", ", ".join(names))
+    else:
+        unknown = [f for f in names if f not in schema]
+        if unknown:
+            raise ConfigError(
+                f"fields={list(names)}: {unknown} are in no shard of the data set "
+                f"(fields: {sorted(schema)})"
+            )
+    for n in names:
+        fi = schema[n]
+        if fi.samples < ds.num_samples:
+            log.warning(
+                "field %r is missing from %d of %d samples (first shard with it: %s); samples "
+                "without it are bad samples. Pass fields=[...] to choose the batch fields",
+                n,
+                ds.num_samples - fi.samples,
+                ds.num_samples,
+                fi.first_shard,
+            )
     hidden: set[str] = set()
     extract: dict[str, Any] = {}
     if opts.features is not None:
-        available = {k for k in first if not k.startswith("__")} | set(names)
+        available = {k for k in schema if not k.startswith("__")} | set(names)
         for name, spec, types in (
             (FEATURE_KEY, opts.features.key, (int, str)),
             (FEATURE_TS, opts.features.timestamp, int),
@@ -122,7 +137,7 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, 
                 names = (*names, field)
                 hidden.add(field)
             extract[name] = (field, path, types)
-    kinds = {n: field_kind(n, first.get(n, b""), opts.image_fields) for n in names}
+    kinds = {n: _kind(n, schema[n], opts.image_fields) for n in names}
     for n, k in kinds.items():  # audio/video are decoded when configured, else passed as bytes
         if (k == "audio" and opts.audio is None) or (k == "video" and opts.video is None):
             kinds[n] = "bytes"
@@ -148,7 +163,58 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, 
             raise ConfigError(
                 f"feature columns {sorted(clash)} clash with batch fields of the same name"
             )
-    return FieldPlan(tuple(names), kinds, frozenset(hidden)), extract
+    classes = {
+        n: kind_class(k, schema[n].arrow_type) for n, k in kinds.items() if k not in MEDIA
+    }
+    for n, cls in classes.items():
+        for shard, t in schema[n].other_types:
+            other = kind_class("value", t)
+            if other != cls and not (cls == "float" and other == "int"):
+                log.warning(
+                    "column %r is %s in shard %s but %s (%s) in %s: its values there are bad "
+                    "samples",
+                    n,
+                    t,
+                    shard,
+                    schema[n].arrow_type,
+                    cls,
+                    schema[n].first_shard,
+                )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for n, cls in classes.items():
+        if cls in ("array", "ragged"):
+            classes[n], shape = _list_class(ds, schema[n])
+            if shape is not None:
+                shapes[n] = shape
+    return FieldPlan(tuple(names), kinds, frozenset(hidden), classes, shapes), extract
+
+
+_PEEK_ROWS = 64
+
+
+def _list_class(ds: Dataset, fi: FieldInfo) -> tuple[ValueClass, tuple[int, ...] | None]:
+    """A list column is a tensor field (``array``, its shape pinned) when the first rows of the
+    first shard that has it all hold numeric lists of one shape, else ``ragged`` (a list of
+    arrays in every batch). Decided once, so a batch never switches between the two."""
+    s = next(i for i, info in enumerate(ds.shards) if info.spec.url == fi.first_shard)
+    first = int(ds.chunk_start[int(np.searchsorted(ds.chunk_shard, s))])
+    n = min(_PEEK_ROWS, ds.shards[s].num_samples)
+    rows = ds.read(np.arange(first, first + n, dtype=np.int64), {fi.name})
+    vals = [r.get(fi.name) for r in rows if isinstance(r, dict)]
+    shapes = {v.shape for v in vals if isinstance(v, np.ndarray) and v.dtype.kind in "iufb"}
+    if vals and len(shapes) == 1 and all(isinstance(v, np.ndarray) for v in vals):
+        shape = shapes.pop()
+        log.info("list field %r: a tensor field of rows of shape %s", fi.name, shape)
+        return "array", shape
+    log.info("list field %r: ragged (a list of arrays per batch)", fi.name)
+    return "ragged", None
+
+
+def _kind(name: str, fi: FieldInfo, image_fields: frozenset[str] | None) -> FieldKind:
+    """A tar member or a binary column is decoded by its name; a typed column is a value."""
+    t = fi.arrow_type
+    binary = t is None or kind_class("value", t) == "bytes"
+    return field_kind(name, b"" if binary else None, image_fields)
 
 
 _FORK_LEFTOVERS: list[Any] = []  # decoders inherited by forked processes, deliberately kept

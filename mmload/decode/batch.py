@@ -9,10 +9,11 @@ failure, per-sample isolation -> every bad slot takes the next good sample of th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ import torch
 from mmload.augment import CropParams, draw_crops
 from mmload.config import ErrorPolicy, ImageConfig, TextConfig
 from mmload.decode.dali import DaliBatchError
-from mmload.decode.fields import FieldKind, collate, decode_value
+from mmload.decode.fields import FieldKind, ValueClass, collate, conform, decode_value
 from mmload.decode.headers import read_header
 from mmload.decode.text import Tokenizer, encode_batch
 from mmload.errors import BadEntry, DecodeError, ShardError
@@ -122,6 +123,9 @@ class FieldPlan:
     names: tuple[str, ...]
     kinds: dict[str, FieldKind]
     hidden: frozenset[str] = frozenset()  # decoded (e.g. for a feature key) but not emitted
+    # The pinned class of each non-media field (see decode.fields).
+    classes: dict[str, ValueClass] = dataclasses.field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # array fields
 
     @property
     def image_fields(self) -> tuple[str, ...]:
@@ -214,22 +218,27 @@ class BatchDecoder:
         n = len(raw)
         values: dict[str, list[Any]] = {f: [None] * n for f in self.fields.names}
         sizes: dict[str, dict[int, tuple[int, int]]] = {f: {} for f in self.fields.image_fields}
+        text_fields = set(self.text.fields) if self.text is not None else set()
         for j, s in enumerate(raw):
             if isinstance(s, ShardError):
                 self._bad(errors, j, s)
                 continue
             for f in self.fields.names:
-                if f not in s:
-                    err = DecodeError(
-                        f"sample lacks field {f!r}", shard=s["__shard__"], key=s["__key__"]
-                    )
-                    self._bad(errors, j, err)
-                    break
                 kind = self.fields.kinds[f]
+                v = s.get(f)
+                if v is None:
+                    absent = f not in s
+                    if absent or kind != "value" or f in text_fields:
+                        what = "lacks field" if absent else "has a null"
+                        err = DecodeError(
+                            f"sample {what} {f!r}", shard=s["__shard__"], key=s["__key__"]
+                        )
+                        self._bad(errors, j, err)
+                        break
                 try:
                     if kind == "image":
                         h = read_header(
-                            s[f],
+                            cast(bytes, v),  # not None: a null media field is bad above
                             shard=s["__shard__"],
                             key=s["__key__"],
                             max_pixels=self.image.max_pixels,
@@ -237,11 +246,16 @@ class BatchDecoder:
                         )
                         sizes[f][j] = (h.height, h.width)
                     elif kind not in MEDIA:
-                        values[f][j] = decode_value(kind, s[f])
+                        value = decode_value(kind, v)
+                        cls = self.fields.classes.get(f, "any")
+                        why = conform(cls, value, self.fields.shapes.get(f))
+                        if why is not None:
+                            raise ValueError(f"{why} (field {f!r} holds {cls} values)")
+                        values[f][j] = value
                 except DecodeError as e:
                     self._bad(errors, j, e)
                     break
-                except (ValueError, UnicodeDecodeError) as e:
+                except ValueError as e:  # UnicodeDecodeError included
                     err = DecodeError(
                         f"field {f!r}: {type(e).__name__}: {e}",
                         shard=s["__shard__"],
@@ -341,6 +355,6 @@ class BatchDecoder:
                 batch[f] = ids
                 batch[f"{f}_attention_mask"] = mask
             else:
-                batch[f] = collate([values[f][k] for k in src])
+                batch[f] = collate([values[f][k] for k in src], self.fields.classes.get(f, "any"))
         self.stats.time("decode", p.seconds + time.perf_counter() - t0)
         return batch

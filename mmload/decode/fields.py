@@ -3,8 +3,13 @@
 * ``.cls`` (and ``*.cls``, ``.index``, ``.label``) -> int; ``.json`` -> dict; ``.txt``/``.text``
   -> str; every other field passes through as ``bytes``. Pickle fields (``.pyd``, ``.pickle``)
   are never unpickled: sample data is untrusted.
-* Collation: ints -> ``int64 [B]``, floats -> ``float32 [B]``, bools -> ``bool [B]``, equal-shape
-  arrays -> stacked tensors; str/dict/bytes/None -> Python lists of length B.
+* Every non-media field has one :data:`ValueClass`, pinned for the whole data set from its
+  extension (tar) or the Arrow type of the first shard that has it, so a batch field never
+  switches between a tensor and a list. A value that does not conform (a float in an int
+  column, an int beyond int64, a null in a numeric column) makes its sample bad.
+* Collation by class: ``int`` -> ``int64 [B]``, ``float`` -> ``float32 [B]``, ``bool`` ->
+  ``bool [B]``, ``array`` (fixed-size lists) -> stacked tensors; ``str``/``bytes``/``ragged``
+  (variable-length lists, as arrays)/``any`` -> Python lists of length B.
 """
 
 from __future__ import annotations
@@ -16,9 +21,21 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-__all__ = ["FieldKind", "collate", "decode_value", "field_kind"]
+__all__ = [
+    "FieldKind",
+    "ValueClass",
+    "collate",
+    "conform",
+    "decode_value",
+    "field_kind",
+    "kind_class",
+]
 
 FieldKind = Literal["image", "int", "json", "text", "audio", "video", "bytes", "value"]
+ValueClass = Literal["int", "float", "bool", "str", "bytes", "array", "ragged", "any"]
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_INT_TYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif"})
 AUDIO_EXTS = frozenset({"wav", "flac", "ogg"})
@@ -51,11 +68,14 @@ def field_kind(name: str, value: Any, image_fields: frozenset[str] | None = None
 
 
 def decode_value(kind: FieldKind, raw: Any) -> Any:
-    """Decode one non-media field; raises ValueError/UnicodeDecodeError on bad bytes."""
+    """Decode one non-media field; raises ValueError (UnicodeDecodeError included) on bad bytes."""
     if kind == "int":
         return int(bytes(raw).decode("ascii").strip())
     if kind == "json":
-        return json.loads(bytes(raw).decode("utf-8"))
+        try:
+            return json.loads(bytes(raw).decode("utf-8"))
+        except RecursionError:
+            raise ValueError("JSON is nested too deeply") from None
     if kind == "text":
         return bytes(raw).decode("utf-8")
     if kind == "bytes":
@@ -63,26 +83,82 @@ def decode_value(kind: FieldKind, raw: Any) -> Any:
     return raw
 
 
-def _all(values: Sequence[Any], types: type | tuple[type, ...]) -> bool:
-    return all(isinstance(v, types) and not isinstance(v, bool) for v in values)
+def kind_class(kind: FieldKind, arrow_type: str | None) -> ValueClass:
+    """The value class of a non-media field: from its kind, or for a typed Arrow/Parquet column
+    (kind ``"value"``) from its Arrow type (``str(pa.DataType)``)."""
+    if kind == "int":
+        return "int"
+    if kind == "text":
+        return "str"
+    if kind == "bytes":
+        return "bytes"
+    if kind != "value" or arrow_type is None:
+        return "any"
+    t = arrow_type
+    if t.startswith("dictionary<values="):
+        t = t[len("dictionary<values=") :].split(",", 1)[0]
+    if t in _INT_TYPES or t.startswith("timestamp["):
+        return "int"
+    if t in ("halffloat", "float", "double"):
+        return "float"
+    if t == "bool":
+        return "bool"
+    if t in ("string", "large_string", "string_view"):
+        return "str"
+    if t in ("binary", "large_binary", "binary_view") or t.startswith("fixed_size_binary"):
+        return "bytes"
+    if t.startswith("fixed_size_list<"):
+        return "array"
+    if t.startswith(("list<", "large_list<", "list_view<", "large_list_view<")):
+        return "ragged"
+    return "any"
 
 
-def collate(values: Sequence[Any]) -> torch.Tensor | list[Any]:
-    """Stack equal-typed values into a tensor where possible, else keep a list."""
-    if not values:
-        return []
-    if all(isinstance(v, bool) for v in values):
-        return torch.tensor(values, dtype=torch.bool)
-    if _all(values, (int, np.integer)):
-        return torch.tensor(np.asarray(values, dtype=np.int64))
-    if _all(values, (int, float, np.integer, np.floating)):
-        return torch.tensor(np.asarray(values, dtype=np.float32))
-    if _all(values, np.ndarray):
+def conform(cls: ValueClass, v: Any, shape: tuple[int, ...] | None = None) -> str | None:
+    """Why ``v`` cannot be a value of class ``cls`` (None if it can); ``shape``: an ``array``
+    field's pinned shape."""
+    if cls == "int":
+        if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+            return None if _INT64_MIN <= int(v) <= _INT64_MAX else f"{v} does not fit in int64"
+        return f"{_what(v)} is not an integer"
+    if cls == "float":
+        ok = isinstance(v, (int, float, np.integer, np.floating))
+        return None if ok and not isinstance(v, (bool, np.bool_)) else f"{_what(v)} is not a number"
+    if cls == "bool":
+        return None if isinstance(v, (bool, np.bool_)) else f"{_what(v)} is not a bool"
+    if cls == "str":
+        return None if v is None or isinstance(v, str) else f"{_what(v)} is not a string"
+    if cls == "bytes":
+        return None if v is None or isinstance(v, bytes) else f"{_what(v)} is not bytes"
+    if cls == "array":
+        if not (isinstance(v, np.ndarray) and v.dtype.kind in "iufb"):
+            return f"{_what(v)} is not a numeric list (null, or null elements?)"
+        if shape is not None and v.shape != shape:
+            return f"a list of shape {v.shape}, where the field's values have shape {shape}"
+        return None
+    if cls == "ragged":
+        return None if v is None or isinstance(v, np.ndarray) else f"{_what(v)} is not a list"
+    return None
+
+
+def _what(v: Any) -> str:
+    return "null" if v is None else f"a {type(v).__name__}"
+
+
+def collate(values: Sequence[Any], cls: ValueClass = "any") -> torch.Tensor | list[Any]:
+    """Values of one class (checked by :func:`conform`) as that class's batch type."""
+    if cls == "int":
+        return torch.tensor(np.asarray(values, dtype=np.int64).reshape(len(values)))
+    if cls == "float":
+        return torch.tensor(np.asarray(values, dtype=np.float32).reshape(len(values)))
+    if cls == "bool":
+        return torch.tensor(np.asarray(values, dtype=np.bool_).reshape(len(values)))
+    if cls == "array":
         shapes = {v.shape for v in values}
-        kinds = {v.dtype.kind for v in values}
-        if len(shapes) == 1 and kinds <= {"i", "u", "f", "b"}:
-            arr = np.stack(values)
-            if arr.dtype == np.float64:
-                arr = arr.astype(np.float32)
-            return torch.from_numpy(arr)
+        if len(shapes) != 1:
+            raise ValueError(f"fixed-size list values of different shapes {sorted(shapes)}")
+        arr = np.stack(values)
+        if arr.dtype == np.float64:
+            arr = arr.astype(np.float32)
+        return torch.from_numpy(arr)
     return list(values)

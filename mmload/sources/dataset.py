@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from mmload.sources.index import IndexCache, ShardIndex
 from mmload.sources.spec import ShardSpec, expand, is_local
 from mmload.sources.tar import TarIndex
 
-__all__ = ["Dataset", "RawSample", "ShardInfo"]
+__all__ = ["Dataset", "FieldInfo", "RawSample", "ShardInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,22 @@ class ShardInfo:
     @property
     def num_samples(self) -> int:
         return self.index.num_samples
+
+
+@dataclass
+class FieldInfo:
+    """One field of the data set, from the indexes (no sample is read).
+
+    ``arrow_type``: the column's Arrow type in the first table shard that has it (None for tar
+    members, which are bytes); ``samples``: how many samples have the field; ``other_types``:
+    ``(shard, type)`` of table shards whose column type differs from ``arrow_type``.
+    """
+
+    name: str
+    arrow_type: str | None
+    samples: int
+    first_shard: str
+    other_types: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -155,10 +171,41 @@ class Dataset:
         if not shards:
             raise ShardError("no readable shard in the spec", shard=str(spec))
         ds = cls(shards, key_column, cache_chunks, bad, time.perf_counter() - t0)
+        if ds.num_samples == 0:
+            raise ShardError(
+                f"the data set has no samples: all {len(shards)} readable shards are empty",
+                shard=shards[0].spec.url if len(shards) == 1 else str(spec),
+            )
         log.info(
             "indexed %d shards, %d samples in %.3fs", len(shards), ds.num_samples, ds.index_seconds
         )
         return ds
+
+    def field_schema(self) -> dict[str, FieldInfo]:
+        """Every field of the data set (the key column excluded), in order of first appearance:
+        the union over all shards, so a field absent from the first sample is still found."""
+        out: dict[str, FieldInfo] = {}
+        for info in self.shards:
+            idx = info.index
+            url = info.spec.url
+            if isinstance(idx, TarIndex):
+                counts: dict[str, int] = Counter(idx.fields)
+                types: dict[str, str | None] = dict.fromkeys(counts)
+            else:
+                n = idx.num_samples
+                counts = {c: n for c in idx.columns if c != self.key_column}
+                types = dict(zip(idx.columns, idx.types, strict=True))
+            for name, count in counts.items():
+                fi = out.get(name)
+                if fi is None:
+                    out[name] = FieldInfo(name, types[name], count, url)
+                    continue
+                fi.samples += count
+                if fi.arrow_type is None:
+                    fi.arrow_type = types[name]
+                elif types[name] is not None and types[name] != fi.arrow_type:
+                    fi.other_types.append((url, str(types[name])))
+        return out
 
     # -- reading ------------------------------------------------------------------------------
 
