@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmload import ConfigError, ImageConfig, IterableDataset, Loader
+from mmload.decode.dali import dali_available
 
 SMALL = ImageConfig(size=32)
 
@@ -114,3 +118,39 @@ def test_workers_after_the_parent_iterated(make_shards, tmp_path: Path) -> None:
     assert [list(b["__key__"]) for b in batches] == in_process
     assert batches[0]["jpg"].shape == (3, 3, 32, 32)
     ds.close()
+
+
+_README_DROP_IN = """
+import sys
+import torch.utils.data
+import mmload
+
+ds = mmload.IterableDataset(sys.argv[1], batch_size=4, image=mmload.ImageConfig(size=32))
+# Fork at once: the background DALI import started by the constructor may still be running.
+dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+keys = [k for batch in dl for k in batch["__key__"]]
+assert sorted(keys) == sorted(set(keys)), keys
+print(len(keys), tuple(next(iter(dl))["jpg"].shape))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dali_available(), reason="the race needs DALI installed (it is on CI)")
+def test_readme_drop_in_forks_during_the_dali_import(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The README's DataLoader usage with DALI installed and the default backend, forking right
+    after construction, in a fresh interpreter (so DALI is not imported yet), several times."""
+    _, keys = make_shards([6, 6])
+    script = tmp_path / "drop_in.py"
+    script.write_text(_README_DROP_IN)
+    env = {**os.environ, "MMLOAD_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(3):
+        r = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "data-{0000..0001}.tar")],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.split()[0] == str(len(keys))
+        assert "(4, 3, 32, 32)" in r.stdout

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import threading
 from collections import deque
@@ -42,10 +43,44 @@ def dali_available() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
+_import_lock = threading.Lock()
+_import_thread: threading.Thread | None = None
+_FORK_WAIT_S = 60.0
+
+
 def import_in_background() -> None:
-    """Start importing DALI in a daemon thread (~0.3 s), to overlap it with shard indexing."""
-    if dali_available() and "nvidia.dali.fn" not in sys.modules:
-        threading.Thread(target=_warm_import, name="mmload-dali-import", daemon=True).start()
+    """Start importing DALI in a daemon thread (~0.3 s), to overlap it with shard indexing.
+
+    A process forked while that import runs (a DataLoader worker, right after the dataset is
+    built) would inherit a half-initialised ``nvidia.dali`` module and fail with
+    ``AttributeError: partially initialized module``; so every fork waits for the import to
+    finish first (``os.register_at_fork``), whatever the timing.
+    """
+    global _import_thread
+    if not dali_available() or "nvidia.dali.fn" in sys.modules:
+        return
+    with _import_lock:
+        if _import_thread is not None:
+            return
+        t = threading.Thread(target=_warm_import, name="mmload-dali-import", daemon=True)
+        _import_thread = t
+        t.start()
+
+
+def _wait_for_import() -> None:
+    t = _import_thread
+    if t is None or not t.is_alive() or t is threading.current_thread():
+        return
+    t.join(_FORK_WAIT_S)
+    if t.is_alive():
+        log.warning(
+            "fork while DALI is still importing after %.0fs: the child may fail to import DALI",
+            _FORK_WAIT_S,
+        )
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_wait_for_import)
 
 
 def _warm_import() -> None:
