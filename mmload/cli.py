@@ -94,15 +94,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with loader:
             first: dict[str, Any] | None = None
             t0 = time.perf_counter()
-            n = 0
             for epoch in range(args.epochs):
                 with _progress(len(loader), f"epoch {epoch}", "batch", args.quiet) as bar:
                     for batch in loader:
                         first = first or batch
-                        n += len(batch["__key__"])
                         bar.update(1)
             dt = time.perf_counter() - t0
             stats = loader.stats()
+            n = stats["samples"]  # unique samples: padding repeats are not throughput
         assert first is not None
         print(
             f"\nstreamed {n} samples in {dt:.2f}s: {n / dt:,.0f} samples/s on {args.device} "
@@ -221,8 +220,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with loader:
         rates = []
         for epoch in range(args.epochs):
+            before = loader.stats()["samples"]
             t0 = time.perf_counter()
-            n = sum(len(b["__key__"]) for b in loader)
+            for _ in loader:
+                pass
+            n = loader.stats()["samples"] - before  # unique samples, not padding repeats
             rates.append(n / (time.perf_counter() - t0))
             print(f"epoch {epoch}: {n} samples, {rates[-1]:,.0f} samples/s")
     print(

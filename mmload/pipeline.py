@@ -409,6 +409,15 @@ def iter_epoch(
     pipe: Pipeline, epoch: int, schedule: Schedule, world: World, stats: Stats
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(k, batch)`` pairs, ready for the consumer (device copies synchronised)."""
+    if schedule.padded and world.worker == 0:
+        log.info(
+            "epoch %d: the last global batch is padded with %d repeated samples so that all %d "
+            "ranks take %d batches (drop_last=True drops the tail instead)",
+            epoch,
+            schedule.padded,
+            world.world_size,
+            schedule.num_batches,
+        )
     run = pipe.run(epoch, schedule, world, stats)
     try:
         for k, batch in run:
@@ -417,7 +426,8 @@ def iter_epoch(
                 copier, event = marker
                 batch = copier.ready(batch, event)
             stats.add("batches")
-            stats.add("samples", len(batch["__key__"]))
+            # Throughput counts unique samples: the padding repeats are counted apart.
+            stats.add("samples", len(batch["__key__"]) - schedule.padding_in(world.rank, k))
             yield k, batch
     finally:
         run.close()

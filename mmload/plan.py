@@ -9,8 +9,8 @@ Everything here is a function of integers and NumPy arrays: no I/O, no torch, no
   ``batch_size * world_size`` samples; rank ``r`` takes the ``r``-th slice of each global batch,
   and worker ``w`` of ``W`` takes the rank's batches ``w, w + W, ...`` (the round-robin order in
   which ``torch.utils.data.DataLoader`` collects worker outputs). Every rank gets the same number
-  of batches: the tail is dropped (``drop_last``) or padded with samples from the start of the
-  epoch order; both counts are reported.
+  of batches: the tail is dropped (``drop_last``) or, with several ranks, padded with samples
+  from the start of the epoch order; both counts are reported. One rank gets a short last batch.
 * :class:`LoaderState` is the resume cursor: a handful of ints.
 
 Randomness comes from a counter-based hash (splitmix64) of (seed, epoch, stream, index), so
@@ -203,9 +203,11 @@ class EpochOrder:
 class Schedule:
     """Global batches from epoch position ``start`` and their split over ranks and workers.
 
-    With ``drop_last`` the last incomplete global batch is dropped (``dropped`` samples);
-    otherwise it is filled with samples from the start of the epoch order (``padded`` samples).
-    Either way every rank gets :attr:`num_batches` batches of exactly ``batch_size`` samples.
+    With ``drop_last`` the last incomplete global batch is dropped (``dropped`` samples).
+    Otherwise, with several ranks, it is filled with samples from the start of the epoch order
+    (``padded`` samples), so that every rank gets :attr:`num_batches` batches of exactly
+    ``batch_size`` samples; with one rank nothing needs to stay in step, and the last batch is
+    short, as in ``torch.utils.data.DataLoader``.
     """
 
     num_samples: int
@@ -242,9 +244,21 @@ class Schedule:
         return -(-self.remaining // self.global_batch)
 
     @property
+    def pads(self) -> bool:
+        """Whether the last global batch is filled up (several ranks, no ``drop_last``)."""
+        return not self.drop_last and self.world_size > 1
+
+    @property
     def padded(self) -> int:
         """Samples repeated from the start of the epoch to fill the last global batch."""
-        return 0 if self.drop_last else self.num_batches * self.global_batch - self.remaining
+        return self.num_batches * self.global_batch - self.remaining if self.pads else 0
+
+    def padding_in(self, rank: int, k: int) -> int:
+        """How many samples of rank ``rank``'s batch ``k`` are padding (repeats)."""
+        if not self.pads:
+            return 0
+        first = self.start + k * self.global_batch + rank * self.batch_size
+        return int(min(max(first + self.batch_size - self.num_samples, 0), self.batch_size))
 
     @property
     def dropped(self) -> int:
@@ -252,10 +266,13 @@ class Schedule:
         return self.remaining - self.num_batches * self.global_batch if self.drop_last else 0
 
     def positions(self, rank: int, k: int) -> np.ndarray:
-        """Epoch positions of rank ``rank``'s ``k``-th batch (int64 ``[batch_size]``)."""
+        """Epoch positions of rank ``rank``'s ``k``-th batch (int64 ``[batch_size]``, fewer for
+        the last batch of a single rank)."""
         if not 0 <= k < self.num_batches:
             raise IndexError(f"batch {k} outside [0, {self.num_batches})")
         first = self.start + k * self.global_batch + rank * self.batch_size
+        if not self.drop_last and not self.pads:  # one rank: the last batch is short
+            return np.arange(first, min(first + self.batch_size, self.num_samples), dtype=np.int64)
         pos = np.arange(first, first + self.batch_size, dtype=np.int64)
         return pos % self.num_samples
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def test_batch_contract(make_shards, tmp_path: Path) -> None:  # type: ignore[no
     paths, keys = make_shards([5, 6])
     with _loader(paths, tmp_path, batch_size=4) as L:
         batches = list(L)
-    assert len(batches) == 3  # 11 samples -> 3 batches, the last padded with 1
+    assert len(batches) == 3  # 11 samples -> 3 batches; one rank: the last one short, no repeat
     b = batches[0]
     assert list(b) == ["__key__", "cls", "jpg", "txt"]
     assert b["jpg"].shape == (4, 3, 32, 32)
@@ -43,8 +44,30 @@ def test_batch_contract(make_shards, tmp_path: Path) -> None:  # type: ignore[no
     assert b["cls"].tolist() == [0, 1, 2, 3]
     assert b["txt"] == ["caption 0", "caption 1", "caption 2", "caption 3"]
     flat = [k for b in batches for k in b["__key__"]]
-    assert flat == keys + keys[:1]
-    assert L.stats()["samples_padded"] == 1
+    assert flat == keys
+    last = batches[-1]
+    assert len(last["__key__"]) == 3
+    assert last["jpg"].shape == (3, 3, 32, 32) and last["cls"].shape == (3,)
+    stats = L.stats()
+    assert stats["samples_padded"] == 0 and stats["samples"] == 11
+
+
+def test_several_ranks_pad_and_log_it_once(make_shards, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """With two ranks the last global batch is filled up (equal steps), logged once per epoch
+    with its count, and throughput counts unique samples only."""
+    paths, keys = make_shards([5, 6])
+    seen: list[str] = []
+    with caplog.at_level(logging.INFO, logger="mmload.pipeline"):
+        for rank in range(2):
+            with _loader(paths, tmp_path, batch_size=4, rank=rank, world_size=2) as L:
+                batches = list(L)
+                assert [len(b["__key__"]) for b in batches] == [4, 4]
+                seen += [k for b in batches for k in b["__key__"]]
+                uniques = L.stats()["samples"]
+                assert uniques == (7 if rank == 0 else 4)  # 8 + 3 real, 5 repeats
+    assert sorted(set(seen)) == sorted(keys) and len(seen) == 16
+    logged = [r.getMessage() for r in caplog.records if "padded with" in r.getMessage()]
+    assert len(logged) == 2 and all("padded with 5 repeated samples" in m for m in logged)
 
 
 def test_uint8_images_without_normalize(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -183,11 +206,12 @@ def test_load_state_validation(make_shards, tmp_path: Path) -> None:  # type: ig
 
 
 def test_padding_is_counted_after_a_resume(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    paths, _ = make_shards([10])  # 10 samples, batch 4: 2 padded
-    with _loader(paths, tmp_path, fields=["cls"]) as L:
+    paths, _ = make_shards([10])  # 10 samples, 2 ranks of batch 2: 2 padded
+    two = {"fields": ["cls"], "batch_size": 2, "rank": 0, "world_size": 2}
+    with _loader(paths, tmp_path, **two) as L:
         _keys(L, limit=1)
         st = L.state_dict()
-    with _loader(paths, tmp_path, fields=["cls"]) as R:
+    with _loader(paths, tmp_path, **two) as R:
         R.load_state_dict(st)
         rest = _keys(R)
         assert len(rest) == 2 and R.stats()["samples_padded"] == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import wave
 from typing import Any
 
@@ -27,14 +28,19 @@ _STREAM = (1 << 48) + 1000  # crop offsets; apart from augment's streams
 
 
 def _wave_decode(data: bytes) -> tuple[np.ndarray, int]:
-    with wave.open(io.BytesIO(data)) as w:
-        width, channels, rate, n = (
-            w.getsampwidth(),
-            w.getnchannels(),
-            w.getframerate(),
-            w.getnframes(),
-        )
-        raw = w.readframes(n)
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            width, channels, rate, n = (
+                w.getsampwidth(),
+                w.getnchannels(),
+                w.getframerate(),
+                w.getnframes(),
+            )
+            raw = w.readframes(n)
+    except (wave.Error, EOFError, struct.error) as e:
+        raise ValueError(f"cannot decode WAV: {e}") from None
+    if channels < 1 or rate < 1:
+        raise ValueError(f"WAV header says {channels} channels at {rate} Hz")
     if len(raw) < n * width * channels:
         raise ValueError(f"WAV is truncated: {len(raw)} of {n * width * channels} data bytes")
     if width == 1:
@@ -48,8 +54,31 @@ def _wave_decode(data: bytes) -> tuple[np.ndarray, int]:
     return x.reshape(-1, channels), rate
 
 
+def _check_riff(data: bytes) -> None:
+    """A RIFF/WAVE file whose ``data`` chunk claims more bytes than are present is truncated.
+
+    libsndfile would shorten such a file to what is there, and the crop/pad step would then
+    zero-pad it: a corrupt sample read as silence. (``0xFFFFFFFF`` is a streaming writer's
+    "unknown length" and is accepted.)
+    """
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return
+    pos = 12
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if cid == b"data":
+            have = len(data) - pos - 8
+            if size != 0xFFFFFFFF and size > have:
+                raise ValueError(f"WAV is truncated: data chunk of {size} bytes, {have} present")
+            return
+        pos += 8 + size + (size & 1)
+    raise ValueError("WAV has no data chunk (truncated header?)")
+
+
 def decode_audio(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Mono ``float32 [T]`` in [-1, 1] and its sample rate; raises ValueError on bad bytes."""
+    """Mono ``float32 [T]`` in [-1, 1] and its sample rate; raises ValueError on bad bytes
+    (truncated files included: never silently shortened, then zero-padded)."""
+    _check_riff(data)
     try:
         import soundfile as sf
     except ImportError:
@@ -63,6 +92,8 @@ def decode_audio(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
                     )
                 x = f.read(dtype="float32", always_2d=True)
                 rate = f.samplerate
+                if len(x) < f.frames:
+                    raise ValueError(f"audio is truncated: {len(x)} of {f.frames} frames")
         except (sf.LibsndfileError, RuntimeError) as e:
             raise ValueError(f"cannot decode audio: {e}") from None
     else:
