@@ -402,10 +402,19 @@ def test_closed_loader_refuses(make_shards, tmp_path: Path) -> None:  # type: ig
         iter(L)
 
 
-def test_an_all_bad_batch_is_counted_then_raises(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_all_bad_batch_takes_a_sample_of_the_last_batch(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A batch whose every sample is bad repeats a good sample of the batch before (same
+    shapes); only in the epoch's first batch there is none: counted, then an error."""
     paths, keys = make_shards([4])
     _corrupt_one_jpeg(paths, 1, "garbage")
     with _loader(paths, tmp_path, batch_size=1, on_error="skip", max_bad_samples=3) as L:
-        with pytest.raises(DecodeError, match="nothing to replace them with"):
+        batches = list(L)
+        assert [b["__key__"] for b in batches] == [[keys[0]], [keys[0]], [keys[2]], [keys[3]]]
+        assert torch.equal(batches[1]["jpg"], batches[0]["jpg"])
+        assert batches[1]["cls"].tolist() == batches[0]["cls"].tolist()
+        assert [b["key"] for b in L.stats()["bad"]] == [keys[1]]
+    _corrupt_one_jpeg(paths, 0, "garbage")
+    with _loader(paths, tmp_path, batch_size=1, on_error="skip", max_bad_samples=3) as L:
+        with pytest.raises(DecodeError, match="no good sample exists yet"):
             list(L)
-        assert L.stats()["bad"][0]["key"] == keys[1]
+        assert L.stats()["bad"][0]["key"] == keys[0]

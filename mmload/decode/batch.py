@@ -136,6 +136,21 @@ class FieldPlan:
         return tuple(n for n in self.names if self.kinds[n] in MEDIA)
 
 
+def _row(batch: dict[str, Any], i: int) -> dict[str, Any]:
+    """Sample ``i`` of ``batch`` as a batch of one that owns its memory."""
+    return {
+        k: v[i : i + 1].clone() if isinstance(v, torch.Tensor) else [v[i]] for k, v in batch.items()
+    }
+
+
+def _repeat(one: dict[str, Any], n: int) -> dict[str, Any]:
+    """A batch of one repeated ``n`` times."""
+    return {
+        k: v.expand(n, *v.shape[1:]).clone() if isinstance(v, torch.Tensor) else v * n
+        for k, v in one.items()
+    }
+
+
 def _replacement(good: np.ndarray) -> np.ndarray:
     """For each slot, itself if good, else the next good slot (cyclically)."""
     n = len(good)
@@ -170,6 +185,9 @@ class BatchDecoder:
         # name -> (field, path into its value, accepted types): per-sample scalars pulled out of
         # decoded fields (a feature join's key and timestamp), emitted as batch[name] lists.
         self.extract = extract or {}
+        # One good sample of the last batch, as a batch of one: replaces the samples of a batch
+        # in which every sample is bad (shapes and types stay those of every other batch).
+        self._spare: dict[str, Any] | None = None
 
     def _bad(self, errors: dict[int, _DataError], j: int, err: _DataError) -> None:
         if self.policy.on_error == "raise":
@@ -317,22 +335,20 @@ class BatchDecoder:
         decoded = {f: self._media_result(f, p) for f in self.fields.media_fields if f in p.media}
         ok = np.array([j not in errors for j in range(n)], dtype=bool)
         if errors:
-            if not ok.any():
-                # Counted and listed first (the budget may be what stops the run), but a batch
-                # needs one good sample to replace the bad ones from.
-                self.stats.add_bad(
-                    [BadEntry(e.shard, e.key, e.reason) for e in errors.values()], errors.values()
-                )
-                first = next(iter(errors.values()))
-                raise type(first)(
-                    f"every sample of a batch of {n} is bad, nothing to replace them with; "
-                    f"first: {first.reason}",
-                    shard=first.shard,
-                    key=first.key,
-                )
             self.stats.add_bad(
                 [BadEntry(e.shard, e.key, e.reason) for e in errors.values()], errors.values()
             )
+            if not ok.any():
+                if self._spare is not None:
+                    self.stats.time("decode", p.seconds + time.perf_counter() - t0)
+                    return _repeat(self._spare, n)
+                first = next(iter(errors.values()))
+                raise type(first)(
+                    f"every sample of the epoch's first {n}-sample batch is bad, so no good "
+                    f"sample exists yet to replace them with; first: {first.reason}",
+                    shard=first.shard,
+                    key=first.key,
+                )
         src = _replacement(ok).tolist()
         batch: dict[str, Any] = {"__key__": [samples[k]["__key__"] for k in src]}
         text_fields = set(self.text.fields) if self.text is not None else set()
@@ -356,5 +372,6 @@ class BatchDecoder:
                 batch[f"{f}_attention_mask"] = mask
             else:
                 batch[f] = collate([values[f][k] for k in src], self.fields.classes.get(f, "any"))
+        self._spare = _row(batch, 0)
         self.stats.time("decode", p.seconds + time.perf_counter() - t0)
         return batch
