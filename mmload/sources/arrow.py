@@ -69,12 +69,31 @@ def _open_arrow(
         raise ShardError(f"not an Arrow IPC file or stream: {e}", shard=shard) from None
 
 
-def _validated(data: pa.RecordBatch | pa.Table, c: int, shard: str) -> pa.RecordBatch | pa.Table:
-    """``data`` after a full validation (offsets, lengths, UTF-8, nested children): a corrupt
-    chunk is a ShardError, never memory read out of bounds later. Costs one pass over the
-    offsets and string bytes of the chunk (measured in docs/reliability.md)."""
+def _has_strings(t: pa.DataType) -> bool:
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return True
+    if pa.types.is_dictionary(t):
+        return _has_strings(t.value_type)
+    return any(_has_strings(t.field(i).type) for i in range(t.num_fields))
+
+
+def _validated(
+    data: pa.RecordBatch | pa.Table, c: int, shard: str, *, decoded: bool = False
+) -> pa.RecordBatch | pa.Table:
+    """``data`` after a full validation: a corrupt chunk is a ShardError, never memory read
+    out of bounds later. A memory-mapped IPC batch is checked whole (offsets, lengths, nested
+    children, UTF-8); a chunk the Parquet decoder built (``decoded``) has sound buffers, and
+    only its string bytes, which the decoder copies unchecked, need the UTF-8 pass. The cost is
+    measured by ``benchmarks/arrow_validate.py`` (docs/reliability.md)."""
+    if decoded:
+        strings = [f.name for f in data.schema if _has_strings(f.type)]
+        if not strings:
+            return data
+        checked = data.select(strings)
+    else:
+        checked = data
     try:
-        data.validate(full=True)
+        checked.validate(full=True)
     except (pa.ArrowException, ValueError) as e:
         raise ShardError(f"chunk {c} is corrupt: {e}", shard=shard) from None
     return data
@@ -180,7 +199,7 @@ class TableReader:
             raise ShardError(
                 f"cannot read chunk {c}: {type(e).__name__}: {e}", shard=self.shard
             ) from None
-        data = _validated(data, c, self.shard)
+        data = _validated(data, c, self.shard, decoded=self.index.kind == "parquet")
         if data.num_rows != int(self.index.chunk_rows[c]):
             raise ShardError(
                 f"chunk {c} has {data.num_rows} rows, the index says {self.index.chunk_rows[c]} "
