@@ -7,6 +7,7 @@ the crop windows and flips of :class:`~mmload.augment.CropParams` applied.
 from __future__ import annotations
 
 import io
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -48,6 +49,19 @@ class PilImageDecoder:
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="mmload-pil")
 
     def _one(
+        self, data: bytes, src_hw: tuple[int, int], c: tuple[int, int, int, int, bool]
+    ) -> np.ndarray:
+        from PIL import Image
+
+        try:
+            return self._decode_one(data, src_hw, c)
+        except (struct.error, IndexError, TypeError, ZeroDivisionError) as e:
+            # PIL's plugins raise these, too, on corrupt bytes (not only OSError/ValueError).
+            raise ValueError(f"corrupt image: {type(e).__name__}: {e}") from None
+        except Image.DecompressionBombError as e:
+            raise ValueError(str(e)) from None
+
+    def _decode_one(
         self, data: bytes, src_hw: tuple[int, int], c: tuple[int, int, int, int, bool]
     ) -> np.ndarray:
         from PIL import Image
