@@ -76,8 +76,9 @@ def _check_riff(data: bytes) -> None:
 
 
 def decode_audio(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
-    """Mono ``float32 [T]`` in [-1, 1] and its sample rate; raises ValueError on bad bytes
-    (truncated files included: never silently shortened, then zero-padded)."""
+    """Mono ``float32 [T]`` (integer PCM scaled to [-1, 1], float data as stored, always finite)
+    and its sample rate; raises ValueError on bad bytes (truncated files included: never
+    silently shortened, then zero-padded)."""
     _check_riff(data)
     try:
         import soundfile as sf
@@ -102,6 +103,8 @@ def decode_audio(data: bytes, *, max_seconds: float) -> tuple[np.ndarray, int]:
             raise ValueError(f"audio of {len(x) / rate:.1f}s exceeds max_seconds={max_seconds}")
     if len(x) == 0:
         raise ValueError("audio has no samples")
+    if not np.isfinite(x).all():  # float WAV/FLAC data can hold NaN/inf bit patterns
+        raise ValueError("audio has non-finite samples (NaN or inf)")
     return np.ascontiguousarray(x.mean(axis=1, dtype=np.float32)), int(rate)
 
 

@@ -117,6 +117,8 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
             else:
                 rows = np.array([b.num_rows for b in batches], np.int64)
                 schema = batches[0].schema if batches else pa.schema([])
+        columns = list(schema.names)  # decodes the names: invalid UTF-8 raises here
+        types = [str(t) for t in schema.types]
     except FileNotFoundError:
         raise ShardError("shard file not found", shard=shard) from None
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -126,7 +128,6 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
         raise ShardError(msg, shard=shard) from None
     if (rows < 0).any():
         raise ShardError(f"footer claims a negative row count: {rows.tolist()}", shard=shard)
-    columns = list(schema.names)
     if len(set(columns)) != len(columns):
         raise ShardError(f"duplicate column names in {columns}", shard=shard)
     if key_column is not None and key_column not in columns:
@@ -135,7 +136,7 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
             "pass key_column=<name>, or key_column=None to number rows",
             shard=shard,
         )
-    return TableIndex(kind, rows, columns, [str(t) for t in schema.types])
+    return TableIndex(kind, rows, columns, types)
 
 
 def _column_values(col: pa.Array) -> list[Any]:
