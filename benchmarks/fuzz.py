@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Report, environment
 
 PARSERS = ("tar", "idx", "arrow", "parquet", "header", "fields", "audio", "wave")
