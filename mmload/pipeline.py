@@ -163,9 +163,7 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, 
             raise ConfigError(
                 f"feature columns {sorted(clash)} clash with batch fields of the same name"
             )
-    classes = {
-        n: kind_class(k, schema[n].arrow_type) for n, k in kinds.items() if k not in MEDIA
-    }
+    classes = {n: kind_class(k, schema[n].arrow_type) for n, k in kinds.items() if k not in MEDIA}
     for n, cls in classes.items():
         for shard, t in schema[n].other_types:
             other = kind_class("value", t)

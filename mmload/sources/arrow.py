@@ -201,6 +201,7 @@ class TableReader:
                 f"cannot read chunk {c}: {type(e).__name__}: {e}", shard=self.shard
             ) from None
         data = _validated(data, c, self.shard, decoded=self.index.kind == "parquet")
+        self._check_schema(data, c, columns)
         if data.num_rows != int(self.index.chunk_rows[c]):
             raise ShardError(
                 f"chunk {c} has {data.num_rows} rows, the index says {self.index.chunk_rows[c]} "
@@ -211,6 +212,23 @@ class TableReader:
         while len(self._cache) > self._cache_chunks:
             self._cache.popitem(last=False)
         return data
+
+    def _check_schema(
+        self, data: pa.RecordBatch | pa.Table, c: int, columns: tuple[str, ...]
+    ) -> None:
+        """The chunk's columns and types are the footer's: a corrupt batch header can declare
+        other types (even type ids pyarrow has no Python class for: a KeyError on access)."""
+        want = dict(zip(self.index.columns, self.index.types, strict=True))
+        try:
+            got = [(f.name, str(f.type)) for f in data.schema]
+        except (pa.ArrowException, KeyError, ValueError) as e:
+            raise ShardError(f"chunk {c} has a corrupt schema: {e!r}", shard=self.shard) from None
+        if got != [(n, want.get(n)) for n in columns]:
+            raise ShardError(
+                f"chunk {c} has columns {got}, the file's schema says "
+                f"{[(n, want.get(n)) for n in columns]} (corrupt batch header?)",
+                shard=self.shard,
+            )
 
     def read(
         self, chunk: int, rows: np.ndarray, fields: set[str] | None
@@ -225,7 +243,7 @@ class TableReader:
         try:
             taken = data.take(pa.array(rows, pa.int64()))
             cols = {name: _column_values(taken.column(name)) for name in wanted}
-        except (pa.ArrowException, ValueError) as e:
+        except (pa.ArrowException, ValueError, KeyError) as e:  # KeyError: see _check_schema
             raise ShardError(
                 f"cannot read rows of chunk {chunk}: {type(e).__name__}: {e}", shard=self.shard
             ) from None

@@ -362,7 +362,8 @@ def _header_name(h: bytes) -> str:
 
 
 def _is_count(text: str) -> bool:
-    return text.isascii() and text.isdigit()
+    """A non-negative decimal that fits in int64 (and in ``int()``'s digit limit)."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> TarIndex:
@@ -392,11 +393,11 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
     for line in lines:
         tok = line.split()
         if len(tok) % 4:
-            raise ShardError(f"DALI index {idx_path!r}: malformed line {line!r}", shard=shard)
+            raise ShardError(f"DALI index {idx_path!r}: malformed line {line[:120]!r}", shard=shard)
         for j in range(0, len(tok), 4):
             _ext, off_s, size_s, name = tok[j : j + 4]
             if not (_is_count(off_s) and _is_count(size_s)):
-                raise ShardError(f"DALI index {idx_path!r}: malformed line {line!r}", shard=shard)
+                raise ShardError(f"DALI index {idx_path!r}: malformed line {line[:120]!r}", shard=shard)
             off, size = int(off_s), int(size_s)
             if off + size > file_size:
                 raise ShardError(
