@@ -397,7 +397,9 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
         for j in range(0, len(tok), 4):
             _ext, off_s, size_s, name = tok[j : j + 4]
             if not (_is_count(off_s) and _is_count(size_s)):
-                raise ShardError(f"DALI index {idx_path!r}: malformed line {line[:120]!r}", shard=shard)
+                raise ShardError(
+                    f"DALI index {idx_path!r}: malformed line {line[:120]!r}", shard=shard
+                )
             off, size = int(off_s), int(size_s)
             if off + size > file_size:
                 raise ShardError(
