@@ -7,6 +7,7 @@ Binary columns are media fields (their bytes are returned unchanged), other colu
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ import pyarrow.parquet as pq
 from mmload.errors import ShardError
 
 __all__ = ["ChunkCache", "TableIndex", "TableReader", "index_table"]
+
+_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # continuation marker + zero length
+_LEGACY_EOS = b"\x00\x00\x00\x00"  # streams written before Arrow 0.15
 
 
 @dataclass
@@ -64,9 +68,21 @@ def _open_arrow(
         pass
     try:
         with ipc.open_stream(pa.memory_map(path, "r")) as r:
-            return None, list(r)
+            batches = list(r)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise ShardError(f"not an Arrow IPC file or stream: {e}", shard=shard) from None
+    # A stream cut at a message boundary reads as a shorter, valid stream: only the
+    # end-of-stream marker tells a complete stream from a truncated one.
+    with open(path, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - 8))
+        tail = f.read(8)
+    if not (tail == _EOS or tail[-4:] == _LEGACY_EOS):
+        raise ShardError(
+            "Arrow IPC stream has no end-of-stream marker (truncated?); "
+            f"{sum(b.num_rows for b in batches)} rows are readable",
+            shard=shard,
+        )
+    return None, batches
 
 
 def _has_strings(t: pa.DataType) -> bool:
