@@ -215,6 +215,7 @@ def _kind(name: str, fi: FieldInfo, image_fields: frozenset[str] | None) -> Fiel
     return field_kind(name, b"" if binary else None, image_fields)
 
 
+_SPARE_BATCHES = 64  # how far an all-bad first batch looks for a good sample to repeat
 _FORK_LEFTOVERS: list[Any] = []  # decoders inherited by forked processes, deliberately kept
 
 FEATURE_KEY = "__feature_key__"
@@ -329,6 +330,13 @@ class Pipeline:
         )
         features = self.opts.features
         read_fields = self._read_fields
+
+        def spare_reads() -> Iterator[list[Any]]:
+            # This rank's own batches of the epoch, in order, at most _SPARE_BATCHES of them.
+            for k in range(min(schedule.num_batches, _SPARE_BATCHES)):
+                yield self.ds.read(order[schedule.positions(world.rank, k)], read_fields)
+
+        decoder.spare_source = spare_reads
 
         def read(k: int) -> tuple[int, list[Any]]:
             t0 = time.perf_counter()

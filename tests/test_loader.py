@@ -404,7 +404,8 @@ def test_closed_loader_refuses(make_shards, tmp_path: Path) -> None:  # type: ig
 
 def test_an_all_bad_batch_takes_a_sample_of_the_last_batch(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A batch whose every sample is bad repeats a good sample of the batch before (same
-    shapes); only in the epoch's first batch there is none: counted, then an error."""
+    shapes); the epoch's first batch repeats the first good sample of the rank's epoch; with no
+    good sample at all: counted, then an error."""
     paths, keys = make_shards([4])
     _corrupt_one_jpeg(paths, 1, "garbage")
     with _loader(paths, tmp_path, batch_size=1, on_error="skip", max_bad_samples=3) as L:
@@ -415,6 +416,12 @@ def test_an_all_bad_batch_takes_a_sample_of_the_last_batch(make_shards, tmp_path
         assert [b["key"] for b in L.stats()["bad"]] == [keys[1]]
     _corrupt_one_jpeg(paths, 0, "garbage")
     with _loader(paths, tmp_path, batch_size=1, on_error="skip", max_bad_samples=3) as L:
-        with pytest.raises(DecodeError, match="no good sample exists yet"):
+        batches = list(L)
+        assert [b["__key__"] for b in batches] == [[keys[2]], [keys[2]], [keys[2]], [keys[3]]]
+        assert [b["key"] for b in L.stats()["bad"]] == [keys[0], keys[1]]  # each counted once
+    for i in (2, 3):
+        _corrupt_one_jpeg(paths, i, "garbage")
+    with _loader(paths, tmp_path, batch_size=1, on_error="skip", max_bad_samples=4) as L:
+        with pytest.raises(DecodeError, match="no good sample was found"):
             list(L)
         assert L.stats()["bad"][0]["key"] == keys[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -188,6 +189,9 @@ class BatchDecoder:
         # One good sample of the last batch, as a batch of one: replaces the samples of a batch
         # in which every sample is bad (shapes and types stay those of every other batch).
         self._spare: dict[str, Any] | None = None
+        # Raw batches to search for a spare when an epoch's first batch is all bad (set by the
+        # pipeline: the rank's own batches of the epoch, so the choice is a function of the plan).
+        self.spare_source: Callable[[], Iterable[list[dict[str, Any] | ShardError]]] | None = None
 
     def _bad(self, errors: dict[int, _DataError], j: int, err: _DataError) -> None:
         if self.policy.on_error == "raise":
@@ -308,8 +312,11 @@ class BatchDecoder:
                 return
             values.setdefault(name, [None] * len(values[field]))[j] = v
 
-    def prepare(self, raw: list[dict[str, Any] | ShardError], epoch: int) -> Pending:
-        """Checks and value fields now; media fields submitted to their decoders."""
+    def prepare(
+        self, raw: list[dict[str, Any] | ShardError], epoch: int, *, submit: bool = True
+    ) -> Pending:
+        """Checks and value fields now; media fields submitted to their decoders (``submit``
+        False: decoded synchronously in ``finish``)."""
         t0 = time.perf_counter()
         n = len(raw)
         errors: dict[int, _DataError] = {}
@@ -323,15 +330,15 @@ class BatchDecoder:
                 dec = self.media[f]
                 data = [samples[j][f] for j in good]
                 meta = [sizes[f][j] for j in good] if f in sizes else None
-                submit = getattr(dec, "submit", None)
-                handle = submit(data, ids, epoch, meta) if submit is not None else None
+                send = getattr(dec, "submit", None) if submit else None
+                handle = send(data, ids, epoch, meta) if send is not None else None
                 media[f] = (handle, good, data, ids, meta)
         return Pending(n, epoch, samples, errors, values, media, time.perf_counter() - t0)
 
     def finish(self, p: Pending) -> dict[str, Any]:
         """Collect the media fields, replace bad slots, assemble the batch dict."""
         t0 = time.perf_counter()
-        n, errors, values, samples = p.n, p.errors, p.values, p.samples
+        n, errors = p.n, p.errors
         decoded = {f: self._media_result(f, p) for f in self.fields.media_fields if f in p.media}
         ok = np.array([j not in errors for j in range(n)], dtype=bool)
         if errors:
@@ -339,16 +346,46 @@ class BatchDecoder:
                 [BadEntry(e.shard, e.key, e.reason) for e in errors.values()], errors.values()
             )
             if not ok.any():
+                if self._spare is None and self.spare_source is not None:
+                    self._spare = self._find_spare(p.epoch)
                 if self._spare is not None:
                     self.stats.time("decode", p.seconds + time.perf_counter() - t0)
                     return _repeat(self._spare, n)
                 first = next(iter(errors.values()))
                 raise type(first)(
-                    f"every sample of the epoch's first {n}-sample batch is bad, so no good "
-                    f"sample exists yet to replace them with; first: {first.reason}",
+                    f"every sample of a {n}-sample batch is bad, and no good sample was found "
+                    f"to replace them with; first: {first.reason}",
                     shard=first.shard,
                     key=first.key,
                 )
+        batch = self._assemble(p, decoded, ok)
+        self._spare = _row(batch, 0)
+        self.stats.time("decode", p.seconds + time.perf_counter() - t0)
+        return batch
+
+    def _find_spare(self, epoch: int) -> dict[str, Any] | None:
+        """The first good sample ``spare_source`` yields, decoded alone (synchronously, nothing
+        counted: those samples are counted when their own batches come), as a batch of one."""
+        assert self.spare_source is not None
+        for raw in self.spare_source():
+            for s in raw:
+                if not isinstance(s, dict):
+                    continue
+                p = self.prepare([s], epoch, submit=False)
+                if p.errors:
+                    continue
+                decoded = {
+                    f: self._media_result(f, p) for f in self.fields.media_fields if f in p.media
+                }
+                if not p.errors:
+                    return self._assemble(p, decoded, np.ones(1, dtype=bool))
+        return None
+
+    def _assemble(
+        self, p: Pending, decoded: dict[str, tuple[torch.Tensor, dict[int, int]]], ok: np.ndarray
+    ) -> dict[str, Any]:
+        """The batch dict, every bad slot taking the next good sample of the batch."""
+        values, samples = p.values, p.samples
         src = _replacement(ok).tolist()
         batch: dict[str, Any] = {"__key__": [samples[k]["__key__"] for k in src]}
         text_fields = set(self.text.fields) if self.text is not None else set()
@@ -372,6 +409,4 @@ class BatchDecoder:
                 batch[f"{f}_attention_mask"] = mask
             else:
                 batch[f] = collate([values[f][k] for k in src], self.fields.classes.get(f, "any"))
-        self._spare = _row(batch, 0)
-        self.stats.time("decode", p.seconds + time.perf_counter() - t0)
         return batch

@@ -7,7 +7,6 @@ Binary columns are media fields (their bytes are returned unchanged), other colu
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -72,13 +71,25 @@ def _open_arrow(
     except (pa.ArrowException, OSError, ValueError) as e:
         raise ShardError(f"not an Arrow IPC file or stream: {e}", shard=shard) from None
     # A stream cut at a message boundary reads as a shorter, valid stream: only the
-    # end-of-stream marker tells a complete stream from a truncated one.
-    with open(path, "rb") as f:
-        f.seek(max(0, os.fstat(f.fileno()).st_size - 8))
-        tail = f.read(8)
-    if not (tail == _EOS or tail[-4:] == _LEGACY_EOS):
+    # end-of-stream marker right after the last message tells a complete stream from a cut one.
+    try:
+        src = pa.memory_map(path, "r")
+        messages = ipc.MessageReader.open_stream(src)
+        last_end = 0
+        while True:
+            try:
+                messages.read_next_message()
+            except StopIteration:
+                break
+            last_end = src.tell()
+        size = src.size()
+        src.seek(last_end)
+        rest = src.read(size - last_end)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ShardError(f"not an Arrow IPC stream: {e}", shard=shard) from None
+    if rest not in (_EOS, _LEGACY_EOS):
         raise ShardError(
-            "Arrow IPC stream has no end-of-stream marker (truncated?); "
+            "Arrow IPC stream does not end with the end-of-stream marker (truncated?); "
             f"{sum(b.num_rows for b in batches)} rows are readable",
             shard=shard,
         )
@@ -155,12 +166,24 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
     return TableIndex(kind, rows, columns, types)
 
 
+def _as_array(v: list[Any]) -> np.ndarray:
+    """A list cell as an array; nested lists of unequal lengths as an object array of arrays
+    (NumPy refuses to build an inhomogeneous array)."""
+    try:
+        return np.asarray(v)
+    except ValueError:
+        out = np.empty(len(v), dtype=object)
+        for i, x in enumerate(v):
+            out[i] = _as_array(x) if isinstance(x, list) else x
+        return out
+
+
 def _column_values(col: pa.Array) -> list[Any]:
     t = col.type
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
         return col.to_pylist()
     if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
-        return [None if v is None else np.asarray(v) for v in col.to_pylist()]
+        return [None if v is None else _as_array(v) for v in col.to_pylist()]
     if pa.types.is_timestamp(t):
         return col.cast(pa.int64()).to_pylist()
     return col.to_pylist()

@@ -43,6 +43,13 @@ class ShardInfo:
         return self.index.num_samples
 
 
+def _shard_entry(url: str, e: ShardError) -> BadEntry:
+    """A shard left out whole is listed for the shard (key None): every sample of it is lost,
+    not only the one the error names."""
+    where = f" (at key {e.key!r})" if e.key is not None else ""
+    return BadEntry(url, None, f"shard left out: {e.reason}{where}")
+
+
 @dataclass
 class FieldInfo:
     """One field of the data set, from the indexes (no sample is read).
@@ -133,7 +140,7 @@ class Dataset:
             except ShardError as e:
                 if not skip_bad:
                     raise
-                return BadEntry(sp.url, e.key, e.reason)
+                return _shard_entry(sp.url, e)
 
         remote = [sp for sp in specs if not is_local(sp.url) or sp.compressed]
         if remote:
@@ -159,7 +166,7 @@ class Dataset:
             except ShardError as e:
                 if not skip_bad:
                     raise
-                results.append(BadEntry(sp.url, e.key, e.reason))
+                results.append(_shard_entry(sp.url, e))
                 continue
             results.append(ShardInfo(sp, path, index))
         cache.save()
@@ -173,8 +180,9 @@ class Dataset:
         ds = cls(shards, key_column, cache_chunks, bad, time.perf_counter() - t0)
         if ds.num_samples == 0:
             raise ShardError(
-                f"the data set has no samples: all {len(shards)} readable shards are empty",
-                shard=shards[0].spec.url if len(shards) == 1 else str(spec),
+                f"the data set has no samples: all {len(shards)} readable shards are empty "
+                "(the first is named here)",
+                shard=shards[0].spec.url,
             )
         log.info(
             "indexed %d shards, %d samples in %.3fs", len(shards), ds.num_samples, ds.index_seconds
