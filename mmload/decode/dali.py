@@ -13,6 +13,7 @@ stays usable after such an error.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import logging
@@ -81,6 +82,9 @@ def _wait_for_import() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_wait_for_import)
+# Interpreter exit while the daemon thread is inside DALI's native import can abort the process
+# (finalisation tears down what the import still uses): exit waits for it too.
+atexit.register(_wait_for_import)
 
 
 def _warm_import() -> None:
