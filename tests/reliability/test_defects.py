@@ -14,7 +14,6 @@ import random
 import subprocess
 import sys
 import tarfile
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 
 from mmload import AudioConfig, DecodeError, ImageConfig, Loader, ShardError
 from mmload.decode.audio import decode_audio
+from mmload.demo import make_wav
 from mmload.errors import MmloadError
 from mmload.sources import Dataset
 from mmload.sources.tar import read_dali_idx, scan_tar
@@ -306,19 +306,8 @@ def test_a_sample_made_only_of_a_link_is_listed(tmp_path: Path, jpegs: list[byte
     assert [x["key"] for x in bad] == ["k009"] and "hard link" in bad[0]["reason"]
 
 
-def _wav(seconds: float = 0.25, rate: int = 8000) -> bytes:
-    x = (np.sin(np.arange(int(seconds * rate)) / 5) * 20000).astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(x.tobytes())
-    return buf.getvalue()
-
-
 def test_a_truncated_wav_is_a_bad_sample_not_silence(tmp_path: Path) -> None:
-    wav = _wav()
+    wav = make_wav(440.0, seconds=0.25, rate=8000)
     with pytest.raises(ValueError, match="truncated"):
         decode_audio(wav[: len(wav) // 2], max_seconds=10)
     members = []
