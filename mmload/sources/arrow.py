@@ -54,20 +54,23 @@ class TableIndex:
 
 def _open_arrow(
     path: str, shard: str
-) -> tuple[pa.RecordBatchFileReader | None, list[pa.RecordBatch]]:
-    """An IPC *file* is memory-mapped for random access; an IPC *stream* is read whole.
+) -> tuple[pa.RecordBatchFileReader | None, list[pa.RecordBatch], pa.Schema]:
+    """An IPC *file* is memory-mapped for random access; an IPC *stream* is read whole
+    (its schema comes from the stream header, so a stream of zero batches keeps its columns).
 
     Memory-mapped batches point into the file as it is: nothing is used before
     :func:`_validated` has checked it (a bit flip in an offset buffer is otherwise a SIGSEGV).
     """
     source = pa.memory_map(path, "r")
     try:
-        return ipc.open_file(source), []
+        f = ipc.open_file(source)
+        return f, [], f.schema
     except pa.ArrowInvalid:
         pass
     try:
         with ipc.open_stream(pa.memory_map(path, "r")) as r:
             batches = list(r)
+            schema = r.schema
     except (pa.ArrowException, OSError, ValueError) as e:
         raise ShardError(f"not an Arrow IPC file or stream: {e}", shard=shard) from None
     # A stream cut at a message boundary reads as a shorter, valid stream: only the
@@ -93,7 +96,7 @@ def _open_arrow(
             f"{sum(b.num_rows for b in batches)} rows are readable",
             shard=shard,
         )
-    return None, batches
+    return None, batches, schema
 
 
 def _has_strings(t: pa.DataType) -> bool:
@@ -134,16 +137,14 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
             rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], np.int64)
             schema = md.schema.to_arrow_schema()
         else:
-            reader, batches = _open_arrow(path, shard)
+            reader, batches, schema = _open_arrow(path, shard)
             if reader is not None:
                 rows = np.array(
                     [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)],
                     np.int64,
                 )
-                schema = reader.schema
             else:
                 rows = np.array([b.num_rows for b in batches], np.int64)
-                schema = batches[0].schema if batches else pa.schema([])
         columns = list(schema.names)  # decodes the names: invalid UTF-8 raises here
         types = [str(t) for t in schema.types]
     except FileNotFoundError:
@@ -216,7 +217,9 @@ class TableReader:
         self._cache_chunks = max(1, cache_chunks)
         self._lock = lock
         self._pf: pq.ParquetFile | None = None
-        self._arrow: tuple[pa.RecordBatchFileReader | None, list[pa.RecordBatch]] | None = None
+        self._arrow: (
+            tuple[pa.RecordBatchFileReader | None, list[pa.RecordBatch], pa.Schema] | None
+        ) = None
 
     def _chunk(self, c: int, columns: tuple[str, ...]) -> pa.RecordBatch | pa.Table:
         ckey = (self.shard, c, columns)
@@ -232,7 +235,7 @@ class TableReader:
             else:
                 if self._arrow is None:
                     self._arrow = _open_arrow(self.path, self.shard)
-                reader, batches = self._arrow
+                reader, batches, _ = self._arrow
                 data = reader.get_batch(c) if reader is not None else batches[c]
                 data = data.select(list(columns))
         except (pa.ArrowException, OSError, ValueError) as e:

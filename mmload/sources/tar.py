@@ -413,7 +413,57 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
             f"DALI index {idx_path!r} announces {header[1]} samples, lists {len(b.keys)}",
             shard=shard,
         )
-    return b.build()
+    idx = b.build()
+    _check_covers(tar_path, idx, shard, idx_path)
+    return idx
+
+
+_BETWEEN = (b"x", b"g", b"L", b"K", b"5")  # what may stand between indexed members
+
+
+def _check_covers(path: str, idx: TarIndex, shard: str, idx_path: str) -> None:
+    """The ``.idx`` must account for every member of the tar: a self-consistent index that leaves
+    out a sample would lose it silently. Only the gaps between listed members (extension headers,
+    directories) and the tail are read, so a dense tar costs one ``pread``."""
+    order = np.argsort(idx.offsets, kind="stable")
+    offsets, sizes = idx.offsets[order].tolist(), idx.sizes[order].tolist()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        for off, size in [*zip(offsets, sizes, strict=True), (None, 0)]:
+            target = None if off is None else off - _BLOCK
+            while target is None or pos < target:
+                h = os.pread(fd, _BLOCK, pos)
+                if len(h) < _BLOCK or h.count(0) == _BLOCK:
+                    if target is None:
+                        return
+                    break
+                why = None
+                if not _checksum_ok(h):
+                    why = f"no tar header at byte {pos}"
+                elif h[156:157] not in _BETWEEN:
+                    why = f"it leaves out the tar member {_header_name(h)!r} at byte {pos}"
+                else:
+                    try:
+                        pos += _BLOCK + -(-_octal(h[124:136]) // _BLOCK) * _BLOCK
+                    except ValueError:
+                        why = f"corrupt tar header at byte {pos}"
+                if why is not None:
+                    raise ShardError(
+                        f"DALI index {idx_path!r} disagrees with the tar: {why} (stale index?)",
+                        shard=shard,
+                    )
+            if pos != target:
+                raise ShardError(
+                    f"DALI index {idx_path!r} disagrees with the tar: no member's data starts at "
+                    f"byte {off} (stale index?)",
+                    shard=shard,
+                )
+            pos = off + -(-size // _BLOCK) * _BLOCK
+    except OSError as e:
+        raise ShardError(f"cannot read shard: {e.strerror or e}", shard=shard) from None
+    finally:
+        os.close(fd)
 
 
 def write_dali_idx(idx: TarIndex, target: str) -> str | None:
