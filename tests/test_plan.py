@@ -104,7 +104,9 @@ def test_coverage_grid(world_size: int, num_workers: int, drop_last: bool) -> No
         assert sched.padded < 4 * world_size
         if world_size == 1:
             assert sched.padded == 0 and counts.max() == 1, "one rank never repeats a sample"
-        padding = [sched.padding_in(r, k) for r in range(world_size) for k in range(sched.num_batches)]
+        padding = [
+            sched.padding_in(r, k) for r in range(world_size) for k in range(sched.num_batches)
+        ]
         assert sum(padding) == sched.padded
 
 
