@@ -180,7 +180,7 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, 
                 )
     shapes: dict[str, tuple[int, ...]] = {}
     for n, cls in classes.items():
-        if cls in ("array", "ragged"):
+        if cls == "array":  # fixed_size_list: its (possibly nested) shape from the first rows
             classes[n], shape = _list_class(ds, schema[n])
             if shape is not None:
                 shapes[n] = shape
@@ -191,20 +191,19 @@ _PEEK_ROWS = 64
 
 
 def _list_class(ds: Dataset, fi: FieldInfo) -> tuple[ValueClass, tuple[int, ...] | None]:
-    """A list column is a tensor field (``array``, its shape pinned) when the first rows of the
-    first shard that has it all hold numeric lists of one shape, else ``ragged`` (a list of
-    arrays in every batch). Decided once, so a batch never switches between the two."""
+    """A fixed-size list column is a tensor field (``array``); its full row shape (nested
+    fixed-size lists included) is read off the first rows of the first shard that has it.
+    Variable-length lists are always ``ragged``: equal lengths in the first rows prove nothing
+    about the rest, so they never become a tensor field."""
     s = next(i for i, info in enumerate(ds.shards) if info.spec.url == fi.first_shard)
     first = int(ds.chunk_start[int(np.searchsorted(ds.chunk_shard, s))])
     n = min(_PEEK_ROWS, ds.shards[s].num_samples)
     rows = ds.read(np.arange(first, first + n, dtype=np.int64), {fi.name})
     vals = [r.get(fi.name) for r in rows if isinstance(r, dict)]
     shapes = {v.shape for v in vals if isinstance(v, np.ndarray) and v.dtype.kind in "iufb"}
-    if vals and len(shapes) == 1 and all(isinstance(v, np.ndarray) for v in vals):
-        shape = shapes.pop()
-        log.info("list field %r: a tensor field of rows of shape %s", fi.name, shape)
-        return "array", shape
-    log.info("list field %r: ragged (a list of arrays per batch)", fi.name)
+    if len(shapes) == 1:
+        return "array", shapes.pop()
+    log.info("fixed-size list field %r: no row shape from its first rows; a list field", fi.name)
     return "ragged", None
 
 
@@ -332,9 +331,16 @@ class Pipeline:
         read_fields = self._read_fields
 
         def spare_reads() -> Iterator[list[Any]]:
-            # This rank's own batches of the epoch, in order, at most _SPARE_BATCHES of them.
-            for k in range(min(schedule.num_batches, _SPARE_BATCHES)):
-                yield self.ds.read(order[schedule.positions(world.rank, k)], read_fields)
+            # The rank's batches from the start of the epoch (not from a resume point, the same
+            # for every worker): the spare is a function of the plan. Read through private file
+            # handles, since this runs on the decode thread while the read thread reads.
+            whole = self.schedule(world.world_size, 0)
+            ds = self.ds.private_copy()
+            try:
+                for k in range(min(whole.num_batches, _SPARE_BATCHES)):
+                    yield ds.read(order[whole.positions(world.rank, k)], read_fields)
+            finally:
+                ds.close()
 
         decoder.spare_source = spare_reads
 

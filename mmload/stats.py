@@ -31,6 +31,7 @@ class Stats:
             "samples": 0,
             "samples_padded": 0,
             "samples_dropped": 0,
+            "samples_replaced": 0,
             "bad_samples": 0,
         }
         self.seconds: dict[str, float] = {"read": 0.0, "decode": 0.0, "wait": 0.0}

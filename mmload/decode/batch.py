@@ -137,13 +137,6 @@ class FieldPlan:
         return tuple(n for n in self.names if self.kinds[n] in MEDIA)
 
 
-def _row(batch: dict[str, Any], i: int) -> dict[str, Any]:
-    """Sample ``i`` of ``batch`` as a batch of one that owns its memory."""
-    return {
-        k: v[i : i + 1].clone() if isinstance(v, torch.Tensor) else [v[i]] for k, v in batch.items()
-    }
-
-
 def _repeat(one: dict[str, Any], n: int) -> dict[str, Any]:
     """A batch of one repeated ``n`` times."""
     return {
@@ -186,11 +179,11 @@ class BatchDecoder:
         # name -> (field, path into its value, accepted types): per-sample scalars pulled out of
         # decoded fields (a feature join's key and timestamp), emitted as batch[name] lists.
         self.extract = extract or {}
-        # One good sample of the last batch, as a batch of one: replaces the samples of a batch
-        # in which every sample is bad (shapes and types stay those of every other batch).
+        # One good sample as a batch of one: replaces the samples of a batch in which every
+        # sample is bad (shapes and types stay those of every other batch). Found once per epoch
+        # in ``spare_source``: the rank's own batches from the start of the epoch, so it is a
+        # function of the plan (the same for any number of workers, and after a resume).
         self._spare: dict[str, Any] | None = None
-        # Raw batches to search for a spare when an epoch's first batch is all bad (set by the
-        # pipeline: the rank's own batches of the epoch, so the choice is a function of the plan).
         self.spare_source: Callable[[], Iterable[list[dict[str, Any] | ShardError]]] | None = None
 
     def _bad(self, errors: dict[int, _DataError], j: int, err: _DataError) -> None:
@@ -345,6 +338,9 @@ class BatchDecoder:
             self.stats.add_bad(
                 [BadEntry(e.shard, e.key, e.reason) for e in errors.values()], errors.values()
             )
+            # Slots filled with repeats are not throughput: ``samples`` counts unique ones.
+            self.stats.add("samples_replaced", int(n - ok.sum()))
+            self.stats.add("samples", -int(n - ok.sum()))
             if not ok.any():
                 if self._spare is None and self.spare_source is not None:
                     self._spare = self._find_spare(p.epoch)
@@ -359,7 +355,6 @@ class BatchDecoder:
                     key=first.key,
                 )
         batch = self._assemble(p, decoded, ok)
-        self._spare = _row(batch, 0)
         self.stats.time("decode", p.seconds + time.perf_counter() - t0)
         return batch
 
@@ -377,8 +372,11 @@ class BatchDecoder:
                 decoded = {
                     f: self._media_result(f, p) for f in self.fields.media_fields if f in p.media
                 }
-                if not p.errors:
-                    return self._assemble(p, decoded, np.ones(1, dtype=bool))
+                if not p.errors:  # owning its memory (decoder outputs may be reused buffers)
+                    one = self._assemble(p, decoded, np.ones(1, dtype=bool))
+                    return {
+                        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in one.items()
+                    }
         return None
 
     def _assemble(

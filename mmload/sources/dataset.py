@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -325,6 +326,14 @@ class Dataset:
                     smp["__id__"] = int(ids[j])
                 out[j] = smp
         return out
+
+    def private_copy(self) -> Dataset:
+        """The same data set with its own file descriptors, readers and chunk cache, for a
+        second thread (descriptors are recycled by the LRU: one thread may close what another
+        is about to ``pread``). ``close()`` it after use."""
+        other = copy.copy(self)
+        other._reset_handles()
+        return other
 
     def close(self) -> None:
         if self._pid != os.getpid():

@@ -441,7 +441,9 @@ def _check_covers(path: str, idx: TarIndex, shard: str, idx_path: str) -> None:
                 why = None
                 if not _checksum_ok(h):
                     why = f"no tar header at byte {pos}"
-                elif h[156:157] not in _BETWEEN:
+                elif h[156:157] not in _BETWEEN and (
+                    h[156:157] in _REGULAR or split_name(_header_name(h)) is not None
+                ):
                     why = f"it leaves out the tar member {_header_name(h)!r} at byte {pos}"
                 else:
                     try:

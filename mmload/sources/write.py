@@ -13,6 +13,7 @@ import tarfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -81,7 +82,16 @@ def write_parquet(
     rows = list(rows)
     if not rows:
         raise ConfigError(f"write_parquet({path!r}): no rows")
-    columns = {name: [r[name] for r in rows] for name in rows[0]}
+    columns: dict[str, Any] = {name: [r[name] for r in rows] for name in rows[0]}
+    for name, vals in columns.items():
+        # Equal-shape 1-D numeric arrays: a fixed-size list, which mmload batches as a tensor
+        # (a variable-length list stays a list of arrays in every batch).
+        arrays = all(
+            isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iufb" for v in vals
+        )
+        if arrays and len({v.shape for v in vals}) == 1:
+            flat = pa.array(np.concatenate(vals))
+            columns[name] = pa.FixedSizeListArray.from_arrays(flat, len(vals[0]))
     table = pa.table(columns)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pq.write_table(table, path, row_group_size=row_group_size)

@@ -424,16 +424,19 @@ def test_a_column_type_that_changes_between_files_is_bad_data(
 
 
 def test_list_columns_keep_one_batch_type(tmp_path: Path) -> None:
-    """Equal-length lists are a tensor field, ragged ones a list field, in every batch."""
+    """Fixed-size lists are a tensor field; variable-length lists a list field in every batch,
+    even when the first 64 rows happen to have equal lengths (nothing valid is refused)."""
+    n = 72
     p = tmp_path / "lists.parquet"
-    ragged = [np.arange(i % 3 + 1) for i in range(8)]
-    ragged[0] = ragged[1] = ragged[2] = ragged[3] = np.arange(2)  # batch 0 looks regular
-    emb = [np.full(3, i, np.float32) for i in range(8)]
-    pq.write_table(pa.table({"__key__": [f"r{i}" for i in range(8)], "emb": emb, "tok": ragged}), p)
-    with Loader(str(p), batch_size=4, cache_dir=tmp_path / "c", index_cache=False) as L:
+    tok = [np.arange(3) if i < 64 else np.arange(5) for i in range(n)]
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(3 * n, dtype=np.float32)), 3)
+    pq.write_table(pa.table({"__key__": [f"r{i}" for i in range(n)], "emb": emb, "tok": tok}), p)
+    with Loader(str(p), batch_size=8, cache_dir=tmp_path / "c", index_cache=False) as L:
         batches = list(L)
-    assert all(b["emb"].shape == (4, 3) for b in batches)
+        assert L.stats()["bad_samples"] == 0
+    assert all(b["emb"].shape == (8, 3) and b["emb"].dtype == torch.float32 for b in batches)
     assert all(isinstance(b["tok"], list) for b in batches)
+    assert [len(t) for t in batches[-1]["tok"]] == [5] * 8
 
 
 # -- 8. DALI .idx of keys with spaces ----------------------------------------------------------------
@@ -472,3 +475,52 @@ def test_index_command_does_not_write_an_idx_it_cannot_read(
 
 def test_every_error_above_is_an_mmload_error() -> None:
     assert issubclass(ShardError, MmloadError) and issubclass(DecodeError, MmloadError)
+
+
+def test_the_spare_of_an_all_bad_batch_is_a_function_of_the_plan(
+    tmp_path: Path, jpegs: list[bytes]
+) -> None:
+    """The same spare for any number of DataLoader workers and after a resume."""
+    from torch.utils.data import DataLoader
+
+    from mmload import IterableDataset
+
+    members = []
+    for i in range(16):
+        data = b"NOTAJPEG" * 4 if i in (6, 7) else jpegs[i]
+        members += [(f"k{i:02d}.jpg", data), (f"k{i:02d}.cls", b"%d" % i)]
+    p = str(_tar(tmp_path / "spare.tar", members))
+    kw = {"batch_size": 2, "image": SMALL, "on_error": "skip", "max_bad_samples": 4}
+    runs = []
+    for workers in (0, 2):
+        ds = IterableDataset(p, cache_dir=tmp_path / f"c{workers}", **kw)
+        runs.append([b["__key__"] for b in DataLoader(ds, batch_size=None, num_workers=workers)])
+        ds.close()
+    assert runs[0] == runs[1]
+    assert runs[0][3] == ["k00", "k00"]  # the rank's first good sample of the epoch
+    with Loader(p, cache_dir=tmp_path / "c", **kw) as L:
+        L.load_state_dict({**L.state_dict(), "samples_consumed": 6})
+        assert next(iter(L))["__key__"] == ["k00", "k00"]
+
+
+def test_a_dali_idx_may_skip_non_sample_links(tmp_path: Path, jpegs: list[bytes]) -> None:
+    """A symlink that is not named like a sample member is ignored by the scan, so an .idx
+    written from that scan is accepted too; an unlisted regular member is not."""
+    p = tmp_path / "l.tar"
+    with tarfile.open(p, "w") as t:
+        link = tarfile.TarInfo("README")
+        link.type, link.linkname = tarfile.SYMTYPE, "elsewhere"
+        t.addfile(link)
+        for name, data in _samples(2, jpegs):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    from mmload.sources.tar import write_dali_idx
+
+    idx = scan_tar(str(p))
+    assert write_dali_idx(idx, str(tmp_path / "l.idx")) is None
+    assert read_dali_idx(str(tmp_path / "l.idx"), str(p)).keys == ["k000", "k001"]
+    lines = (tmp_path / "l.idx").read_text().splitlines()
+    (tmp_path / "l.idx").write_text("v1.2 1\n" + lines[1] + "\n")  # leaves out k001
+    with pytest.raises(ShardError, match=r"leaves out the tar member 'k001\.jpg'"):
+        read_dali_idx(str(tmp_path / "l.idx"), str(p))
