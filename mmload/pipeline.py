@@ -32,7 +32,7 @@ from mmload.config import (
 )
 from mmload.decode import BatchDecoder, FieldDecoder, FieldPlan, ImageField, make_image_decoder
 from mmload.decode.batch import MEDIA, Pending
-from mmload.decode.fields import FieldKind, ValueClass, field_kind, kind_class
+from mmload.decode.fields import FieldKind, field_kind, fixed_shape, kind_class
 from mmload.device import DeviceCopier
 from mmload.errors import ConfigError, ShardError
 from mmload.plan import EpochOrder, Schedule, World
@@ -180,31 +180,13 @@ def _field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, 
                 )
     shapes: dict[str, tuple[int, ...]] = {}
     for n, cls in classes.items():
-        if cls == "array":  # fixed_size_list: its (possibly nested) shape from the first rows
-            classes[n], shape = _list_class(ds, schema[n])
-            if shape is not None:
+        if cls == "array":  # a fixed-size list: its (nested) row shape is in its Arrow type
+            shape = fixed_shape(schema[n].arrow_type or "")
+            if shape is None:
+                classes[n] = "ragged"  # fixed-size lists of something that is not a number
+            else:
                 shapes[n] = shape
     return FieldPlan(tuple(names), kinds, frozenset(hidden), classes, shapes), extract
-
-
-_PEEK_ROWS = 64
-
-
-def _list_class(ds: Dataset, fi: FieldInfo) -> tuple[ValueClass, tuple[int, ...] | None]:
-    """A fixed-size list column is a tensor field (``array``); its full row shape (nested
-    fixed-size lists included) is read off the first rows of the first shard that has it.
-    Variable-length lists are always ``ragged``: equal lengths in the first rows prove nothing
-    about the rest, so they never become a tensor field."""
-    s = next(i for i, info in enumerate(ds.shards) if info.spec.url == fi.first_shard)
-    first = int(ds.chunk_start[int(np.searchsorted(ds.chunk_shard, s))])
-    n = min(_PEEK_ROWS, ds.shards[s].num_samples)
-    rows = ds.read(np.arange(first, first + n, dtype=np.int64), {fi.name})
-    vals = [r.get(fi.name) for r in rows if isinstance(r, dict)]
-    shapes = {v.shape for v in vals if isinstance(v, np.ndarray) and v.dtype.kind in "iufb"}
-    if len(shapes) == 1:
-        return "array", shapes.pop()
-    log.info("fixed-size list field %r: no row shape from its first rows; a list field", fi.name)
-    return "ragged", None
 
 
 def _kind(name: str, fi: FieldInfo, image_fields: frozenset[str] | None) -> FieldKind:

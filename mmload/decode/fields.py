@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ __all__ = [
     "conform",
     "decode_value",
     "field_kind",
+    "fixed_shape",
     "kind_class",
 ]
 
@@ -112,6 +114,21 @@ def kind_class(kind: FieldKind, arrow_type: str | None) -> ValueClass:
     if t.startswith(("list<", "large_list<", "list_view<", "large_list_view<")):
         return "ragged"
     return "any"
+
+
+_FIXED_LIST = re.compile(r"^fixed_size_list<[^:<>]*: (.*)>\[(\d+)\]$")
+
+
+def fixed_shape(arrow_type: str) -> tuple[int, ...] | None:
+    """The row shape of a (nested) fixed-size list of numbers, from its Arrow type string:
+    ``"fixed_size_list<item: fixed_size_list<item: float>[2]>[3]"`` -> ``(3, 2)``; None if the
+    type is not one."""
+    dims: list[int] = []
+    t = arrow_type
+    while (m := _FIXED_LIST.match(t)) is not None:
+        t, dims = m.group(1).removesuffix(" not null"), [*dims, int(m.group(2))]
+    numeric = t in _INT_TYPES or t in ("halffloat", "float", "double", "bool")
+    return tuple(dims) if dims and numeric else None
 
 
 def conform(cls: ValueClass, v: Any, shape: tuple[int, ...] | None = None) -> str | None:
