@@ -18,6 +18,7 @@ __all__ = [
     "ErrorPolicy",
     "FeatureJoin",
     "ImageConfig",
+    "RemoteConfig",
     "ShuffleConfig",
     "TextConfig",
     "VideoConfig",
@@ -272,3 +273,42 @@ class FeatureJoin:
             v = getattr(self, name)
             if not isinstance(v, str) or not v:
                 raise _fail(name, v, "must name a field or a json path like 'json.ts'")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """How remote shards (``http(s)://``, ``s3://``, any fsspec URL) are fetched and cached.
+
+    Shards are fetched whole, in the order this process's plan needs them, up to ``lookahead``
+    shards ahead of the one being read, by ``fetchers`` threads, into ``<cache_dir>/shards``.
+    ``cache_limit`` (bytes, None: unbounded) bounds the disk the cache uses: shards this
+    process no longer needs are evicted first; a shard in use is never evicted. Each request
+    gets ``connect_timeout`` / ``read_timeout`` seconds (a stalled body fails the attempt);
+    a failed attempt (connection error, 5xx, 429, short body, stall) is retried up to
+    ``retries`` times with exponential backoff from ``backoff`` seconds (capped at
+    ``backoff_max``), resuming at the byte offset reached where the server supports Range.
+    """
+
+    cache_limit: int | None = None
+    lookahead: int = 8
+    fetchers: int = 8
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retries: int = 5
+    backoff: float = 0.5
+    backoff_max: float = 20.0
+
+    def __post_init__(self) -> None:
+        c = self.cache_limit
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c <= 0):
+            raise _fail("cache_limit", c, "must be a positive number of bytes or None")
+        for name in ("lookahead", "fetchers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _fail(name, v, "must be a positive int")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise _fail("retries", self.retries, "must be an int >= 0")
+        for name in ("connect_timeout", "read_timeout", "backoff", "backoff_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise _fail(name, v, "must be a positive number of seconds")
