@@ -34,6 +34,12 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int, help="stop after this many steps and checkpoint")
     ap.add_argument("--resume", action="store_true", help="start from --checkpoint")
     ap.add_argument("--cache-dir")
+    ap.add_argument(
+        "--partitions",
+        type=int,
+        default=6,
+        help="order partitions: every world size you resume on must divide it (6: 1, 2, 3, 6)",
+    )
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -53,6 +59,7 @@ def main() -> None:
         fields=["jpg", "cls"],
         image=mmload.ImageConfig(size=args.image_size, dtype="float32"),
         cache_dir=args.cache_dir,
+        partitions=args.partitions,
     )
     if args.resume:
         ckpt = torch.load(args.checkpoint, weights_only=True)

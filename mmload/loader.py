@@ -33,7 +33,14 @@ from mmload.decode.dali import import_in_background
 from mmload.device import parse_device
 from mmload.distributed.world import resolve_world
 from mmload.errors import BadEntry, ConfigError
-from mmload.pipeline import LoaderOptions, Pipeline, default_threads, iter_epoch, validate_fields
+from mmload.pipeline import (
+    LoaderOptions,
+    Pipeline,
+    default_partitions,
+    default_threads,
+    iter_epoch,
+    validate_fields,
+)
 from mmload.plan import LoaderState, Schedule
 from mmload.sources import Dataset
 from mmload.stats import Stats
@@ -75,6 +82,7 @@ class _Base:
         index_cache: bool = True,
         allow_pipe: bool = False,
         epoch: int = 0,
+        partitions: int | None = None,
     ) -> None:
         if isinstance(shuffle, bool):
             shuffle_cfg = ShuffleConfig() if shuffle else None
@@ -101,6 +109,7 @@ class _Base:
             policy=policy,
             threads=threads if threads is not None else default_threads(),
             prefetch=prefetch,
+            partitions=partitions,
         )
         self._threads_given = threads is not None
         if self.opts.image.backend != "pil":
@@ -117,6 +126,10 @@ class _Base:
             allow_pipe=allow_pipe,
         )
         self._pipe = Pipeline(ds, self.opts)
+        self._pipe.partitions = partitions or default_partitions(
+            len(ds.shards), self.world.world_size
+        )
+        self._pipe.schedule(self.world.world_size, 0)  # world_size must divide partitions
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError(f"epoch={epoch!r}: must be a non-negative int")
         self._epoch = epoch
@@ -162,6 +175,7 @@ class _Base:
             num_samples=self.num_samples,
             global_batch_size=self.opts.batch_size * self.world.world_size,
             shuffle=self._shuffle_id,
+            partitions=self._pipe.partitions,
         ).to_dict()
 
     @property
@@ -185,6 +199,14 @@ class _Base:
                 f"state_dict was taken with shuffle={st.shuffle} (interleave; -1 = off), this "
                 f"loader has {self._shuffle_id}: the order would differ"
             )
+        if st.partitions != self._pipe.partitions:
+            if self.opts.partitions is not None:
+                raise ConfigError(
+                    f"state_dict was taken over partitions={st.partitions}, this loader was "
+                    f"given partitions={self.opts.partitions}: the order would differ"
+                )
+            self._pipe.partitions = st.partitions  # the saved order, on this world size
+        self._pipe.schedule(self.world.world_size, 0)  # this world size must divide it
         if not 0 <= st.samples_consumed <= st.num_samples:
             raise ConfigError(f"state_dict samples_consumed={st.samples_consumed} out of range")
         gbs = self.opts.batch_size * self.world.world_size
@@ -195,6 +217,7 @@ class _Base:
                 gbs,
                 st.global_batch_size,
             )
+        self._pipe.schedule(self.world.world_size, st.samples_consumed)  # a multiple of W
         self._epoch = st.epoch
         self._start = st.samples_consumed
 
@@ -214,6 +237,7 @@ class _Base:
             "remaining_batches": sched.num_batches,
             "rank": self.world.rank,
             "world_size": self.world.world_size,
+            "partitions": self._pipe.partitions,
         }
 
     def close(self) -> None:

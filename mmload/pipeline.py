@@ -66,6 +66,7 @@ class LoaderOptions:
     policy: ErrorPolicy
     threads: int
     prefetch: int
+    partitions: int | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -80,6 +81,19 @@ class LoaderOptions:
             raise ConfigError(f"threads={self.threads!r}: must be >= 1")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch={self.prefetch!r}: must be >= 1")
+        p = self.partitions
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ConfigError(f"partitions={p!r}: must be a positive int or None")
+
+
+def default_partitions(num_shards: int, world_size: int) -> int:
+    """``world_size * c``, ``c`` the largest power of two <= 64 that leaves every partition
+    >= 8 shards (1 for small data sets): partitions big enough that a rank fetches little
+    beyond its share, and elastic resume to any divisor of the result."""
+    c = 1
+    while c < 64 and world_size * c * 2 * 8 <= num_shards:
+        c *= 2
+    return world_size * c
 
 
 def _split_path(spec: str, available: set[str], what: str) -> tuple[str, tuple[str, ...]]:
@@ -214,6 +228,7 @@ class Pipeline:
         self._media: dict[str, FieldDecoder] | None = None
         self._media_pid = os.getpid()
         self._order: EpochOrder | None = None
+        self.partitions = opts.partitions or 1  # the loader sets the default for its world
         global_budget = opts.policy.budget(ds.num_samples)
         if len(ds.bad) > global_budget:
             b = ds.bad[-1]
@@ -228,13 +243,26 @@ class Pipeline:
     # -- plan ---------------------------------------------------------------------------------
 
     def order(self, epoch: int) -> EpochOrder:
-        if self._order is None or self._order.epoch != epoch:
+        o = self._order
+        if o is None or o.epoch != epoch or o.partitions != self.partitions:
             self._order = EpochOrder(
-                self.ds.chunk_counts, seed=self.opts.seed, epoch=epoch, shuffle=self.opts.shuffle
+                self.ds.chunk_counts,
+                seed=self.opts.seed,
+                epoch=epoch,
+                shuffle=self.opts.shuffle,
+                partitions=self.partitions,
+                chunk_shard=self.ds.chunk_shard,
             )
         return self._order
 
     def schedule(self, world_size: int, start: int) -> Schedule:
+        if self.partitions % world_size:
+            raise ConfigError(
+                f"world_size={world_size} does not divide partitions={self.partitions}: a rank "
+                "must own whole partitions. World sizes this order allows: "
+                f"{divisors(self.partitions)}; pass partitions=P (a multiple of every world "
+                "size you will resume on) when you start the run"
+            )
         return Schedule(
             num_samples=self.ds.num_samples,
             batch_size=self.opts.batch_size,
@@ -393,6 +421,11 @@ class Pipeline:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def default_threads(num_workers: int = 1) -> int:

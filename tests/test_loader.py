@@ -64,7 +64,7 @@ def test_several_ranks_pad_and_log_it_once(make_shards, tmp_path: Path, caplog) 
                 assert [len(b["__key__"]) for b in batches] == [4, 4]
                 seen += [k for b in batches for k in b["__key__"]]
                 uniques = L.stats()["samples"]
-                assert uniques == (7 if rank == 0 else 4)  # 8 + 3 real, 5 repeats
+                assert uniques == (6 if rank == 0 else 5)  # ranks take every other position
     assert sorted(set(seen)) == sorted(keys) and len(seen) == 16
     logged = [r.getMessage() for r in caplog.records if "padded with" in r.getMessage()]
     assert len(logged) == 2 and all("padded with 5 repeated samples" in m for m in logged)
@@ -140,6 +140,7 @@ def test_elastic_resume(make_shards, tmp_path: Path, before: int, after: int) ->
                 world_size=before,
                 batch_size=gbs // before,
                 fields=["cls"],
+                partitions=6,
             ) as L:
                 for b in _keys(L, limit=k):
                     consumed += b
@@ -158,6 +159,7 @@ def test_elastic_resume(make_shards, tmp_path: Path, before: int, after: int) ->
                 world_size=after,
                 batch_size=gbs // after,
                 fields=["cls"],
+                partitions=6,
             ) as L:
                 L.load_state_dict(state)
                 got = _keys(L)
@@ -169,6 +171,36 @@ def test_elastic_resume(make_shards, tmp_path: Path, before: int, after: int) ->
         assert set(seen) == set(keys), "nothing missing"
         assert sum(seen.values()) - len(keys) == padded, "only the reported padding repeats"
         assert len(set(consumed) & set(rest)) <= padded
+
+
+def test_partitions_bound_elastic_resume(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The order is over a fixed number of partitions: a world size that does not divide it is
+    refused at construction and at resume, with the world sizes that work; the state carries
+    the partition count, so a resume without partitions= adopts the saved one."""
+    paths, _ = make_shards([13, 7, 17, 5, 12])
+    with pytest.raises(
+        ConfigError, match=r"world_size=3 does not divide partitions=4.*\[1, 2, 4\]"
+    ):
+        _loader(paths, tmp_path, rank=0, world_size=3, batch_size=2, partitions=4)
+    with _loader(paths, tmp_path, rank=0, world_size=2, batch_size=3, fields=["cls"]) as L:
+        _keys(L, limit=2)
+        state = L.state_dict()
+    assert state["partitions"] == 2  # the default for two ranks over five shards
+    with (
+        _loader(paths, tmp_path, rank=0, world_size=3, batch_size=2, fields=["cls"]) as L,
+        pytest.raises(ConfigError, match="world_size=3 does not divide partitions=2"),
+    ):
+        L.load_state_dict(state)
+    with _loader(paths, tmp_path, rank=0, world_size=1, batch_size=6, fields=["cls"]) as L:
+        assert L.stats()["partitions"] == 1
+        L.load_state_dict(state)  # adopts partitions=2 from the state: 1 divides it
+        assert L.stats()["partitions"] == 2
+        assert len(_keys(L)) == 9 - 2  # 54 samples, global batch 6: two steps were consumed
+    with (
+        _loader(paths, tmp_path, rank=0, world_size=1, batch_size=6, partitions=3) as L,
+        pytest.raises(ConfigError, match="given partitions=3"),
+    ):
+        L.load_state_dict(state)
 
 
 def test_epoch_advance_and_set_epoch(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

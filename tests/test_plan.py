@@ -146,15 +146,27 @@ def test_elastic_resume_changes_world_size(before: int, after: int) -> None:
         consumed = [i for b in _remaining(order, old)[: int(k)] for i in b]
         new = Schedule(n, batch_size=gbs // after, world_size=after, start=cursor)
         rest = [i for b in _remaining(order, new) for i in b]
-        real_rest = rest[: n - cursor]  # the tail after that is padding
+        real_rest = _real(order, new)  # padding slots (repeats) left out
         assert sorted(consumed + real_rest) == list(range(n)), "each sample exactly once"
         assert len(rest) - len(real_rest) == new.padded
-        # Same global batch size: the remaining global batches equal the uninterrupted run's.
-        # Only the padding of the last global batch may differ (one rank does not pad).
+        # Same global batch size: the remaining global batches equal the uninterrupted run's
+        # (the same positions); only the padding of the last one may differ (one rank does not pad).
         new_b, old_b = _remaining(order, new), _remaining(order, old)[int(k) :]
         assert [sorted(b) for b in new_b[:-1]] == [sorted(b) for b in old_b[:-1]]
         tail = n - cursor - gbs * (len(new_b) - 1)
-        assert sorted(new_b[-1][:tail]) == sorted(old_b[-1][:tail])
+        assert len(set(new_b[-1])) >= tail
+        last_real = set(real_rest[-tail:])
+        assert last_real <= set(old_b[-1])
+
+
+def _real(order: EpochOrder, sched: Schedule) -> list[int]:
+    """The remaining samples without padding: a rank's padding slots end its batch."""
+    out: list[int] = []
+    for k in range(sched.num_batches):
+        for r in range(sched.world_size):
+            ids = order[sched.positions(r, k)]
+            out += [int(i) for i in ids[: len(ids) - sched.padding_in(r, k)]]
+    return out
 
 
 def test_schedule_counts_and_errors() -> None:
@@ -209,3 +221,74 @@ def test_drop_last_state_after_the_last_batch_is_the_next_epoch() -> None:
     assert s.num_batches == 3
     assert s.consumed_after(2) == 6
     assert s.consumed_after(3) == 10  # the dropped tail counts as consumed
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 4, 12])
+@pytest.mark.parametrize("interleave", [0, 2])
+def test_partitioned_order_is_a_permutation_dealt_round_robin(
+    partitions: int, interleave: int
+) -> None:
+    counts = np.array([30, 0, 18, 25, 7, 40, 12, 33, 21, 9, 16, 28], dtype=np.int64)
+    o = EpochOrder(
+        counts, seed=5, epoch=1, shuffle=ShuffleConfig(interleave), partitions=partitions
+    )
+    full = o.full()
+    assert sorted(full.tolist()) == list(range(counts.sum()))
+    pos = np.random.default_rng(1).permutation(len(full))
+    assert np.array_equal(o[pos], full[pos]), "lazy lookups agree with the whole order"
+    # Position t is in partition t % P; each partition is a contiguous segment of the layout.
+    sizes = [o.partition_range(p)[1] - o.partition_range(p)[0] for p in range(partitions)]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == counts.sum()
+    for p in range(partitions):
+        assert len(full[p::partitions]) == sizes[p]
+
+
+@pytest.mark.parametrize(("partitions", "world_size"), [(4, 1), (4, 2), (4, 4), (12, 3), (12, 6)])
+def test_ranks_read_only_their_partitions(partitions: int, world_size: int) -> None:
+    counts = np.full(48, 25, dtype=np.int64)  # 48 shards of 25 samples
+    o = EpochOrder(counts, seed=2, epoch=0, shuffle=ShuffleConfig(4), partitions=partitions)
+    n = o.num_samples
+    sched = Schedule(n, batch_size=10, world_size=world_size)
+    seen: list[int] = []
+    for rank in range(world_size):
+        per_worker = [
+            _rank_worker_batches(o, sched, World(rank, world_size, w, 2)) for w in range(2)
+        ]
+        ids = np.concatenate(_merge_workers(per_worker))
+        real = np.concatenate(
+            [
+                o[sched.positions(rank, k)][: 10 - sched.padding_in(rank, k)]
+                for k in range(sched.num_batches)
+            ]
+        )
+        seen += real.tolist()
+        shards = np.unique(ids // 25)
+        # Its share of the shards plus at most one partial shard at each partition boundary.
+        assert len(shards) <= 48 // world_size + 2 * partitions // world_size
+        mine = set()
+        for p in range(rank, partitions, world_size):
+            a, b = o.partition_range(p)
+            mine |= set(o.full()[p::partitions].tolist())
+            assert b > a
+        assert set(ids.tolist()) <= mine, "padding included, a rank reads its own partitions"
+    assert sorted(seen) == list(range(n)), "every sample exactly once across ranks x workers"
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 6])
+def test_consumed_samples_are_a_prefix_of_the_order(world_size: int) -> None:
+    """After k steps on any world size the consumed samples are the first k*G positions: the
+    cursor is one integer and any world size dividing P resumes from it."""
+    counts = np.array([31, 17, 40, 22, 9, 35], dtype=np.int64)
+    o = EpochOrder(counts, seed=9, epoch=0, shuffle=ShuffleConfig(2), partitions=6)
+    sched = Schedule(o.num_samples, batch_size=12 // world_size, world_size=world_size)
+    full = o.full()
+    got: list[int] = []
+    for k in range(sched.num_batches - 1):
+        for r in range(world_size):
+            got += o[sched.positions(r, k)].tolist()
+        assert sorted(got) == sorted(full[: sched.consumed_after(k + 1)].tolist())
+
+
+def test_resume_position_must_be_a_multiple_of_the_world_size() -> None:
+    with pytest.raises(ConfigError, match="not a multiple of world_size=4"):
+        Schedule(100, batch_size=3, world_size=4, start=6)
