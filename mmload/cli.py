@@ -138,13 +138,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         args.shards, key_column=args.key_column, skip_bad=args.skip_bad, allow_pipe=args.allow_pipe
     )
     rows: list[dict[str, Any]] = []
-    for info in ds.shards:
-        idx = info.index
+    for sh in range(ds.num_shards):
+        idx = ds.index(sh)
+        rec = ds.records[sh]
         row: dict[str, Any] = {
-            "shard": info.spec.url,
-            "format": info.spec.kind,
+            "shard": ds.shard_url(sh),
+            "format": rec.kind,
             "samples": idx.num_samples,
-            "bytes": os.path.getsize(info.path),
+            "bytes": rec.size,
         }
         if isinstance(idx, TarIndex):
             per: dict[str, int] = defaultdict(int)
@@ -181,27 +182,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_index(args: argparse.Namespace) -> int:
     from mmload.sources import Dataset
+    from mmload.sources.manifest import MANIFEST_NAME, common_base, join
+    from mmload.sources.spec import is_local, local_path
     from mmload.sources.tar import TarIndex, write_dali_idx
 
-    ds = Dataset.open(args.shards, key_column=args.key_column, cache_dir=args.cache_dir)
+    ds = Dataset.open(
+        args.shards, key_column=args.key_column, cache_dir=args.cache_dir, skip_bad=args.skip_bad
+    )
+    urls = [ds.shard_url(s) for s in range(ds.num_shards)]
+    base = common_base(urls)
+    target = args.output or (join(base, MANIFEST_NAME) if base is not None else None)
+    wrote = None
+    if target is not None:
+        beside = base is not None and target == join(base, MANIFEST_NAME)
+        try:
+            ds.manifest.write(target, relative_to=base if beside else None)
+            wrote = target
+        except Exception as e:  # noqa: BLE001 - a read-only store (HTTP), no permission, full disk
+            print(
+                f"cannot write the manifest to {target}: {type(e).__name__}: {e}", file=sys.stderr
+            )
+    if wrote is None:
+        cached = ds.manifest_cache_file
+        print(f"the manifest stays in the cache: {cached}", file=sys.stderr)
     written = 0
     if args.dali_idx:
-        for info in ds.shards:
-            idx = info.index
+        for sh in range(ds.num_shards):
+            url = ds.shard_url(sh)
+            if not is_local(url) or ds.specs[sh].compressed:
+                continue
+            idx = ds.index(sh)
             if not isinstance(idx, TarIndex):
                 continue
-            target = (
-                info.path[: -len(".tar")] + ".idx"
-                if info.path.endswith(".tar")
-                else info.path + ".idx"
-            )
-            why_not = write_dali_idx(idx, target)
+            path = local_path(url)
+            idx_path = path[: -len(".tar")] + ".idx" if path.endswith(".tar") else path + ".idx"
+            why_not = write_dali_idx(idx, idx_path)
             if why_not is None:
                 written += 1
             else:
-                print(f"no DALI .idx for {info.spec.url}: {why_not}", file=sys.stderr)
+                print(f"no DALI .idx for {url}: {why_not}", file=sys.stderr)
     print(
-        f"indexed {len(ds.shards)} shards, {ds.num_samples} samples in {ds.index_seconds:.3f}s"
+        f"indexed {ds.num_shards} shards, {ds.num_samples} samples in {ds.index_seconds:.3f}s"
+        + (f"; manifest {wrote}" if wrote else "")
         + (f"; wrote {written} DALI .idx files" if args.dali_idx else "")
     )
     return 0
@@ -297,9 +319,19 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-pipe", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
-    x = sub.add_parser("index", help="build and cache shard indexes (optionally DALI .idx files)")
+    x = sub.add_parser(
+        "index",
+        help="write the data set's manifest (mmload.index.json) next to the shards or to "
+        "--output, index every shard (optionally DALI .idx files)",
+    )
     shard_args(x)
     x.add_argument("--cache-dir")
+    x.add_argument(
+        "--output",
+        help="where the manifest goes (a path or an fsspec URL); default: mmload.index.json in "
+        "the shards' directory, else the cache",
+    )
+    x.add_argument("--skip-bad", action="store_true", help="leave bad shards/samples out")
     x.add_argument("--dali-idx", action="store_true", help="also write DALI v1.2 .idx files")
     x.set_defaults(fn=cmd_index)
 

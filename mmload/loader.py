@@ -127,7 +127,7 @@ class _Base:
         )
         self._pipe = Pipeline(ds, self.opts)
         self._pipe.partitions = partitions or default_partitions(
-            len(ds.shards), self.world.world_size
+            ds.num_shards, self.world.world_size
         )
         self._pipe.schedule(self.world.world_size, 0)  # world_size must divide partitions
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
@@ -229,7 +229,7 @@ class _Base:
             "epoch": self._epoch,
             "samples_consumed": self._start,
             "num_samples": self.num_samples,
-            "num_shards": len(ds.shards),
+            "num_shards": ds.num_shards,
             "index_seconds": ds.index_seconds,
             "padded_per_epoch": self._schedule(0).padded,
             "dropped_per_epoch": self._schedule(0).dropped,

@@ -353,9 +353,12 @@ class Pipeline:
                 ds.close()
 
         decoder.spare_source = spare_reads
+        if self.ds.remote.any():
+            self.ds.expect(remote_needs(self.ds, order, schedule, world))
 
         def read(k: int) -> tuple[int, list[Any]]:
             t0 = time.perf_counter()
+            self.ds.advance(k)
             ids = order[schedule.positions(world.rank, k)]
             raw = self.ds.read(ids, read_fields)
             stats.time("read", time.perf_counter() - t0)
@@ -410,7 +413,7 @@ class Pipeline:
         elif self._media is not None:
             _FORK_LEFTOVERS.append(self._media)
         self._media = None
-        self.ds.close()
+        self.ds.close_cache()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -421,6 +424,46 @@ class Pipeline:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def remote_needs(
+    ds: Dataset, order: EpochOrder, schedule: Schedule, world: World
+) -> list[tuple[int, int, int]]:
+    """The cached (remote) shards ``world``'s batches read, as (shard, first batch, last batch)
+    sorted by first batch: from the plan alone, O(this rank's pieces), no sample id listed.
+
+    A piece (a slice of a chunk) of partition ``p`` is read between the partition-local
+    indexes ``[lo, hi]`` of its group, i.e. at positions ``j * P + p``; the rank batch of a
+    position ``t`` is ``(t - start) // G``. Worker ``w`` of ``W`` reads the batches ``k = w
+    (mod W)`` in that span. Padding repeats the rank's first positions in its last batch.
+    """
+    nb = schedule.num_batches
+    if nb == 0:
+        return []
+    P, G, start = order.partitions, schedule.global_batch, schedule.start
+    nw, w = world.num_workers, world.worker
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for p in range(world.rank, P, schedule.world_size):
+        first_id, _lens, lo, hi = order.pieces(p)
+        k_lo = np.maximum((lo * P + p - start) // G, 0)
+        k_hi = np.minimum((hi * P + p - start) // G, nb - 1)
+        f = k_lo + (w - k_lo) % nw
+        last = k_hi - (k_hi - w) % nw
+        keep = (f <= last) & (hi * P + p >= start)
+        parts.append((ds.locate(first_id[keep])[1], f[keep], last[keep]))
+    if schedule.padding_in(world.rank, nb - 1) and (nb - 1) % nw == w:
+        ids = order[schedule.positions(world.rank, nb - 1)]
+        s = np.unique(ds.locate(ids)[1])
+        parts.append((s, np.full(len(s), nb - 1), np.full(len(s), nb - 1)))
+    if not parts:
+        return []
+    shard = np.concatenate([x[0] for x in parts])
+    first = np.concatenate([x[1] for x in parts])
+    last = np.concatenate([x[2] for x in parts])
+    remote = ds.remote[shard]
+    shard, first, last = shard[remote], first[remote], last[remote]
+    o = np.lexsort((shard, first))
+    return list(zip(shard[o].tolist(), first[o].tolist(), last[o].tolist(), strict=True))
 
 
 def divisors(n: int) -> list[int]:

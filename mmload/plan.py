@@ -301,14 +301,17 @@ class EpochOrder:
         """The whole order (materialises every group; for tests and small data sets)."""
         return self[np.arange(self.num_samples, dtype=np.int64)]
 
-    def last_positions(self, p: int) -> tuple[np.ndarray, np.ndarray]:
-        """For partition ``p``: the global sample id ranges ``[lo, hi)`` of its pieces and the
-        last epoch position at which each piece's group is read (for cache eviction)."""
+    def pieces(self, p: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Partition ``p``'s pieces (slices of one chunk): first global id, length, and the
+        partition-local indexes ``[first, last]`` between which the piece is read (its group's
+        span when shuffled; its own span when not). Position ``t = j * P + p`` for local ``j``.
+        """
         first_id, lens, bounds = self._partition(p)
-        cum = np.concatenate([[0], np.cumsum(lens)])
-        group_end = bounds[np.searchsorted(bounds, cum[1:], side="left")]
-        last_local = np.maximum(group_end - 1, 0)
-        return np.stack([first_id, first_id + lens]), last_local * self.partitions + p
+        cum = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        if self.shuffle is None:
+            return first_id, lens, cum[:-1], np.maximum(cum[1:] - 1, cum[:-1])
+        g = np.searchsorted(bounds, cum[:-1], side="right") - 1
+        return first_id, lens, bounds[g], np.maximum(bounds[g + 1] - 1, bounds[g])
 
 
 @dataclass(frozen=True)

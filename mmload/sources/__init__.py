@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmload.sources.dataset import Dataset, RawSample, ShardInfo
+from mmload.sources.dataset import Dataset, RawSample
 from mmload.sources.spec import ShardSpec, expand
 
-__all__ = ["Dataset", "RawSample", "ShardInfo", "ShardSpec", "expand"]
+__all__ = ["Dataset", "RawSample", "ShardSpec", "expand"]

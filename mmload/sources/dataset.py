@@ -1,4 +1,10 @@
-"""A data set: its shards, their indexes, the chunk table the plan needs, and sample reads."""
+"""A data set: its shards' manifest, the chunk table the plan needs, and sample reads.
+
+Only the manifest is loaded at start-up (O(shards)); a shard's member table is loaded when the
+shard is first read (:class:`~mmload.sources.index.IndexStore`, bounded), and a remote shard's
+bytes come from the node's shard cache (:class:`~mmload.sources.cache.ShardCache`), fetched in
+plan order ahead of the reads. Local shards are read in place with ``pread``.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,25 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmload.config import RemoteConfig
 from mmload.errors import BadEntry, ShardError
 from mmload.sources.arrow import ChunkCache, TableIndex, TableReader
-from mmload.sources.fetch import default_cache_dir, localize
-from mmload.sources.index import IndexCache, ShardIndex
-from mmload.sources.spec import ShardSpec, expand, is_local
+from mmload.sources.cache import Need, ShardCache
+from mmload.sources.catalog import in_cache, resolve
+from mmload.sources.fetch import default_cache_dir
+from mmload.sources.index import IndexStore, ShardIndex
+from mmload.sources.manifest import FieldInfo, Manifest, ShardRecord
+from mmload.sources.spec import ShardSpec, local_path
 from mmload.sources.tar import TarIndex
 
-__all__ = ["Dataset", "FieldInfo", "RawSample", "ShardInfo"]
+__all__ = ["Dataset", "FieldInfo", "RawSample"]
 
 log = logging.getLogger(__name__)
 
@@ -33,82 +41,75 @@ RawSample = dict[str, Any]
 _MAX_OPEN_FILES = 256
 
 
-@dataclass
-class ShardInfo:
-    spec: ShardSpec
-    path: str
-    index: ShardIndex
-
-    @property
-    def num_samples(self) -> int:
-        return self.index.num_samples
-
-
-def _shard_entry(url: str, e: ShardError) -> BadEntry:
-    """A shard left out whole is listed for the shard (key None): every sample of it is lost,
-    not only the one the error names."""
-    where = f" (at key {e.key!r})" if e.key is not None else ""
-    return BadEntry(url, None, f"shard left out: {e.reason}{where}")
-
-
-@dataclass
-class FieldInfo:
-    """One field of the data set, from the indexes (no sample is read).
-
-    ``arrow_type``: the column's Arrow type in the first table shard that has it (None for tar
-    members, which are bytes); ``samples``: how many samples have the field; ``other_types``:
-    ``(shard, type)`` of table shards whose column type differs from ``arrow_type``.
-    """
-
-    name: str
-    arrow_type: str | None
-    samples: int
-    first_shard: str
-    other_types: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass
 class Dataset:
-    """Shards with their indexes, and the chunk table over which the plan runs.
+    """Shards with their manifest, and the chunk table over which the plan runs.
 
-    ``chunk_counts[c]`` samples belong to chunk ``c``; global sample ids are numbered chunk
-    after chunk. ``bad`` lists what indexing found bad (with ``on_error="skip"``).
+    ``chunk_counts[c]`` samples belong to chunk ``c`` (a tar shard, a row group, a record
+    batch) of shard ``chunk_shard[c]``; global sample ids are numbered chunk after chunk.
+    ``bad`` lists what indexing found bad (with ``on_error="skip"``).
     """
 
-    shards: list[ShardInfo]
-    key_column: str | None
-    cache_chunks: int
-    bad: list[BadEntry] = field(default_factory=list)
-    index_seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        counts: list[np.ndarray] = []
-        shard_of: list[np.ndarray] = []
-        first_row: list[np.ndarray] = []
-        for s, info in enumerate(self.shards):
-            idx = info.index
-            rows = idx.chunk_rows if isinstance(idx, TableIndex) else np.array([idx.num_samples])
-            counts.append(rows.astype(np.int64))
-            shard_of.append(np.full(len(rows), s, np.int64))
-            first_row.append(np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64))
-        self.chunk_counts = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-        self.chunk_shard = np.concatenate(shard_of) if shard_of else np.zeros(0, np.int64)
-        self.chunk_first_row = np.concatenate(first_row) if first_row else np.zeros(0, np.int64)
+    def __init__(
+        self,
+        specs: list[ShardSpec],
+        manifest: Manifest,
+        *,
+        store: IndexStore,
+        cache: ShardCache,
+        cache_chunks: int = 64,
+        index_seconds: float = 0.0,
+    ) -> None:
+        self.specs = specs
+        self.manifest = manifest
+        self.records: list[ShardRecord] = manifest.records
+        self.key_column = manifest.key_column
+        self.bad: list[BadEntry] = list(manifest.bad)
+        self.store = store
+        self.cache = cache
+        self.cache_chunks = cache_chunks
+        self.index_seconds = index_seconds
+        self.manifest_cache_file: Path | None = None
+        self.remote = np.array([in_cache(sp) for sp in specs], dtype=bool)
+        counts = manifest.counts()
+        if all(r.chunk_rows is None for r in self.records):  # tar only: a chunk per shard
+            self.chunk_counts = counts
+            self.chunk_shard = np.arange(len(counts), dtype=np.int64)
+            self.chunk_first_row = np.zeros(len(counts), dtype=np.int64)
+        else:
+            rows = [
+                np.asarray(r.chunk_rows if r.chunk_rows is not None else [r.num_samples])
+                for r in self.records
+            ]
+            self.chunk_counts = np.concatenate(rows).astype(np.int64)
+            self.chunk_shard = np.repeat(np.arange(len(rows)), [len(x) for x in rows])
+            self.chunk_first_row = np.concatenate(
+                [np.concatenate([[0], np.cumsum(x)[:-1]]) for x in rows]
+            ).astype(np.int64)
         self.chunk_start = np.concatenate([[0], np.cumsum(self.chunk_counts)]).astype(np.int64)
+        self._shard_first_chunk = np.searchsorted(self.chunk_shard, np.arange(len(specs)))
         self._reset_handles()
 
     def _reset_handles(self) -> None:
-        # Descriptors, readers and the lock belong to one process: a forked DataLoader worker
-        # must not inherit a lock another thread held at fork time.
+        # Descriptors, readers, pins and the lock belong to one process: a forked DataLoader
+        # worker must not inherit a lock another thread held at fork time.
         self._pid = os.getpid()
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._tables: OrderedDict[int, TableReader] = OrderedDict()
         self._chunk_cache: ChunkCache = OrderedDict()
+        self._pinned: dict[int, str] = {}
+        self._last_need: dict[int, int] = {}
         self._lock = threading.Lock()
 
     @property
     def num_samples(self) -> int:
         return int(self.chunk_start[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.specs)
+
+    def shard_url(self, s: int) -> str:
+        return self.specs[s].url
 
     # -- construction -------------------------------------------------------------------------
 
@@ -123,98 +124,120 @@ class Dataset:
         index_cache: bool = True,
         allow_pipe: bool = False,
         cache_chunks: int = 64,
-        threads: int = 16,
+        remote: RemoteConfig | None = None,
     ) -> Dataset:
-        """Expand ``spec``, fetch remote shards to ``cache_dir`` and index every shard.
+        """Expand ``spec`` (shards, or a ``mmload.index.json`` manifest), find or complete its
+        manifest (:mod:`mmload.sources.catalog`); nothing else is read.
 
         With ``skip_bad`` a shard that cannot be opened is left out and listed in ``bad``;
         otherwise its :class:`ShardError` is raised.
         """
         t0 = time.perf_counter()
-        specs = expand(spec, allow_pipe=allow_pipe)
         cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-
-        # Remote shards are fetched in parallel (network-bound); local ones are used in place.
-        def fetch(sp: ShardSpec) -> str | BadEntry:
-            try:
-                return localize(sp, cdir)
-            except ShardError as e:
-                if not skip_bad:
-                    raise
-                return _shard_entry(sp.url, e)
-
-        remote = [sp for sp in specs if not is_local(sp.url) or sp.compressed]
-        if remote:
-            with ThreadPoolExecutor(max(1, min(threads, len(remote)))) as pool:
-                fetched = dict(zip([sp.url for sp in remote], pool.map(fetch, remote), strict=True))
-        else:
-            fetched = {}
-        located = [fetched.get(sp.url) or fetch(sp) for sp in specs]
-        paths = [p for p in located if isinstance(p, str)]
-        # Indexing local files is GIL-bound Python work on small reads: one thread is fastest.
-        cache = IndexCache(
-            cdir if index_cache else None, paths, key_column=key_column, skip=skip_bad
+        store = IndexStore(cdir if index_cache else None, key_column=key_column, skip=skip_bad)
+        cache = ShardCache(cdir / "shards", remote or RemoteConfig())
+        cat = resolve(
+            spec,
+            key_column=key_column,
+            skip_bad=skip_bad,
+            cache_dir=cdir,
+            use_cache=index_cache,
+            allow_pipe=allow_pipe,
+            store=store,
+            cache=cache,
         )
-        results: list[ShardInfo | BadEntry] = []
-        for sp, path in zip(specs, located, strict=True):
-            if isinstance(path, BadEntry):
-                results.append(path)
-                continue
-            try:
-                index = cache.load(
-                    path, sp.kind, shard=sp.url, key_column=key_column, skip=skip_bad
-                )
-            except ShardError as e:
-                if not skip_bad:
-                    raise
-                results.append(_shard_entry(sp.url, e))
-                continue
-            results.append(ShardInfo(sp, path, index))
-        cache.save()
-        shards = [r for r in results if isinstance(r, ShardInfo)]
-        bad = [r for r in results if isinstance(r, BadEntry)]
-        for info in shards:
-            if isinstance(info.index, TarIndex):
-                bad += info.index.bad
-        if not shards:
+        if not cat.specs:
             raise ShardError("no readable shard in the spec", shard=str(spec))
-        ds = cls(shards, key_column, cache_chunks, bad, time.perf_counter() - t0)
+        ds = cls(
+            cat.specs,
+            cat.manifest,
+            store=store,
+            cache=cache,
+            cache_chunks=cache_chunks,
+            index_seconds=time.perf_counter() - t0,
+        )
+        ds.manifest_cache_file = cat.cache_file
         if ds.num_samples == 0:
             raise ShardError(
-                f"the data set has no samples: all {len(shards)} readable shards are empty "
+                f"the data set has no samples: all {ds.num_shards} readable shards are empty "
                 "(the first is named here)",
-                shard=shards[0].spec.url,
+                shard=ds.shard_url(0),
             )
         log.info(
-            "indexed %d shards, %d samples in %.3fs", len(shards), ds.num_samples, ds.index_seconds
+            "opened %d shards, %d samples in %.3fs (%d indexed now, the rest from a manifest)",
+            ds.num_shards,
+            ds.num_samples,
+            ds.index_seconds,
+            cat.built,
         )
         return ds
 
     def field_schema(self) -> dict[str, FieldInfo]:
         """Every field of the data set (the key column excluded), in order of first appearance:
-        the union over all shards, so a field absent from the first sample is still found."""
-        out: dict[str, FieldInfo] = {}
-        for info in self.shards:
-            idx = info.index
-            url = info.spec.url
-            if isinstance(idx, TarIndex):
-                counts: dict[str, int] = Counter(idx.fields)
-                types: dict[str, str | None] = dict.fromkeys(counts)
+        the union over all shards, from the manifest."""
+        return self.manifest.fields
+
+    # -- shards on disk -----------------------------------------------------------------------
+
+    def need(self, s: int, first: int, last: int) -> Need:
+        r, sp = self.records[s], self.specs[s]
+        return Need(sp.url, r.size, r.version, sp.compressed, first, last)
+
+    def expect(self, needs: Sequence[tuple[int, int, int]]) -> None:
+        """This process's remote shards for the rest of the epoch: (shard, first batch, last
+        batch), in plan order. The cache starts fetching them, ``lookahead`` ahead."""
+        self._last_need = {}
+        for s, _first, last in needs:
+            self._last_need[s] = max(last, self._last_need.get(s, -1))
+        self.cache.follow([self.need(s, f, la) for s, f, la in needs])
+
+    def advance(self, batch: int) -> None:
+        """The reader is at ``batch``: unpin shards it no longer needs, move the look-ahead."""
+        done = [s for s in self._pinned if self._last_need.get(s, -1) < batch]
+        for s in done:
+            self._unpin(s)
+        self.cache.advance(batch)
+
+    def _path(self, s: int) -> str:
+        if not self.remote[s]:
+            return local_path(self.specs[s].url)
+        with self._lock:
+            path = self._pinned.get(s)
+        if path is not None:
+            return path
+        path = self.cache.acquire(self.need(s, 0, self._last_need.get(s, 0)))
+        with self._lock:
+            if s in self._pinned:
+                self.cache.release(self.specs[s].url)  # pinned twice by two threads
             else:
-                n = idx.num_samples
-                counts = {c: n for c in idx.columns if c != self.key_column}
-                types = dict(zip(idx.columns, idx.types, strict=True))
-            for name, count in counts.items():
-                fi = out.get(name)
-                if fi is None:
-                    out[name] = FieldInfo(name, types[name], count, url)
-                    continue
-                fi.samples += count
-                if fi.arrow_type is None:
-                    fi.arrow_type = types[name]
-                elif types[name] is not None and types[name] != fi.arrow_type:
-                    fi.other_types.append((url, str(types[name])))
-        return out
+                self._pinned[s] = path
+        return path
+
+    def _unpin(self, s: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(s, None)
+            if fd is not None:
+                os.close(fd)
+            r = self._tables.pop(s, None)
+            if r is not None:
+                r.close()
+            if self._pinned.pop(s, None) is not None:
+                self.cache.release(self.specs[s].url)
+
+    def index(self, s: int) -> ShardIndex:
+        """Shard ``s``'s member table, loaded (or built from its local file) on first use."""
+        rec = self.records[s]
+        url = self.specs[s].url
+        idx = self.store.cached(url, rec.index_version)
+        if idx is None:
+            idx = self.store.build(self._path(s), rec.kind, url=url, version=rec.index_version)
+        if idx.num_samples != rec.num_samples:
+            raise ShardError(
+                f"the shard changed since it was indexed: the manifest says {rec.num_samples} "
+                f"samples, the shard has {idx.num_samples}; run `mmload index` again",
+                shard=url,
+            )
+        return idx
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -227,16 +250,17 @@ class Dataset:
     def _fd(self, s: int) -> int:
         if self._pid != os.getpid():
             self._reset_handles()
+        path = self._path(s)
         with self._lock:
             fd = self._fds.get(s)
             if fd is not None:
                 self._fds.move_to_end(s)
                 return fd
             try:
-                fd = os.open(self.shards[s].path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY)
             except OSError as e:
                 raise ShardError(
-                    f"cannot open shard: {e.strerror}", shard=self.shards[s].spec.url
+                    f"cannot open shard: {e.strerror}", shard=self.specs[s].url
                 ) from None
             self._fds[s] = fd
             if len(self._fds) > _MAX_OPEN_FILES:
@@ -246,17 +270,18 @@ class Dataset:
     def _table(self, s: int) -> TableReader:
         if self._pid != os.getpid():
             self._reset_handles()
+        index = self.index(s)
+        path = self._path(s)
         with self._lock:
             r = self._tables.get(s)
             if r is not None:
                 self._tables.move_to_end(s)
                 return r
-            info = self.shards[s]
-            assert isinstance(info.index, TableIndex)
+            assert isinstance(index, TableIndex)
             r = TableReader(
-                info.path,
-                info.index,
-                shard=info.spec.url,
+                path,
+                index,
+                shard=self.specs[s].url,
                 key_column=self.key_column,
                 cache=self._chunk_cache,
                 cache_chunks=self.cache_chunks,
@@ -268,9 +293,9 @@ class Dataset:
             return r
 
     def _read_tar(self, s: int, row: int, fields: set[str] | None) -> RawSample:
-        info = self.shards[s]
-        idx = info.index
+        idx = self.index(s)
         assert isinstance(idx, TarIndex)
+        url = self.specs[s].url
         key = idx.keys[row]
         sample: RawSample = {"__key__": key}
         fd = self._fd(s)
@@ -284,7 +309,7 @@ class Dataset:
                 raise ShardError(
                     f"short read of field {fld!r}: {len(data)} of {size} bytes "
                     "(shard truncated after indexing?)",
-                    shard=info.spec.url,
+                    shard=url,
                     key=key,
                 )
             sample[fld] = data
@@ -300,35 +325,35 @@ class Dataset:
         table_rows: dict[tuple[int, int], list[int]] = {}
         for j in range(len(ids)):
             s = int(shard[j])
-            if isinstance(self.shards[s].index, TarIndex):
+            if self.records[s].kind == "tar":
                 try:
                     sample = self._read_tar(s, int(row[j]), fields)
                 except ShardError as e:
                     out[j] = e
                     continue
-                sample["__shard__"] = self.shards[s].spec.url
+                sample["__shard__"] = self.specs[s].url
                 sample["__id__"] = int(ids[j])
                 out[j] = sample
             else:
                 table_rows.setdefault((s, int(chunk[j])), []).append(j)
         for (s, c), js in table_rows.items():
-            reader = self._table(s)
             local = row[js] - self.chunk_first_row[c]
             try:
-                samples = reader.read(int(c - np.searchsorted(self.chunk_shard, s)), local, fields)
+                reader = self._table(s)
+                samples = reader.read(int(c - self._shard_first_chunk[s]), local, fields)
             except ShardError as e:
                 for j in js:
                     out[j] = e
                 continue
             for j, smp in zip(js, samples, strict=True):
                 if isinstance(smp, dict):
-                    smp["__shard__"] = self.shards[s].spec.url
+                    smp["__shard__"] = self.specs[s].url
                     smp["__id__"] = int(ids[j])
                 out[j] = smp
         return out
 
     def private_copy(self) -> Dataset:
-        """The same data set with its own file descriptors, readers and chunk cache, for a
+        """The same data set with its own file descriptors, readers, pins and chunk cache, for a
         second thread (descriptors are recycled by the LRU: one thread may close what another
         is about to ``pread``). ``close()`` it after use."""
         other = copy.copy(self)
@@ -339,6 +364,8 @@ class Dataset:
         if self._pid != os.getpid():
             self._reset_handles()
             return
+        for s in list(self._pinned):
+            self._unpin(s)
         with self._lock:
             for fd in self._fds.values():
                 os.close(fd)
@@ -348,9 +375,14 @@ class Dataset:
             self._tables.clear()
             self._chunk_cache.clear()
 
+    def close_cache(self) -> None:
+        """Stop the fetchers (the owner of the data set calls this once, at the end)."""
+        self.close()
+        self.cache.close()
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("_pid", "_fds", "_tables", "_chunk_cache", "_lock"):
+        for k in ("_pid", "_fds", "_tables", "_chunk_cache", "_lock", "_pinned", "_last_need"):
             del state[k]
         return state
 

@@ -1,10 +1,12 @@
-"""Shard indexes: built once (header scan / footer read), cached on disk, validated by stat.
+"""Shard indexes: built once (header scan / footer read), cached per shard, loaded on demand.
 
-The cache is one JSON file per data set (``<cache_dir>/index/<hash of the shard list>.json``):
-one file to read, however many shards, which is what makes a cached start fast. Each shard's
-entry is reused while the shard's size and mtime are unchanged; changed shards are re-indexed
-and the file rewritten. A DALI ``.idx`` file next to a tar (``train-000.idx`` or
-``train-000.tar.idx``) is used instead of scanning.
+A shard's member table (:class:`TarIndex`: keys and member offsets; :class:`TableIndex`: rows
+per chunk, columns and types) is built from its local file: a local shard in place, a remote
+one from its copy in the shard cache. Each is cached in its own file,
+``<cache_dir>/index/<hash>.json``, valid while the shard's version (local: size and mtime;
+remote: size and ETag) is unchanged, and loaded only when the shard is read; a process keeps
+at most ``max_loaded`` of them in memory. A DALI ``.idx`` file next to a tar
+(``train-000.idx`` or ``train-000.tar.idx``) is used instead of scanning.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import json
 import logging
 import os
 import tempfile
+import threading
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,10 @@ from mmload.errors import ShardError
 from mmload.sources.arrow import TableIndex, index_table
 from mmload.sources.tar import TarIndex, read_dali_idx, scan_tar
 
-__all__ = ["IndexCache", "ShardIndex", "build_index"]
+__all__ = ["IndexStore", "ShardIndex", "build_index", "fields_of", "local_version"]
 
 log = logging.getLogger(__name__)
-_VERSION = 4  # 4: Arrow column types in TableIndex
+_VERSION = 5  # 5: one file per shard
 
 ShardIndex = TarIndex | TableIndex
 
@@ -39,12 +43,13 @@ def _dali_idx_for(path: str) -> str | None:
     return None
 
 
-def stat_id(path: str, shard: str) -> list[int]:
+def local_version(path: str, shard: str) -> tuple[int, str]:
+    """(size, version) of a local shard file: the version changes with its size or mtime."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise ShardError("shard file not found", shard=shard) from None
-    return [st.st_size, st.st_mtime_ns]
+    return st.st_size, f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def build_index(
@@ -59,58 +64,94 @@ def build_index(
     return index_table(path, kind, shard=shard, key_column=key_column)
 
 
-class IndexCache:
-    """The on-disk index cache of one data set (a list of local shard files)."""
+def fields_of(index: ShardIndex) -> dict[str, Any]:
+    """A shard's fields for the manifest: tar {member field: samples}, table {column: type}."""
+    if isinstance(index, TarIndex):
+        return dict(Counter(index.fields))
+    return dict(zip(index.columns, index.types, strict=True))
+
+
+class IndexStore:
+    """Per-shard index files under ``<cache_dir>/index`` (None: memory only) and a bounded LRU
+    of loaded indexes, shared by the threads of a process."""
 
     def __init__(
-        self, cache_dir: Path | None, paths: list[str], *, key_column: str | None, skip: bool
+        self,
+        cache_dir: Path | None,
+        *,
+        key_column: str | None,
+        skip: bool,
+        max_loaded: int = 512,
     ) -> None:
-        self.file: Path | None = None
-        self._entries: dict[str, Any] = {}
-        self._dirty = False
-        if cache_dir is None:
-            return
-        cwd = os.getcwd()  # once: getcwd is a syscall, and this runs for every shard
-        ident = json.dumps([[os.path.join(cwd, p) for p in paths], key_column, skip])
-        self.file = cache_dir / "index" / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.json"
-        if self.file.exists():
-            try:
-                with open(self.file, encoding="utf-8") as f:
-                    d = json.load(f)
-                if d.get("version") == _VERSION:
-                    self._entries = d["shards"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                log.warning("ignoring unreadable index cache %s: %s", self.file, e)
+        self.dir = cache_dir / "index" if cache_dir is not None else None
+        self.key_column = key_column
+        self.skip = skip
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, tuple[str | None, ShardIndex]] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def load(
-        self, path: str, kind: str, *, shard: str, key_column: str | None, skip: bool
-    ) -> ShardIndex:
-        """The cached index of ``path`` if its stat matches, else a freshly built one."""
-        stat = stat_id(path, shard)
-        hit = self._entries.get(path)
-        if hit is not None and hit.get("stat") == stat and hit.get("kind") == kind:
-            try:
-                body = hit["index"]
-                return TarIndex.from_json(body) if kind == "tar" else TableIndex.from_json(body)
-            except (KeyError, TypeError, ValueError) as e:
-                log.warning("ignoring a bad index cache entry for %s: %s", path, e)
-        index = build_index(path, kind, shard=shard, key_column=key_column, skip=skip)
-        self._entries[path] = {"stat": stat, "kind": kind, "index": index.to_json()}
-        self._dirty = True
+    def _file(self, url: str) -> Path | None:
+        if self.dir is None:
+            return None
+        ident = json.dumps([url, self.key_column, self.skip])
+        return self.dir / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.json"
+
+    def cached(self, url: str, version: str | None) -> ShardIndex | None:
+        """The index of ``url`` at ``version`` if it is in memory or on disk."""
+        with self._lock:
+            hit = self._loaded.get(url)
+            if hit is not None and hit[0] == version:
+                self._loaded.move_to_end(url)
+                return hit[1]
+        f = self._file(url)
+        if f is None or version is None or not f.exists():
+            return None
+        try:
+            with open(f, encoding="utf-8") as fh:
+                d = json.load(fh)
+            if d.get("v") != _VERSION or d.get("version") != version:
+                return None
+            body = d["index"]
+            index = TarIndex.from_json(body) if d["kind"] == "tar" else TableIndex.from_json(body)
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            log.warning("ignoring an unreadable index file %s: %s", f, e)
+            return None
+        self._keep(url, version, index)
         return index
 
-    def save(self) -> None:
-        if self.file is None or not self._dirty:
-            return
-        payload = json.dumps({"version": _VERSION, "shards": self._entries}, separators=(",", ":"))
-        try:
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=".idx-")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(payload)
-            os.replace(tmp, self.file)
-            self._dirty = False
-        except OSError as e:
-            log.warning(
-                "cannot write index cache %s (%s); indexes are rebuilt next run", self.file, e
-            )
+    def build(self, path: str, kind: str, *, url: str, version: str | None) -> ShardIndex:
+        """Index the local file ``path`` holding shard ``url`` at ``version`` and cache it."""
+        index = build_index(path, kind, shard=url, key_column=self.key_column, skip=self.skip)
+        self._keep(url, version, index)
+        f = self._file(url)
+        if f is not None and version is not None:
+            payload = {"v": _VERSION, "version": version, "kind": kind, "index": index.to_json()}
+            try:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".idx-")
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(payload, fh, separators=(",", ":"))
+                os.replace(tmp, f)
+            except OSError as e:
+                log.warning("cannot write index file %s (%s); it is rebuilt next time", f, e)
+        return index
+
+    def _keep(self, url: str, version: str | None, index: ShardIndex) -> None:
+        with self._lock:
+            self._loaded[url] = (version, index)
+            self._loaded.move_to_end(url)
+            while len(self._loaded) > self.max_loaded:
+                self._loaded.popitem(last=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["_loaded"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def loaded(self) -> int:
+        return len(self._loaded)

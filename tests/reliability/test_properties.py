@@ -195,7 +195,7 @@ def check_tar(path: str) -> dict[bool, TarIndex | ShardError]:
         return res
     try:
         assert isinstance(lenient, TarIndex)
-        assert ds.shards[0].index.to_json() == lenient.to_json()
+        assert ds.index(0).to_json() == lenient.to_json()
         for s, k in zip(ds.read(np.arange(ds.num_samples)), lenient.keys, strict=True):
             assert isinstance(s, dict), f"reading a freshly indexed sample failed: {s}"
             assert s["__key__"] == k

@@ -49,7 +49,7 @@ def test_s3_shards_by_braces_and_glob(make_shards, s3_bucket, tmp_path: Path) ->
     local = Dataset.open(paths, index_cache=False).read(np.arange(7))
     assert all(g["jpg"] == r["jpg"] for g, r in zip(got, local, strict=True))  # type: ignore[index]
     globbed = Dataset.open("s3://train/wds/data-*.tar", cache_dir=tmp_path / "c2")
-    assert [s.spec.url for s in globbed.shards] == [f"s3://train/wds/{Path(p).name}" for p in paths]
+    assert [s.url for s in globbed.specs] == [f"s3://train/wds/{Path(p).name}" for p in paths]
 
 
 def test_s3_missing_object(s3_bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

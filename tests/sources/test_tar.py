@@ -12,7 +12,7 @@ import webdataset as wds
 
 from mmload.errors import ShardError
 from mmload.sources import Dataset
-from mmload.sources.index import IndexCache, build_index
+from mmload.sources.index import build_index
 from mmload.sources.tar import read_dali_idx, scan_tar, split_name
 
 
@@ -88,29 +88,34 @@ def test_dali_idx_is_used_and_equals_scan(make_shards, tmp_path: Path) -> None: 
 
 
 def test_index_cache_round_trip_and_invalidation(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A manifest per data set plus one member table per shard, loaded only when read."""
     paths, _ = make_shards([4, 2])
     cache = tmp_path / "cache"
     first = Dataset.open(paths, cache_dir=cache)
-    files = list((cache / "index").iterdir())
-    assert len(files) == 1, "one cache file per data set"
-    mtime = files[0].stat().st_mtime_ns
+    manifests = list((cache / "manifests").iterdir())
+    assert len(manifests) == 1, "one manifest per data set"
+    files = sorted((cache / "index").iterdir())
+    assert len(files) == 2, "one member table per shard"
+    mtimes = [f.stat().st_mtime_ns for f in files + manifests]
     second = Dataset.open(paths, cache_dir=cache)
-    assert files[0].stat().st_mtime_ns == mtime, "a warm open does not rewrite the cache"
-    assert [s.index.keys for s in first.shards] == [s.index.keys for s in second.shards]
+    assert second.store.loaded() == 0, "a warm open loads no member table"
+    assert [f.stat().st_mtime_ns for f in files + manifests] == mtimes, "nor rewrites anything"
+    assert [first.index(s).keys for s in range(2)] == [second.index(s).keys for s in range(2)]
+    assert second.store.loaded() == 2
     # Rewriting one shard (new size/mtime) re-indexes that shard only.
     with wds.TarWriter(paths[0]) as w:
         w.write({"__key__": "only", "cls": b"1"})
     third = Dataset.open(paths, cache_dir=cache)
     assert third.num_samples == 3
-    assert third.shards[0].index.keys == ["only"]
-    c = IndexCache(cache, paths, key_column="__key__", skip=False)
-    assert (
-        c.load(paths[1], "tar", shard="s", key_column="__key__", skip=False).keys
-        == first.shards[1].index.keys
-    )
+    assert third.index(0).keys == ["only"]
+    changed = [f.stat().st_mtime_ns != m for f, m in zip(files, mtimes, strict=False)]
+    assert sorted(changed) == [False, True], "the unchanged shard's table is kept"
     # A corrupt cache file is ignored (rebuilt), never trusted.
-    files[0].write_text("{not json")
-    assert Dataset.open(paths, cache_dir=cache).num_samples == 3
+    for f in [*files, *manifests]:
+        f.write_text("{not json")
+    again = Dataset.open(paths, cache_dir=cache)
+    assert again.num_samples == 3
+    assert again.index(1).keys == first.index(1).keys
 
 
 def test_missing_shard(tmp_path: Path) -> None:
@@ -216,7 +221,7 @@ def test_shardwriter_round_trip(tmp_path: Path, jpegs: list[bytes]) -> None:
         for s in samples:
             sink.write(s)
     ds = Dataset.open(str(tmp_path / "sw-{000..002}.tar"), index_cache=False)
-    assert [len(s.index.keys) for s in ds.shards] == [4, 4, 2]
+    assert [len(ds.index(s).keys) for s in range(ds.num_shards)] == [4, 4, 2]
     got = ds.read(np.arange(10))
     for g, s in zip(got, samples, strict=True):
         assert isinstance(g, dict)

@@ -1,0 +1,393 @@
+"""The node-local shard cache: remote shards fetched whole, on demand and ahead of need, bounded.
+
+Layout: ``<root>/<hash>-<name>`` holds a shard's bytes, ``<file>.meta`` its remote size and
+version (ETag / mtime), ``<file>.lock`` serialises its fetch across the processes of a node.
+
+* **Fetch once per node.** A fetch holds an exclusive ``flock`` on the shard's lock file; a
+  second process (another DataLoader worker, another rank on the node) waiting on it finds the
+  shard present when it gets the lock. Bytes go to a temporary file renamed into place: a
+  half-downloaded shard never enters the cache.
+* **In use.** A process holds a shared ``flock`` on every cached shard it reads (its pin); an
+  evictor takes the file only if it gets an exclusive lock without waiting, so it never
+  removes a shard another process is reading. An unlinked file stays readable through the
+  descriptors already open, so even a race costs a re-fetch, never a wrong byte.
+* **Look-ahead and eviction.** :meth:`ShardCache.follow` receives this process's shards in the
+  order its plan needs them, with the last batch that needs each; fetcher threads stay up to
+  ``lookahead`` shards ahead of the consumer. Before a fetch would take the cache past
+  ``cache_limit``, shards no longer needed (last batch passed) are evicted first, then shards
+  this process does not need at all (another process's leftovers, unlocked); shards still
+  needed ahead are only waited for, never evicted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmload.config import RemoteConfig
+from mmload.errors import ConfigError, ShardError
+from mmload.sources.fetch import RemoteObject, download
+
+__all__ = ["CacheStats", "Need", "ShardCache", "cache_name"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_name(url: str) -> str:
+    """A file name for ``url``: a hash (unique) plus the tail of its name (readable)."""
+    base = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "shard"
+    for suffix in (".tar.gz", ".tgz"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)] + ".tar"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in base)[-80:]
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{safe}"
+
+
+@dataclass(frozen=True)
+class Need:
+    """A shard this process reads: from batch ``first`` to batch ``last`` (rank-local numbers)."""
+
+    url: str
+    size: int
+    version: str | None
+    compressed: bool
+    first: int
+    last: int
+
+
+@dataclass
+class CacheStats:
+    fetched_bytes: int = 0
+    fetches: int = 0
+    hits: int = 0
+    evicted: int = 0
+    evicted_bytes: int = 0
+    peak_bytes: int = 0
+    wait_seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def snapshot(self) -> dict[str, int | float]:
+        return {
+            "cache_fetched_bytes": self.fetched_bytes,
+            "cache_fetches": self.fetches,
+            "cache_hits": self.hits,
+            "cache_evicted": self.evicted,
+            "cache_evicted_bytes": self.evicted_bytes,
+            "cache_peak_bytes": self.peak_bytes,
+            "cache_wait_seconds": round(self.wait_seconds, 3),
+        }
+
+
+class ShardCache:
+    """Remote shards on local disk for one process (shared safely with the others of a node)."""
+
+    def __init__(self, root: Path, cfg: RemoteConfig) -> None:
+        self.root = Path(root)
+        self.cfg = cfg
+        self.stats = CacheStats()
+        self._cond = threading.Condition()
+        self._pins: dict[str, tuple[int, int]] = {}  # url -> (fd holding LOCK_SH, refcount)
+        self._inflight: dict[str, Future[str]] = {}
+        self._needs: list[Need] = []
+        self._firsts: list[int] = []
+        self._next = 0  # the first need not yet handed to a fetcher
+        self._current = 0  # the consumer's batch
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+        self._generation = 0
+
+    def _check_pid(self) -> None:
+        # A forked process inherits the parent's pins (its shared locks) and pool threads that
+        # do not exist here: start afresh, never closing the parent's descriptors.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._cond = threading.Condition()
+            self._pins = {}
+            self._inflight = {}
+            self._pool = None
+            self._needs, self._firsts, self._next = [], [], 0
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        for k in ("_cond", "_pins", "_inflight", "_pool"):
+            del state[k]
+        state["_pid"] = -1
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._cond = threading.Condition()
+        self._pins, self._inflight, self._pool = {}, {}, None
+        self._pid = os.getpid()
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def path(self, url: str) -> Path:
+        return self.root / cache_name(url)
+
+    def _meta(self, url: str) -> RemoteObject | None:
+        try:
+            d = json.loads(self.path(url).with_name(self.path(url).name + ".meta").read_text())
+            return RemoteObject(d.get("size"), d.get("version"))
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def remote_object(self, url: str) -> RemoteObject | None:
+        """What the server reported about the cached copy of ``url`` (size, version)."""
+        return self._meta(url)
+
+    def _present(self, url: str, size: int | None, version: str | None) -> bool:
+        p = self.path(url)
+        if not p.exists():
+            return False
+        meta = self._meta(url)
+        if meta is None:
+            return False
+        if size is not None and meta.size is not None and meta.size != size:
+            return False
+        return version is None or meta.version is None or meta.version == version
+
+    def used_bytes(self) -> int:
+        """Bytes of every shard in the cache (all processes of the node)."""
+        total = 0
+        try:
+            with os.scandir(self.root) as it:
+                for e in it:
+                    if e.name.startswith(".fetch-") or not e.name.endswith((".meta", ".lock")):
+                        with contextlib.suppress(FileNotFoundError):
+                            total += e.stat().st_size
+        except FileNotFoundError:
+            return 0
+        return total
+
+    # -- fetch ----------------------------------------------------------------------------------
+
+    def fetch(self, url: str, *, size: int | None, version: str | None, compressed: bool) -> str:
+        """The shard's local path, fetched first if it is not cached (once per node)."""
+        self._check_pid()
+        if self._present(url, size, version):
+            self.stats.hits += 1
+            return str(self.path(url))
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.path(url)
+        lock_path = target.with_name(target.name + ".lock")
+        t0 = time.perf_counter()
+        with open(lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process fetching it: wait for it
+            try:
+                if self._present(url, size, version):
+                    self.stats.hits += 1
+                    return str(target)
+                self._make_room(size or 0, url)
+                expect = RemoteObject(size, version) if size is not None else None
+                got = download(url, target, self.cfg, compressed=compressed, expect=expect)
+                meta = target.with_name(target.name + ".meta")
+                tmp = meta.with_name(".fetch-" + meta.name)
+                tmp.write_text(json.dumps({"size": got.size, "version": got.version}))
+                os.replace(tmp, meta)
+                with self._cond:
+                    self.stats.fetches += 1
+                    self.stats.fetched_bytes += got.size or target.stat().st_size
+                    self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes())
+                    self._cond.notify_all()
+                log.debug("fetched %s (%.2fs)", url, time.perf_counter() - t0)
+                return str(target)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def acquire(self, need: Need) -> str:
+        """Fetch (or wait for the fetcher of) ``need`` and pin it: the returned path is not
+        evicted until :meth:`release`."""
+        self._check_pid()
+        with self._cond:
+            fut = self._inflight.get(need.url)
+        t0 = time.perf_counter()
+        if fut is not None:
+            path = fut.result()
+        else:
+            path = self.fetch(
+                need.url, size=need.size, version=need.version, compressed=need.compressed
+            )
+        self.stats.wait_seconds += time.perf_counter() - t0
+        with self._cond:
+            held = self._pins.get(need.url)
+            if held is not None:
+                self._pins[need.url] = (held[0], held[1] + 1)
+                return path
+        fd = os.open(path, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if os.fstat(fd).st_nlink == 0:  # evicted between the fetch and the lock: fetch again
+            os.close(fd)
+            return self.acquire(need)
+        with self._cond:
+            held = self._pins.get(need.url)
+            if held is not None:  # another thread pinned it meanwhile
+                os.close(fd)
+                self._pins[need.url] = (held[0], held[1] + 1)
+            else:
+                self._pins[need.url] = (fd, 1)
+        return path
+
+    def release(self, url: str) -> None:
+        with self._cond:
+            held = self._pins.get(url)
+            if held is None:
+                return
+            if held[1] > 1:
+                self._pins[url] = (held[0], held[1] - 1)
+                return
+            del self._pins[url]
+            os.close(held[0])
+            self._cond.notify_all()
+
+    # -- eviction -------------------------------------------------------------------------------
+
+    def _make_room(self, size: int, for_url: str) -> None:
+        """Evict until ``size`` more bytes fit under ``cache_limit`` (no limit: nothing)."""
+        limit = self.cfg.cache_limit
+        if limit is None:
+            return
+        if size > limit:
+            raise ConfigError(
+                f"cache_limit={limit} bytes is smaller than shard {for_url} ({size} bytes)"
+            )
+        deadline = time.monotonic() + max(self.cfg.read_timeout, 30.0) * 4
+        while self.used_bytes() + size > limit:
+            if not self._evict_one(for_url):
+                if time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"cache_limit={limit} bytes cannot hold the shards in use plus {for_url} "
+                        f"({size} bytes): every cached shard is still needed or in use. Raise "
+                        "cache_limit (>= (interleave * partitions per rank + lookahead) x shard "
+                        "size, see docs/streaming.md)"
+                    )
+                with self._cond:
+                    self._cond.wait(0.05)
+
+    def _evict_one(self, for_url: str) -> bool:
+        """Remove one evictable shard: first one this process no longer needs, then one it does
+        not need at all; never a pinned one, one needed ahead, or one another process reads."""
+        with self._cond:
+            done, unknown = [], []
+            needed = set()
+            for n in self._needs:
+                if n.last < self._current and n.url not in self._pins:
+                    done.append(n.url)
+                else:
+                    needed.add(n.url)
+            needed |= set(self._pins) | set(self._inflight) | {for_url}
+        known = {cache_name(u) for u in done}
+        try:
+            with os.scandir(self.root) as it:
+                names = [
+                    e.name
+                    for e in it
+                    if not e.name.startswith(".") and not e.name.endswith((".meta", ".lock"))
+                ]
+        except FileNotFoundError:
+            return False
+        needed_names = {cache_name(u) for u in needed}
+        unknown = [n for n in names if n not in known and n not in needed_names]
+        for name in [cache_name(u) for u in done if cache_name(u) in names] + unknown:
+            if self._try_remove(self.root / name):
+                return True
+        return False
+
+    def _try_remove(self, path: Path) -> bool:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # another process reads it
+            size = os.fstat(fd).st_size
+            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path.with_name(path.name + ".meta"))
+            self.stats.evicted += 1
+            self.stats.evicted_bytes += size
+            log.debug("evicted %s (%d bytes)", path.name, size)
+            return True
+        finally:
+            os.close(fd)
+
+    # -- look-ahead -----------------------------------------------------------------------------
+
+    def follow(self, needs: Sequence[Need]) -> None:
+        """This process's shards for the rest of the epoch, in the order it first needs them;
+        fetching starts at once, up to ``lookahead`` shards ahead of :meth:`advance`."""
+        self._check_pid()
+        with self._cond:
+            self._generation += 1
+            self._needs = sorted(needs, key=lambda n: n.first)
+            self._firsts = [n.first for n in self._needs]
+            self._next = 0
+            self._current = 0
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.cfg.fetchers, thread_name_prefix="mmload-fetch"
+                )
+        self._schedule()
+
+    def advance(self, batch: int) -> None:
+        """The consumer reached ``batch``: shards whose last batch passed may be evicted, and
+        the look-ahead moves on."""
+        with self._cond:
+            self._current = batch
+            self._cond.notify_all()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        with self._cond:
+            if self._pool is None:
+                return
+            # Shards needed now are always fetched; up to `lookahead` more beyond them (needs are
+            # sorted by first batch, so those handed out and not needed yet are a suffix).
+            while self._next < len(self._needs):
+                n = self._needs[self._next]
+                if n.first > self._current:
+                    ahead = self._next - bisect.bisect_right(self._firsts, self._current)
+                    if ahead >= self.cfg.lookahead:
+                        break
+                if n.url not in self._inflight and not self._present(n.url, n.size, n.version):
+                    fut = self._pool.submit(self._fetch_need, n, self._generation)
+                    self._inflight[n.url] = fut
+                self._next += 1
+
+    def _fetch_need(self, n: Need, generation: int) -> str:
+        try:
+            return self.fetch(n.url, size=n.size, version=n.version, compressed=n.compressed)
+        except (ShardError, ConfigError) as e:
+            self.stats.errors.append(f"{n.url}: {e}")
+            raise
+        finally:
+            with self._cond:
+                fut = self._inflight.pop(n.url, None)
+                if generation == self._generation and fut is not None:
+                    self._cond.notify_all()
+            self._schedule()
+
+    def close(self) -> None:
+        self._check_pid()
+        with self._cond:
+            pool, self._pool = self._pool, None
+            self._needs = []
+            for fd, _ in self._pins.values():
+                os.close(fd)
+            self._pins.clear()
+        if pool is not None and self._pid == os.getpid():
+            pool.shutdown(wait=True, cancel_futures=True)
