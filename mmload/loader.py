@@ -25,6 +25,7 @@ from mmload.config import (
     ErrorPolicy,
     FeatureJoin,
     ImageConfig,
+    RemoteConfig,
     ShuffleConfig,
     TextConfig,
     VideoConfig,
@@ -83,6 +84,7 @@ class _Base:
         allow_pipe: bool = False,
         epoch: int = 0,
         partitions: int | None = None,
+        remote: RemoteConfig | None = None,
     ) -> None:
         if isinstance(shuffle, bool):
             shuffle_cfg = ShuffleConfig() if shuffle else None
@@ -124,6 +126,7 @@ class _Base:
             cache_dir=cache_dir,
             index_cache=index_cache,
             allow_pipe=allow_pipe,
+            remote=remote,
         )
         self._pipe = Pipeline(ds, self.opts)
         self._pipe.partitions = partitions or default_partitions(
@@ -238,6 +241,7 @@ class _Base:
             "rank": self.world.rank,
             "world_size": self.world.world_size,
             "partitions": self._pipe.partitions,
+            **ds.cache.stats.snapshot(),
         }
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -159,16 +160,30 @@ class ShardCache:
         return version is None or meta.version is None or meta.version == version
 
     def used_bytes(self) -> int:
-        """Bytes of every shard in the cache (all processes of the node)."""
+        """Bytes of every shard in the cache plus the space reserved by fetches in flight (all
+        processes of the node); partial downloads are covered by their reservation."""
         total = 0
         try:
             with os.scandir(self.root) as it:
                 for e in it:
-                    if e.name.startswith(".fetch-") or not e.name.endswith((".meta", ".lock")):
-                        with contextlib.suppress(FileNotFoundError):
+                    name = e.name
+                    with contextlib.suppress(FileNotFoundError, ValueError):
+                        if name.startswith(".reserve-"):
+                            total += int(Path(e.path).read_text() or 0)
+                        elif not name.startswith(".") and not name.endswith((".meta", ".lock")):
                             total += e.stat().st_size
         except FileNotFoundError:
             return 0
+        return total
+
+    def disk_bytes(self) -> int:
+        """Bytes of the complete shards in the cache."""
+        total = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.root) as it:
+            for e in it:
+                if not e.name.startswith(".") and not e.name.endswith((".meta", ".lock")):
+                    with contextlib.suppress(FileNotFoundError):
+                        total += e.stat().st_size
         return total
 
     # -- fetch ----------------------------------------------------------------------------------
@@ -189,9 +204,14 @@ class ShardCache:
                 if self._present(url, size, version):
                     self.stats.hits += 1
                     return str(target)
-                self._make_room(size or 0, url)
-                expect = RemoteObject(size, version) if size is not None else None
-                got = download(url, target, self.cfg, compressed=compressed, expect=expect)
+                reservation = self._reserve(size or 0, url)
+                try:
+                    expect = RemoteObject(size, version) if size is not None else None
+                    got = download(url, target, self.cfg, compressed=compressed, expect=expect)
+                finally:
+                    if reservation is not None:
+                        with contextlib.suppress(FileNotFoundError):
+                            reservation.unlink()
                 meta = target.with_name(target.name + ".meta")
                 tmp = meta.with_name(".fetch-" + meta.name)
                 tmp.write_text(json.dumps({"size": got.size, "version": got.version}))
@@ -199,7 +219,7 @@ class ShardCache:
                 with self._cond:
                     self.stats.fetches += 1
                     self.stats.fetched_bytes += got.size or target.stat().st_size
-                    self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes())
+                    self.stats.peak_bytes = max(self.stats.peak_bytes, self.disk_bytes())
                     self._cond.notify_all()
                 log.debug("fetched %s (%.2fs)", url, time.perf_counter() - t0)
                 return str(target)
@@ -253,27 +273,37 @@ class ShardCache:
 
     # -- eviction -------------------------------------------------------------------------------
 
-    def _make_room(self, size: int, for_url: str) -> None:
-        """Evict until ``size`` more bytes fit under ``cache_limit`` (no limit: nothing)."""
+    def _reserve(self, size: int, for_url: str) -> Path | None:
+        """Evict until ``size`` more bytes fit under ``cache_limit``, then reserve them (a
+        ``.reserve-*`` file the other processes count) under a node-wide lock, so concurrent
+        fetches cannot overshoot the limit together. No limit: nothing to do."""
         limit = self.cfg.cache_limit
         if limit is None:
-            return
+            return None
         if size > limit:
             raise ConfigError(
                 f"cache_limit={limit} bytes is smaller than shard {for_url} ({size} bytes)"
             )
         deadline = time.monotonic() + max(self.cfg.read_timeout, 30.0) * 4
-        while self.used_bytes() + size > limit:
-            if not self._evict_one(for_url):
-                if time.monotonic() > deadline:
-                    raise ConfigError(
-                        f"cache_limit={limit} bytes cannot hold the shards in use plus {for_url} "
-                        f"({size} bytes): every cached shard is still needed or in use. Raise "
-                        "cache_limit (>= (interleave * partitions per rank + lookahead) x shard "
-                        "size, see docs/streaming.md)"
-                    )
-                with self._cond:
-                    self._cond.wait(0.05)
+        while True:
+            with open(self.root / ".space.lock", "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                while self.used_bytes() + size > limit and self._evict_one(for_url):
+                    pass
+                if self.used_bytes() + size <= limit:
+                    fd, path = tempfile.mkstemp(dir=self.root, prefix=".reserve-")
+                    with os.fdopen(fd, "w") as f:
+                        f.write(str(size))
+                    return Path(path)
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"cache_limit={limit} bytes cannot hold the shards in use plus {for_url} "
+                    f"({size} bytes): every cached shard is still needed or in use. Raise "
+                    "cache_limit (>= (interleave * partitions per rank + lookahead) x shard "
+                    "size, see docs/streaming.md)"
+                )
+            with self._cond:  # wait for a release or a batch boundary, then look again
+                self._cond.wait(0.05)
 
     def _evict_one(self, for_url: str) -> bool:
         """Remove one evictable shard: first one this process no longer needs, then one it does

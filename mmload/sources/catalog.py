@@ -26,7 +26,7 @@ from pathlib import Path
 from mmload.errors import BadEntry, ConfigError, ShardError
 from mmload.sources.cache import ShardCache
 from mmload.sources.fetch import download, stat_remote
-from mmload.sources.index import IndexStore, ShardIndex, fields_of, local_version
+from mmload.sources.index import IndexStore, ShardIndex, fields_of, index_digest, local_version
 from mmload.sources.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -249,5 +249,6 @@ def _index_shard(sp: ShardSpec, store: IndexStore, cache: ShardCache) -> ShardRe
         num_samples=index.num_samples,
         chunk_rows=None if isinstance(index, TarIndex) else [int(x) for x in index.chunk_rows],
         fields=fields_of(index),
+        digest=index_digest(index),
         bad=list(index.bad) if isinstance(index, TarIndex) else [],
     )

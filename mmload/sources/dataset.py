@@ -26,7 +26,7 @@ from mmload.sources.arrow import ChunkCache, TableIndex, TableReader
 from mmload.sources.cache import Need, ShardCache
 from mmload.sources.catalog import in_cache, resolve
 from mmload.sources.fetch import default_cache_dir
-from mmload.sources.index import IndexStore, ShardIndex
+from mmload.sources.index import IndexStore, ShardIndex, index_digest
 from mmload.sources.manifest import FieldInfo, Manifest, ShardRecord
 from mmload.sources.spec import ShardSpec, local_path
 from mmload.sources.tar import TarIndex
@@ -181,7 +181,10 @@ class Dataset:
 
     def need(self, s: int, first: int, last: int) -> Need:
         r, sp = self.records[s], self.specs[s]
-        return Need(sp.url, r.size, r.version, sp.compressed, first, last)
+        # A record made from a local file (`mmload index` before the upload) has its mtime, not
+        # the store's ETag: the served copy is checked by size.
+        version = None if r.version is None or r.version.startswith("mtime:") else r.version
+        return Need(sp.url, r.size, version, sp.compressed, first, last)
 
     def expect(self, needs: Sequence[tuple[int, int, int]]) -> None:
         """This process's remote shards for the rest of the epoch: (shard, first batch, last
@@ -231,6 +234,13 @@ class Dataset:
         idx = self.store.cached(url, rec.index_version)
         if idx is None:
             idx = self.store.build(self._path(s), rec.kind, url=url, version=rec.index_version)
+            if rec.digest is not None and index_digest(idx) != rec.digest:
+                self.store.forget(url)
+                raise ShardError(
+                    "the shard changed since it was indexed: its member table (keys, offsets) "
+                    "differs from the manifest's; run `mmload index` again",
+                    shard=url,
+                )
         if idx.num_samples != rec.num_samples:
             raise ShardError(
                 f"the shard changed since it was indexed: the manifest says {rec.num_samples} "

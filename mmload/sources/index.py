@@ -25,7 +25,14 @@ from mmload.errors import ShardError
 from mmload.sources.arrow import TableIndex, index_table
 from mmload.sources.tar import TarIndex, read_dali_idx, scan_tar
 
-__all__ = ["IndexStore", "ShardIndex", "build_index", "fields_of", "local_version"]
+__all__ = [
+    "IndexStore",
+    "ShardIndex",
+    "build_index",
+    "fields_of",
+    "index_digest",
+    "local_version",
+]
 
 log = logging.getLogger(__name__)
 _VERSION = 5  # 5: one file per shard
@@ -44,12 +51,13 @@ def _dali_idx_for(path: str) -> str | None:
 
 
 def local_version(path: str, shard: str) -> tuple[int, str]:
-    """(size, version) of a local shard file: the version changes with its size or mtime."""
+    """(size, version) of a local shard file: the version changes with its size or mtime. It
+    starts with ``mtime:``: a copy of the file served elsewhere is checked by size only."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise ShardError("shard file not found", shard=shard) from None
-    return st.st_size, f"{st.st_size}:{st.st_mtime_ns}"
+    return st.st_size, f"mtime:{st.st_size}:{st.st_mtime_ns}"
 
 
 def build_index(
@@ -69,6 +77,21 @@ def fields_of(index: ShardIndex) -> dict[str, Any]:
     if isinstance(index, TarIndex):
         return dict(Counter(index.fields))
     return dict(zip(index.columns, index.types, strict=True))
+
+
+def index_digest(index: ShardIndex) -> str:
+    """A short hash of a member table (keys, member offsets and sizes; or rows per chunk and
+    column types): two files with the same table hold the same samples at the same places."""
+    h = hashlib.sha256()
+    if isinstance(index, TarIndex):
+        h.update("\0".join(index.keys).encode("utf-8", "surrogateescape"))
+        h.update("\0".join(index.fields).encode("utf-8", "surrogateescape"))
+        for a in (index.starts, index.offsets, index.sizes):
+            h.update(a.astype("<i8").tobytes())
+    else:
+        h.update(index.chunk_rows.astype("<i8").tobytes())
+        h.update(json.dumps([index.columns, index.types]).encode())
+    return h.hexdigest()[:24]
 
 
 class IndexStore:
@@ -135,6 +158,14 @@ class IndexStore:
             except OSError as e:
                 log.warning("cannot write index file %s (%s); it is rebuilt next time", f, e)
         return index
+
+    def forget(self, url: str) -> None:
+        """Drop ``url``'s table from memory and disk (it did not match its manifest)."""
+        with self._lock:
+            self._loaded.pop(url, None)
+        f = self._file(url)
+        if f is not None:
+            f.unlink(missing_ok=True)
 
     def _keep(self, url: str, version: str | None, index: ShardIndex) -> None:
         with self._lock:

@@ -62,6 +62,7 @@ class ShardRecord:
     num_samples: int
     chunk_rows: list[int] | None  # Parquet/Arrow: rows per chunk; tar: None (one chunk)
     fields: dict[str, Any]  # tar: {member field: samples with it}; table: {column: arrow type}
+    digest: str | None = None  # of the member table: tells a changed copy by its content
     bad: list[BadEntry] = field(default_factory=list, repr=False)  # found indexing (not saved)
 
     @property
@@ -149,6 +150,7 @@ class Manifest:
                 "samples": [r.num_samples for r in rs],
                 "chunk_rows": [r.chunk_rows for r in rs],
                 "fields": [r.fields for r in rs],
+                "digest": [r.digest for r in rs],
             },
             "fields": [
                 {
@@ -191,6 +193,7 @@ class Manifest:
                     num_samples=int(s["samples"][i]),
                     chunk_rows=None if rows is None else [int(x) for x in rows],
                     fields=dict(s["fields"][i]),
+                    digest=s["digest"][i] if "digest" in s else None,
                 )
                 if rec.kind not in ("tar", "parquet", "arrow") or rec.num_samples < 0:
                     raise ValueError(f"shard {i}: bad kind or sample count")
