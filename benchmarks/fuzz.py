@@ -421,7 +421,7 @@ class TarTarget(Target):
             _check_truncation(int(inp.steps[0][9:-1]), seed, strict, lenient)
         # Read every sample found through the public API.
         try:
-            ds = Dataset.open(path, skip_bad=True, index_cache=False, threads=1)
+            ds = Dataset.open(path, skip_bad=True, index_cache=False)
         except ShardError:
             if isinstance(lenient, TarIndex) and lenient.num_samples:
                 raise Violation("Dataset.open failed on a tar that scan_tar indexed") from None
@@ -572,7 +572,7 @@ class IdxTarget(Target):
         idx = read_dali_idx(path + ".idx", path)
         _check_tar_index_loose(idx, size)
         try:
-            ds = Dataset.open(path, index_cache=False, threads=1)
+            ds = Dataset.open(path, index_cache=False)
         except ShardError as e:
             raise Violation("Dataset.open failed where read_dali_idx succeeded", e.reason) from None
         try:
@@ -619,7 +619,7 @@ class _TableTarget(Target):
 
         path = os.path.join(work, f"x.{self.ext}")
         _write(path, inp.data)
-        ds = Dataset.open(path, key_column=inp.opts["key_column"], index_cache=False, threads=1)
+        ds = Dataset.open(path, key_column=inp.opts["key_column"], index_cache=False)
         failed: ShardError | None = None
         try:
             n = ds.num_samples

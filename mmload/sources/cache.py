@@ -45,6 +45,10 @@ __all__ = ["CacheStats", "Need", "ShardCache", "cache_name"]
 log = logging.getLogger(__name__)
 
 
+class _NoRoom(Exception):
+    """No room for a look-ahead fetch now (it is fetched when needed)."""
+
+
 def cache_name(url: str) -> str:
     """A file name for ``url``: a hash (unique) plus the tail of its name (readable)."""
     base = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "shard"
@@ -102,6 +106,7 @@ class ShardCache:
         self._inflight: dict[str, Future[str]] = {}
         self._needs: list[Need] = []
         self._firsts: list[int] = []
+        self._blocked = False
         self._next = 0  # the first need not yet handed to a fetcher
         self._current = 0  # the consumer's batch
         self._pool: ThreadPoolExecutor | None = None
@@ -188,7 +193,15 @@ class ShardCache:
 
     # -- fetch ----------------------------------------------------------------------------------
 
-    def fetch(self, url: str, *, size: int | None, version: str | None, compressed: bool) -> str:
+    def fetch(
+        self,
+        url: str,
+        *,
+        size: int | None,
+        version: str | None,
+        compressed: bool,
+        wait: bool = True,
+    ) -> str:
         """The shard's local path, fetched first if it is not cached (once per node)."""
         self._check_pid()
         if self._present(url, size, version):
@@ -204,14 +217,16 @@ class ShardCache:
                 if self._present(url, size, version):
                     self.stats.hits += 1
                     return str(target)
-                reservation = self._reserve(size or 0, url)
+                reservation = self._reserve(size or 0, url, wait=wait)
                 try:
                     expect = RemoteObject(size, version) if size is not None else None
                     got = download(url, target, self.cfg, compressed=compressed, expect=expect)
                 finally:
-                    if reservation is not None:
-                        with contextlib.suppress(FileNotFoundError):
-                            reservation.unlink()
+                    if reservation is not None:  # under the space lock: a scan in progress
+                        with open(self.root / ".space.lock", "a+b") as space:  # sees it or
+                            fcntl.flock(space, fcntl.LOCK_EX)  # the shard, never neither
+                            with contextlib.suppress(FileNotFoundError):
+                                reservation.unlink()
                 meta = target.with_name(target.name + ".meta")
                 tmp = meta.with_name(".fetch-" + meta.name)
                 tmp.write_text(json.dumps({"size": got.size, "version": got.version}))
@@ -231,25 +246,34 @@ class ShardCache:
         evicted until :meth:`release`."""
         self._check_pid()
         with self._cond:
-            fut = self._inflight.get(need.url)
-        t0 = time.perf_counter()
-        if fut is not None:
-            path = fut.result()
-        else:
-            path = self.fetch(
-                need.url, size=need.size, version=need.version, compressed=need.compressed
-            )
-        self.stats.wait_seconds += time.perf_counter() - t0
-        with self._cond:
             held = self._pins.get(need.url)
             if held is not None:
                 self._pins[need.url] = (held[0], held[1] + 1)
-                return path
-        fd = os.open(path, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        if os.fstat(fd).st_nlink == 0:  # evicted between the fetch and the lock: fetch again
-            os.close(fd)
-            return self.acquire(need)
+                return str(self.path(need.url))
+            fut = self._inflight.get(need.url)
+        t0 = time.perf_counter()
+        for _ in range(8):  # another process may evict it between the fetch and the lock
+            path = fut.result() if fut is not None else ""
+            fut = None
+            if not path:  # not fetched ahead (or deferred for room): fetch it now
+                path = self.fetch(
+                    need.url, size=need.size, version=need.version, compressed=need.compressed
+                )
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if os.fstat(fd).st_nlink == 0:
+                os.close(fd)
+                continue
+            break
+        else:
+            raise ShardError(
+                "the shard was evicted 8 times before it could be read: raise cache_limit",
+                shard=need.url,
+            )
+        self.stats.wait_seconds += time.perf_counter() - t0
         with self._cond:
             held = self._pins.get(need.url)
             if held is not None:  # another thread pinned it meanwhile
@@ -269,11 +293,12 @@ class ShardCache:
                 return
             del self._pins[url]
             os.close(held[0])
+            self._blocked = False
             self._cond.notify_all()
 
     # -- eviction -------------------------------------------------------------------------------
 
-    def _reserve(self, size: int, for_url: str) -> Path | None:
+    def _reserve(self, size: int, for_url: str, *, wait: bool = True) -> Path | None:
         """Evict until ``size`` more bytes fit under ``cache_limit``, then reserve them (a
         ``.reserve-*`` file the other processes count) under a node-wide lock, so concurrent
         fetches cannot overshoot the limit together. No limit: nothing to do."""
@@ -288,13 +313,15 @@ class ShardCache:
         while True:
             with open(self.root / ".space.lock", "a+b") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                while self.used_bytes() + size > limit and self._evict_one(for_url):
+                while self.used_bytes() + size > limit and self._evict_one(for_url, now=wait):
                     pass
                 if self.used_bytes() + size <= limit:
                     fd, path = tempfile.mkstemp(dir=self.root, prefix=".reserve-")
                     with os.fdopen(fd, "w") as f:
                         f.write(str(size))
                     return Path(path)
+            if not wait:
+                raise _NoRoom(for_url)
             if time.monotonic() > deadline:
                 raise ConfigError(
                     f"cache_limit={limit} bytes cannot hold the shards in use plus {for_url} "
@@ -305,32 +332,39 @@ class ShardCache:
             with self._cond:  # wait for a release or a batch boundary, then look again
                 self._cond.wait(0.05)
 
-    def _evict_one(self, for_url: str) -> bool:
-        """Remove one evictable shard: first one this process no longer needs, then one it does
-        not need at all; never a pinned one, one needed ahead, or one another process reads."""
+    def _evict_one(self, for_url: str, *, now: bool) -> bool:
+        """Remove one evictable shard, in this order: one this process no longer needs, one it
+        does not need at all, and (only to make room for a shard needed ``now``) one it needs
+        later (fetched ahead; fetched again when its turn comes). Never a pinned one, one
+        being fetched, or one another process reads (it holds a shared lock)."""
         with self._cond:
-            done, unknown = [], []
-            needed = set()
+            later: dict[str, int] = {}
+            alive: set[str] = set()
             for n in self._needs:
-                if n.last < self._current and n.url not in self._pins:
-                    done.append(n.url)
-                else:
-                    needed.add(n.url)
-            needed |= set(self._pins) | set(self._inflight) | {for_url}
-        known = {cache_name(u) for u in done}
+                if n.last >= self._current:
+                    alive.add(n.url)
+                    if n.first > self._current:
+                        later[n.url] = min(later.get(n.url, n.first), n.first)
+            soon = {u for u in alive if u not in later}  # needed by the current batch
+            done = [n.url for n in self._needs if n.url not in alive]
+            keep = soon | set(self._pins) | set(self._inflight) | {for_url}
         try:
             with os.scandir(self.root) as it:
-                names = [
+                names = {
                     e.name
                     for e in it
                     if not e.name.startswith(".") and not e.name.endswith((".meta", ".lock"))
-                ]
+                }
         except FileNotFoundError:
             return False
-        needed_names = {cache_name(u) for u in needed}
-        unknown = [n for n in names if n not in known and n not in needed_names]
-        for name in [cache_name(u) for u in done if cache_name(u) in names] + unknown:
-            if self._try_remove(self.root / name):
+        keep_names = {cache_name(u) for u in keep}
+        mine = {cache_name(u) for u in alive | set(done)}
+        order = [cache_name(u) for u in dict.fromkeys(done)]
+        order += sorted(n for n in names if n not in mine)
+        if now:  # the farthest first
+            order += [cache_name(u) for u in sorted(later, key=lambda u: -later[u])]
+        for name in order:
+            if name in names and name not in keep_names and self._try_remove(self.root / name):
                 return True
         return False
 
@@ -378,6 +412,7 @@ class ShardCache:
         the look-ahead moves on."""
         with self._cond:
             self._current = batch
+            self._blocked = False
             self._cond.notify_all()
         self._schedule()
 
@@ -390,6 +425,8 @@ class ShardCache:
             while self._next < len(self._needs):
                 n = self._needs[self._next]
                 if n.first > self._current:
+                    if self._blocked:  # no room for look-ahead until something is released
+                        break
                     ahead = self._next - bisect.bisect_right(self._firsts, self._current)
                     if ahead >= self.cfg.lookahead:
                         break
@@ -399,8 +436,17 @@ class ShardCache:
                 self._next += 1
 
     def _fetch_need(self, n: Need, generation: int) -> str:
+        now = n.first <= self._current
         try:
-            return self.fetch(n.url, size=n.size, version=n.version, compressed=n.compressed)
+            return self.fetch(
+                n.url, size=n.size, version=n.version, compressed=n.compressed, wait=now
+            )
+        except _NoRoom:
+            with self._cond:  # fetched when it is needed, or when room frees up
+                if generation == self._generation:
+                    self._blocked = True
+                    self._next = min(self._next, self._needs.index(n))
+            return ""
         except (ShardError, ConfigError) as e:
             self.stats.errors.append(f"{n.url}: {e}")
             raise

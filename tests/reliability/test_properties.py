@@ -189,7 +189,7 @@ def check_tar(path: str) -> dict[bool, TarIndex | ShardError]:
     elif isinstance(lenient, TarIndex):
         assert lenient.bad, f"skip=False raised ({strict}) but skip=True lists nothing bad"
     try:
-        ds = Dataset.open(path, skip_bad=True, index_cache=False, threads=1)
+        ds = Dataset.open(path, skip_bad=True, index_cache=False)
     except ShardError:
         assert not (isinstance(lenient, TarIndex) and lenient.num_samples)
         return res
@@ -393,7 +393,7 @@ def _table_bytes(kind: str, variant: int) -> bytes:
 def _open_and_read(path: str, key_column: str | None) -> None:
     """Index and read every row; only ShardError may come out (raised or per sample)."""
     try:
-        ds = Dataset.open(path, key_column=key_column, index_cache=False, threads=1)
+        ds = Dataset.open(path, key_column=key_column, index_cache=False)
     except ShardError:
         return
     try:
