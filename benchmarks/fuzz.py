@@ -427,7 +427,7 @@ class TarTarget(Target):
                 raise Violation("Dataset.open failed on a tar that scan_tar indexed") from None
             raise
         try:
-            got = ds.shards[0].index
+            got = ds.index(0)
             if not isinstance(lenient, TarIndex) or got.to_json() != lenient.to_json():
                 raise Violation("Dataset.open index differs from scan_tar(skip=True)")
             for s in ds.read(np.arange(ds.num_samples)):
