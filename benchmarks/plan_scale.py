@@ -51,6 +51,8 @@ def new_plan(counts: np.ndarray, rank: int, world: int, worker: int, workers: in
     from mmload.pipeline import default_partitions, remote_needs
     from mmload.plan import EpochOrder, Schedule, World
 
+    ds = _Chunks(counts)  # the Dataset's chunk table: built when the manifest is read
+    ds.remote = _AllRemote()  # type: ignore[assignment]
     t0 = time.perf_counter()
     P = default_partitions(len(counts), world)
     order = EpochOrder(counts, seed=1, epoch=3, shuffle=ShuffleConfig(), partitions=P)
@@ -63,8 +65,6 @@ def new_plan(counts: np.ndarray, rank: int, world: int, worker: int, workers: in
     k = next(iter(sched.worker_batches(w)))
     ids = order[sched.positions(rank, k)]
     t_ids = time.perf_counter() - t0
-    ds = _Chunks(counts)
-    ds.remote = _AllRemote()  # type: ignore[assignment]
     needs = remote_needs(ds, order, sched, w)  # type: ignore[arg-type]
     return {
         "partitions": P,
@@ -86,8 +86,10 @@ def old_plan(counts: np.ndarray, rank: int, world: int, worker: int, workers: in
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(src)
     spec = importlib.util.spec_from_file_location("old_plan", f.name)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["old_plan"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     from mmload.config import ShuffleConfig
 

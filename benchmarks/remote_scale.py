@@ -111,7 +111,13 @@ def simulate(
             results: list[dict[str, Any]] = [{} for _ in range(workers)]
             errors: list[BaseException] = []
 
-            def work(w: int, rank: int = rank, node: Path = node) -> None:
+            def work(
+                w: int,
+                rank: int,
+                node: Path,
+                results: list[dict[str, Any]],
+                errors: list[BaseException],
+            ) -> None:
                 try:
                     ds = Dataset.open(url, cache_dir=node, remote=cfg, key_column="__key__")
                     order = EpochOrder(
@@ -157,7 +163,10 @@ def simulate(
                 except BaseException as e:  # noqa: BLE001 - reported by the main thread
                     errors.append(e)
 
-            threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+            threads = [
+                threading.Thread(target=work, args=(w, rank, node, results, errors))
+                for w in range(workers)
+            ]
             for t in threads:
                 t.start()
             for t in threads:
@@ -188,7 +197,7 @@ def simulate(
     summary = {
         "exactly_once": exactly_once,
         "samples": n,
-        "read": int(len(all_ids)),
+        "read": len(all_ids),
         "worst_fetched_vs_share": worst,
         "worst_peak_vs_limit": max(r["peak_vs_limit"] for r in rep.rows),
         "max_first_batch_kb": max(r["first_batch_kb"] for r in rep.rows),

@@ -251,7 +251,10 @@ class Pipeline:
                 epoch=epoch,
                 shuffle=self.opts.shuffle,
                 partitions=self.partitions,
-                chunk_shard=self.ds.chunk_shard,
+                # one chunk per shard (tar): the chunk permutation is the shard permutation
+                chunk_shard=None
+                if len(self.ds.chunk_counts) == self.ds.num_shards
+                else self.ds.chunk_shard,
             )
         return self._order
 
