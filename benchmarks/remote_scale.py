@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,98 @@ def write_shards(root: Path, shards: int, per_shard: int, sample_bytes: int) -> 
     return names
 
 
+@dataclass
+class _Run:
+    url: str
+    cfg: Any
+    seed: int
+    shuffle: Any
+    partitions: int
+    batch: int
+    ranks: int
+    workers: int
+
+
+@dataclass
+class _Node:
+    """One rank's node: its cache directory and its workers' progress (DataLoader's
+    back-pressure) and results."""
+
+    dir: Path
+    workers: int
+    gate: threading.Condition = field(default_factory=threading.Condition)
+    progress: list[int] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.progress = [0] * self.workers
+        self.results = [{} for _ in range(self.workers)]
+
+
+def _work(c: _Run, node: _Node, rank: int, w: int) -> None:
+    """Worker ``w`` of ``rank``: its own Dataset (as a DataLoader worker process has), the read
+    path of every one of its batches."""
+    from mmload.pipeline import remote_needs
+    from mmload.plan import EpochOrder, Schedule, World
+    from mmload.sources import Dataset
+
+    try:
+        ds = Dataset.open(c.url, cache_dir=node.dir, remote=c.cfg, key_column="__key__")
+        order = EpochOrder(
+            ds.chunk_counts,
+            seed=c.seed,
+            epoch=0,
+            shuffle=c.shuffle,
+            partitions=c.partitions,
+            chunk_shard=ds.chunk_shard,
+        )
+        sched = Schedule(ds.num_samples, batch_size=c.batch, world_size=c.ranks)
+        world = World(rank, c.ranks, w, c.workers)
+        ds.expect(remote_needs(ds, order, sched, world), skew=2 * c.workers)
+        ids_seen: list[np.ndarray] = []
+        first_bytes = None
+        peak = 0
+        t1 = time.perf_counter()
+        first_s = None
+        for k in sched.worker_batches(world):
+            # DataLoader's back-pressure: a worker is at most prefetch_factor (2)
+            # rounds ahead of the slowest (the trainer takes them in turn).
+            with node.gate:
+                node.progress[w] = k
+                node.gate.notify_all()
+                while k - min(node.progress) > 2 * c.workers:
+                    node.gate.wait(0.05)
+            ds.advance(k)
+            pos = sched.positions(rank, k)
+            ids = order[pos]
+            got = ds.read(ids, {"cls"})
+            bad = [g for g in got if not isinstance(g, dict)]
+            if bad:
+                raise bad[0]  # type: ignore[misc]
+            if first_bytes is None:
+                first_bytes = ds.cache.stats.fetched_bytes
+                first_s = time.perf_counter() - t1
+            pad = sched.padding_in(rank, k)
+            ids_seen.append(ids[: len(ids) - pad])
+            peak = max(peak, ds.cache.disk_bytes())
+        with node.gate:
+            node.progress[w] = 1 << 60  # finished: never holds the others back
+            node.gate.notify_all()
+        node.results[w] = {
+            "ids": np.concatenate(ids_seen) if ids_seen else np.zeros(0, np.int64),
+            "fetched": ds.cache.stats.fetched_bytes,
+            "first": first_bytes or 0,
+            "first_s": first_s or 0.0,
+            "peak": max(peak, ds.cache.stats.peak_bytes),
+            "hits": ds.cache.stats.hits,
+            "evicted": ds.cache.stats.evicted,
+        }
+        ds.close_cache()
+    except BaseException as e:  # noqa: BLE001 - reported by the main thread
+        node.errors.append(e)
+
+
 def simulate(
     *,
     shards: int = 1024,
@@ -64,8 +157,6 @@ def simulate(
     seed: int = 0,
 ) -> tuple[Report, dict[str, Any]]:
     from mmload.config import RemoteConfig, ShuffleConfig
-    from mmload.pipeline import remote_needs
-    from mmload.plan import EpochOrder, Schedule, World
     from mmload.sources import Dataset
 
     tmp = Path(tempfile.mkdtemp(prefix="mmload-scale-"))
@@ -106,73 +197,19 @@ def simulate(
     ok = True
     with LoopbackServer(root) as srv:
         url = srv.url.rstrip("/") + "/data-{00000.." + f"{shards - 1:05d}" + "}.tar"
+        run = _Run(url, cfg, seed, shuffle, P, batch, ranks, workers)
         for rank in range(ranks):
-            node = tmp / f"node-{rank}"
-            results: list[dict[str, Any]] = [{} for _ in range(workers)]
-            errors: list[BaseException] = []
-
-            def work(
-                w: int,
-                rank: int,
-                node: Path,
-                results: list[dict[str, Any]],
-                errors: list[BaseException],
-            ) -> None:
-                try:
-                    ds = Dataset.open(url, cache_dir=node, remote=cfg, key_column="__key__")
-                    order = EpochOrder(
-                        ds.chunk_counts,
-                        seed=seed,
-                        epoch=0,
-                        shuffle=shuffle,
-                        partitions=P,
-                        chunk_shard=ds.chunk_shard,
-                    )
-                    sched = Schedule(ds.num_samples, batch_size=batch, world_size=ranks)
-                    world = World(rank, ranks, w, workers)
-                    ds.expect(remote_needs(ds, order, sched, world))
-                    ids_seen: list[np.ndarray] = []
-                    first_bytes = None
-                    peak = 0
-                    t1 = time.perf_counter()
-                    first_s = None
-                    for k in sched.worker_batches(world):
-                        ds.advance(k)
-                        pos = sched.positions(rank, k)
-                        ids = order[pos]
-                        got = ds.read(ids, {"cls"})
-                        bad = [g for g in got if not isinstance(g, dict)]
-                        if bad:
-                            raise bad[0]  # type: ignore[misc]
-                        if first_bytes is None:
-                            first_bytes = ds.cache.stats.fetched_bytes
-                            first_s = time.perf_counter() - t1
-                        pad = sched.padding_in(rank, k)
-                        ids_seen.append(ids[: len(ids) - pad])
-                        peak = max(peak, ds.cache.disk_bytes())
-                    results[w] = {
-                        "ids": np.concatenate(ids_seen) if ids_seen else np.zeros(0, np.int64),
-                        "fetched": ds.cache.stats.fetched_bytes,
-                        "first": first_bytes or 0,
-                        "first_s": first_s or 0.0,
-                        "peak": max(peak, ds.cache.stats.peak_bytes),
-                        "hits": ds.cache.stats.hits,
-                        "evicted": ds.cache.stats.evicted,
-                    }
-                    ds.close_cache()
-                except BaseException as e:  # noqa: BLE001 - reported by the main thread
-                    errors.append(e)
-
+            node = _Node(tmp / f"node-{rank}", workers)
             threads = [
-                threading.Thread(target=work, args=(w, rank, node, results, errors))
-                for w in range(workers)
+                threading.Thread(target=_work, args=(run, node, rank, w)) for w in range(workers)
             ]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            if errors:
-                raise errors[0]
+            if node.errors:
+                raise node.errors[0]
+            results = node.results
             fetched = sum(r["fetched"] for r in results)
             share = total / ranks
             peak = max(r["peak"] for r in results)

@@ -357,7 +357,9 @@ class Pipeline:
 
         decoder.spare_source = spare_reads
         if self.ds.remote.any():
-            self.ds.expect(remote_needs(self.ds, order, schedule, world))
+            # DataLoader keeps its workers within prefetch_factor (2) rounds of each other.
+            skew = 2 * world.num_workers * (world.num_workers > 1)
+            self.ds.expect(remote_needs(self.ds, order, schedule, world), skew=skew)
 
         def read(k: int) -> tuple[int, list[Any]]:
             t0 = time.perf_counter()

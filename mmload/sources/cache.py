@@ -109,6 +109,7 @@ class ShardCache:
         self._blocked = False
         self._next = 0  # the first need not yet handed to a fetcher
         self._current = 0  # the consumer's batch
+        self._skew = 0  # how far behind the other readers of the node's shards may be
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self._generation = 0
@@ -341,7 +342,7 @@ class ShardCache:
             later: dict[str, int] = {}
             alive: set[str] = set()
             for n in self._needs:
-                if n.last >= self._current:
+                if n.last + self._skew >= self._current:
                     alive.add(n.url)
                     if n.first > self._current:
                         later[n.url] = min(later.get(n.url, n.first), n.first)
@@ -391,9 +392,11 @@ class ShardCache:
 
     # -- look-ahead -----------------------------------------------------------------------------
 
-    def follow(self, needs: Sequence[Need]) -> None:
+    def follow(self, needs: Sequence[Need], *, skew: int = 0) -> None:
         """This process's shards for the rest of the epoch, in the order it first needs them;
-        fetching starts at once, up to ``lookahead`` shards ahead of :meth:`advance`."""
+        fetching starts at once, up to ``lookahead`` shards ahead of :meth:`advance`. A shard
+        counts as no longer needed ``skew`` batches after its last one: the other workers of
+        the rank, which read the same shards, may be that far behind."""
         self._check_pid()
         with self._cond:
             self._generation += 1
@@ -401,6 +404,7 @@ class ShardCache:
             self._firsts = [n.first for n in self._needs]
             self._next = 0
             self._current = 0
+            self._skew = skew
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     self.cfg.fetchers, thread_name_prefix="mmload-fetch"

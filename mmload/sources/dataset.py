@@ -186,13 +186,13 @@ class Dataset:
         version = None if r.version is None or r.version.startswith("mtime:") else r.version
         return Need(sp.url, r.size, version, sp.compressed, first, last)
 
-    def expect(self, needs: Sequence[tuple[int, int, int]]) -> None:
+    def expect(self, needs: Sequence[tuple[int, int, int]], *, skew: int = 0) -> None:
         """This process's remote shards for the rest of the epoch: (shard, first batch, last
         batch), in plan order. The cache starts fetching them, ``lookahead`` ahead."""
         self._last_need = {}
         for s, _first, last in needs:
             self._last_need[s] = max(last, self._last_need.get(s, -1))
-        self.cache.follow([self.need(s, f, la) for s, f, la in needs])
+        self.cache.follow([self.need(s, f, la) for s, f, la in needs], skew=skew)
 
     def advance(self, batch: int) -> None:
         """The reader is at ``batch``: unpin shards it no longer needs, move the look-ahead."""
