@@ -13,6 +13,7 @@ batch, and at the end whether every sample was read exactly once across all rank
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import threading
@@ -195,37 +196,41 @@ def simulate(
     )
     seen: list[np.ndarray] = []
     ok = True
-    with LoopbackServer(root) as srv:
-        url = srv.url.rstrip("/") + "/data-{00000.." + f"{shards - 1:05d}" + "}.tar"
-        run = _Run(url, cfg, seed, shuffle, P, batch, ranks, workers)
-        for rank in range(ranks):
-            node = _Node(tmp / f"node-{rank}", workers)
-            threads = [
-                threading.Thread(target=_work, args=(run, node, rank, w)) for w in range(workers)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if node.errors:
-                raise node.errors[0]
-            results = node.results
-            fetched = sum(r["fetched"] for r in results)
-            share = total / ranks
-            peak = max(r["peak"] for r in results)
-            seen += [r["ids"] for r in results]
-            rep.add(
-                rank=rank,
-                fetched_mb=fetched / 2**20,
-                share_mb=share / 2**20,
-                fetched_vs_share=fetched / share,
-                first_batch_kb=max(r["first"] for r in results) / 1024,
-                first_batch_s=max(r["first_s"] for r in results),
-                peak_cache_kb=peak / 1024,
-                cache_limit_kb=limit / 1024,
-                peak_vs_limit=peak / limit,
-                evicted=sum(r["evicted"] for r in results),
-            )
+    try:
+        with LoopbackServer(root) as srv:
+            url = srv.url.rstrip("/") + "/data-{00000.." + f"{shards - 1:05d}" + "}.tar"
+            run = _Run(url, cfg, seed, shuffle, P, batch, ranks, workers)
+            for rank in range(ranks):
+                node = _Node(tmp / f"node-{rank}", workers)
+                threads = [
+                    threading.Thread(target=_work, args=(run, node, rank, w))
+                    for w in range(workers)
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                if node.errors:
+                    raise node.errors[0]
+                results = node.results
+                fetched = sum(r["fetched"] for r in results)
+                share = total / ranks
+                peak = max(r["peak"] for r in results)
+                seen += [r["ids"] for r in results]
+                rep.add(
+                    rank=rank,
+                    fetched_mb=fetched / 2**20,
+                    share_mb=share / 2**20,
+                    fetched_vs_share=fetched / share,
+                    first_batch_kb=max(r["first"] for r in results) / 1024,
+                    first_batch_s=max(r["first_s"] for r in results),
+                    peak_cache_kb=peak / 1024,
+                    cache_limit_kb=limit / 1024,
+                    peak_vs_limit=peak / limit,
+                    evicted=sum(r["evicted"] for r in results),
+                )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     all_ids = np.concatenate(seen)
     n = int(local.num_samples)
     exactly_once = len(all_ids) == n and np.array_equal(np.sort(all_ids), np.arange(n))

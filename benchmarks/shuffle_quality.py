@@ -33,7 +33,8 @@ def metrics(
     ten = lab[: 10 * batch]
     p = np.bincount(ten) / len(ten)
     p = p[p > 0]
-    disp = np.abs(np.arange(n) - order).mean() / n
+    total = len(labels)  # a rank's order is a subset: compare positions on the same scale
+    disp = np.abs(np.arange(n) * (total / n) - order).mean() / total
     same = (shard_of[order][1:] == shard_of[order][:-1]).mean()
     return {
         "labels_first_batch": float(len(np.unique(first))),
@@ -67,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mmload.config import ShuffleConfig
+    from mmload.pipeline import default_partitions
     from mmload.plan import EpochOrder
 
     counts = np.full(args.shards, args.per_shard, dtype=np.int64)
@@ -83,22 +85,44 @@ def main() -> None:
             "ideal_entropy_bits": round(float(np.log2(args.labels)), 2),
         },
     )
-    variants: list[tuple[str, object]] = [
+    variants: list[tuple[str, tuple[object, ...]]] = [
         ("webdataset: shard shuffle + buffer 1000", ("wds", 1000))
     ]
+    default_p = default_partitions(args.shards, 1)
     for inter in (8, 32, 0):
         variants.append(
-            (f"mmload ShuffleConfig(interleave={inter})", ShuffleConfig(interleave=inter))
+            (f"mmload ShuffleConfig(interleave={inter}), P=1", (ShuffleConfig(inter), 1, 1))
+        )
+    variants.append(
+        (
+            f"mmload default: interleave=32, P={default_p} (one rank)",
+            (ShuffleConfig(), default_p, 1),
+        )
+    )
+    for w in (8, 16):
+        p = default_partitions(args.shards, w)
+        variants.append(
+            (
+                f"mmload default for {w} ranks (P={p}): the global batch",
+                (ShuffleConfig(), p, 1),
+            )
+        )
+        variants.append(
+            (
+                f"mmload default for {w} ranks (P={p}): what rank 0 reads",
+                (ShuffleConfig(), p, w),
+            )
         )
     for name, v in variants:
         rows = []
         for seed in range(args.seeds):
-            if isinstance(v, tuple):
+            if isinstance(v[0], str):
                 order = webdataset_order(counts, seed, v[1])
             else:
-                assert isinstance(v, ShuffleConfig)
-                order = EpochOrder(counts, seed=seed, epoch=0, shuffle=v).full()
-            assert len(order) == counts.sum()
+                cfg, parts, ranks = v
+                assert isinstance(cfg, ShuffleConfig)
+                order = EpochOrder(counts, seed=seed, epoch=0, shuffle=cfg, partitions=parts).full()
+                order = order[0::ranks]  # rank 0 of `ranks` takes positions 0 mod ranks
             assert len(np.unique(order)) == len(order)
             rows.append(metrics(order, shard_of, labels, args.batch))
         rep.add(order=name, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]})

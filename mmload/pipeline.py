@@ -256,7 +256,8 @@ class Pipeline:
                 if len(self.ds.chunk_counts) == self.ds.num_shards
                 else self.ds.chunk_shard,
             )
-        return self._order
+            o = self._order
+        return o
 
     def schedule(self, world_size: int, start: int) -> Schedule:
         if self.partitions % world_size:

@@ -201,8 +201,8 @@ def resolve(
                 len(remote),
             )
         with ThreadPoolExecutor(max(1, min(cache.cfg.fetchers, len(remote)))) as pool:
-            for i, r in zip(remote, pool.map(index_one, remote), strict=True):
-                records[i] = r
+            for i, got in zip(remote, pool.map(index_one, remote), strict=True):
+                records[i] = got
     for i in local:  # GIL-bound Python work on small reads: one thread is fastest
         records[i] = index_one(i)
 

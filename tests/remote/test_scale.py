@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from remote_scale import simulate  # noqa: E402
+from remote_scale import simulate
 
 
 @pytest.mark.timeout(300)
