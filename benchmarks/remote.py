@@ -270,6 +270,12 @@ def main() -> None:
     if has_remote_cfg:
         ap.add_argument("--cache-limit", type=int, help="RemoteConfig.cache_limit, bytes")
         ap.add_argument("--lookahead", type=int, help="RemoteConfig.lookahead, shards")
+    ap.add_argument(
+        "--manifest",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write mmload.index.json next to the shards first (as `mmload index` does)",
+    )
     ap.add_argument("--tmp", help="parent of the temp dir (default: the system's)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--json")
@@ -291,6 +297,14 @@ def main() -> None:
         t = time.perf_counter()
         names = make_data(data, args.shards, per_shard, sample_bytes, args.seed)
         gen_s = time.perf_counter() - t
+        if args.manifest:  # what a user does once: `mmload index` next to the shards
+            from mmload.sources import Dataset
+
+            local = Dataset.open([str(data / m) for m in names], cache_dir=work / "index")
+            local.manifest.write(str(data / "mmload.index.json"), relative_to=str(data))
+            notes.append("mmload: a manifest (mmload.index.json) sits next to the shards")
+        else:
+            notes.append("mmload: no manifest: every shard is fetched once to index it")
         sizes = {name: (data / name).stat().st_size for name in names}
         total = sum(sizes.values())
         share = total / args.world_size
@@ -336,6 +350,7 @@ def main() -> None:
                 "mmload_remote": remote_desc,
                 "wds_shuffle_buffer": args.wds_shuffle_buffer,
                 "wds_cache": args.wds_cache,
+                "mmload_manifest": args.manifest,
             },
         )
         pad = max(4, len(str(args.shards - 1)))

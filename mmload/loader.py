@@ -114,8 +114,6 @@ class _Base:
             partitions=partitions,
         )
         self._threads_given = threads is not None
-        if self.opts.image.backend != "pil":
-            import_in_background()
         # Decoded Parquet/Arrow chunks kept per process: a shuffle group's worth (and a margin).
         inter = shuffle_cfg.interleave if shuffle_cfg is not None else 4
         ds = Dataset.open(
@@ -129,6 +127,8 @@ class _Base:
             remote=remote,
         )
         self._pipe = Pipeline(ds, self.opts)
+        if self.opts.image.backend != "pil" and "image" in self._pipe.fields.kinds.values():
+            import_in_background()  # DALI takes ~0.5 s to import: only when images are read
         self._pipe.partitions = partitions or default_partitions(
             ds.num_shards, self.world.world_size
         )

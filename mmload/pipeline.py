@@ -87,13 +87,14 @@ class LoaderOptions:
 
 
 def default_partitions(num_shards: int, world_size: int) -> int:
-    """``world_size * c``, ``c`` the largest power of two <= 64 that leaves every partition
-    >= 8 shards (1 for small data sets): partitions big enough that a rank fetches little
-    beyond its share, and elastic resume to any divisor of the result."""
-    c = 1
-    while c < 64 and world_size * c * 2 * 8 <= num_shards:
-        c *= 2
-    return world_size * c
+    """``2 * world_size`` when that leaves every partition >= 8 shards, else ``world_size``.
+
+    A rank reads ``P / world_size`` partitions at once, each through a group of ``interleave``
+    chunks, so its working set (and the shards fetched before its first batch) grows with
+    ``P / world_size``: the default keeps it at one or two groups, and elastic resume works on
+    any divisor of ``P`` (half the ranks, or twice as many with ``2 * world_size``). Pass
+    ``partitions=`` for more world sizes."""
+    return 2 * world_size if 2 * world_size * 8 <= num_shards else world_size
 
 
 def _split_path(spec: str, available: set[str], what: str) -> tuple[str, tuple[str, ...]]:

@@ -64,7 +64,7 @@ class Need:
     """A shard this process reads: from batch ``first`` to batch ``last`` (rank-local numbers)."""
 
     url: str
-    size: int
+    size: int | None
     version: str | None
     compressed: bool
     first: int

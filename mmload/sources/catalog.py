@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mmload.errors import BadEntry, ConfigError, ShardError
-from mmload.sources.cache import ShardCache
+from mmload.sources.cache import Need, ShardCache
 from mmload.sources.fetch import download, stat_remote
 from mmload.sources.index import IndexStore, ShardIndex, fields_of, index_digest, local_version
 from mmload.sources.manifest import (
@@ -226,20 +226,40 @@ def _index_shard(sp: ShardSpec, store: IndexStore, cache: ShardCache) -> ShardRe
     if in_cache(sp):
         # The object's current size and version (one HEAD): a stale cached copy is not reused.
         now = stat_remote(sp.url, cache.cfg) if not sp.url.startswith("pipe:") else None
-        path = cache.fetch(
+        # Pinned while it is indexed: a concurrent fetch under cache_limit cannot evict it.
+        need = Need(
             sp.url,
-            size=now.size if now is not None else None,
-            version=now.version if now is not None else None,
-            compressed=sp.compressed,
+            now.size if now is not None else None,
+            now.version if now is not None else None,
+            sp.compressed,
+            0,
+            0,
         )
+        path = cache.acquire(need)
+        try:
+            return _record(sp, path, store, cache)
+        finally:
+            cache.release(sp.url)
+    path = local_path(sp.url)
+    size, version = local_version(path, sp.url)
+    return _record(sp, path, store, None, size=size, version=version)
+
+
+def _record(
+    sp: ShardSpec,
+    path: str,
+    store: IndexStore,
+    cache: ShardCache | None,
+    *,
+    size: int | None = None,
+    version: str | None = None,
+) -> ShardRecord:
+    if cache is not None:
         obj = cache.remote_object(sp.url)
         size = obj.size if obj is not None and obj.size is not None else os.path.getsize(path)
         version = obj.version if obj is not None else None
-        kind = sp.kind
-    else:
-        path = local_path(sp.url)
-        size, version = local_version(path, sp.url)
-        kind = sp.kind if sp.kind else kind_of(sp.url)
+    assert size is not None
+    kind = sp.kind if sp.kind else kind_of(sp.url)
     index: ShardIndex = store.build(path, kind, url=sp.url, version=version or f"size:{size}")
     return ShardRecord(
         url=sp.url,
