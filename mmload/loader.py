@@ -241,7 +241,7 @@ class _Base:
             "rank": self.world.rank,
             "world_size": self.world.world_size,
             "partitions": self._pipe.partitions,
-            **ds.cache.stats.snapshot(),
+            **_cache_stats(ds.cache.stats.snapshot(), stats.counters),
         }
 
     def close(self) -> None:
@@ -380,9 +380,11 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
     def _spool_write(self, stats: Stats, worker: int) -> None:
         path = os.path.join(self._spool, f"worker-{worker}-{os.getpid()}.json")
         snap = stats.snapshot()
+        counters = {k: snap[k] for k in stats.counters}
+        counters.update(self._pipe.ds.cache.stats.snapshot())  # this worker's fetches
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"counters": {k: snap[k] for k in stats.counters}, "bad": snap["bad"]}, f)
+            json.dump({"counters": counters, "bad": snap["bad"]}, f)
         os.replace(tmp, path)
 
     def state_dict(self, batches_consumed: int) -> dict[str, int]:
@@ -407,7 +409,10 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
             with open(os.path.join(self._spool, name), encoding="utf-8") as f:
                 d = json.load(f)
             for k, v in d["counters"].items():
-                merged.counters[k] = merged.counters.get(k, 0) + v
+                if k == "cache_peak_bytes":  # the node's cache: the largest any worker saw
+                    merged.counters[k] = max(merged.counters.get(k, 0), v)
+                else:
+                    merged.counters[k] = merged.counters.get(k, 0) + v
             merged.bad.extend(BadEntry(**b) for b in d["bad"])
         return self._stats_dict(merged)
 
@@ -423,6 +428,15 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._finalizer = weakref.finalize(self, _remove_spool, self._spool, -1)
+
+
+def _cache_stats(own: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any]:
+    """This process's cache counters plus those DataLoader workers spooled."""
+    out = dict(own)
+    for k, v in merged.items():
+        if k in out:
+            out[k] = max(out[k], v) if k == "cache_peak_bytes" else out[k] + v
+    return out
 
 
 def _remove_spool(path: str, owner_pid: int) -> None:

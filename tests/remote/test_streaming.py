@@ -254,3 +254,34 @@ def test_s3_with_manifest(make_shards: Any, moto_s3: Any, tmp_path: Path) -> Non
     c = Counter(seen)
     assert set(c) == set(keys)
     assert sum(c.values()) - len(keys) == padded
+
+
+def test_dataloader_workers_share_one_fetch_per_shard(
+    make_shards: Any, range_server: FileServer, tmp_path: Path
+) -> None:
+    """Two DataLoader worker processes of one rank read the same shards through one node
+    cache: each shard is fetched from the server once, and the batches are exact."""
+    import torch
+
+    from mmload import IterableDataset
+
+    names, keys = _shards(make_shards, range_server.root, [10] * 12)
+    _index(range_server.root, names)
+    ds = IterableDataset(
+        _pattern(range_server.url, names),
+        batch_size=4,
+        fields=["cls"],
+        shuffle=True,
+        cache_dir=tmp_path / "node",
+        remote=RemoteConfig(**FAST),
+        rank=0,
+        world_size=1,
+    )
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    got = [k for b in loader for k in b["__key__"]]
+    assert sorted(got) == sorted(keys)
+    gets = Counter(s.name for s in range_server.log() if s.method == "GET")
+    assert {n: gets[n] for n in names} == dict.fromkeys(names, 1), "one GET per shard per node"
+    st = ds.stats()  # the workers' cache counters, merged
+    assert st["cache_fetches"] == 12
+    assert st["cache_fetched_bytes"] == sum((range_server.root / n).stat().st_size for n in names)
