@@ -40,7 +40,7 @@ from mmload.config import RemoteConfig
 from mmload.errors import ConfigError, ShardError
 from mmload.sources.fetch import RemoteObject, download
 
-__all__ = ["CacheStats", "Need", "ShardCache", "cache_name"]
+__all__ = ["CacheStats", "Need", "ShardCache", "cache_name", "working_set"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,23 @@ class Need:
     compressed: bool
     first: int
     last: int
+
+
+def working_set(needs: Sequence[Need]) -> tuple[int, int]:
+    """The most bytes of shards needed at the same batch, and that batch (a sweep over the
+    needs' [first, last] intervals; a shard needed twice counts once per interval)."""
+    events: list[tuple[int, int]] = []
+    for n in needs:
+        if n.size:
+            events += [(n.first, n.size), (n.last + 1, -n.size)]
+    events.sort()
+    cur = peak = 0
+    at = 0
+    for batch, delta in events:
+        cur += delta
+        if cur > peak:
+            peak, at = cur, batch
+    return peak, at
 
 
 @dataclass
@@ -398,6 +415,16 @@ class ShardCache:
         counts as no longer needed ``skew`` batches after its last one: the other workers of
         the rank, which read the same shards, may be that far behind."""
         self._check_pid()
+        limit = self.cfg.cache_limit
+        if limit is not None:
+            peak, at = working_set(needs)
+            if peak > limit:
+                raise ConfigError(
+                    f"cache_limit={limit} bytes is smaller than the shards this process reads "
+                    f"at once: {peak} bytes at batch {at} (a group of `interleave` chunks in "
+                    "each of the rank's partitions). Raise cache_limit, or lower "
+                    "ShuffleConfig.interleave or partitions per rank (docs/streaming.md)"
+                )
         with self._cond:
             self._generation += 1
             self._needs = sorted(needs, key=lambda n: n.first)

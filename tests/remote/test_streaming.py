@@ -285,3 +285,25 @@ def test_dataloader_workers_share_one_fetch_per_shard(
     st = ds.stats()  # the workers' cache counters, merged
     assert st["cache_fetches"] == 12
     assert st["cache_fetched_bytes"] == sum((range_server.root / n).stat().st_size for n in names)
+
+
+def test_cache_limit_below_the_working_set_fails_at_once(
+    make_shards: Any, range_server: FileServer, tmp_path: Path
+) -> None:
+    """A cache that cannot hold the shards one batch needs is a clear error at the start of the
+    epoch, not a wait."""
+    import time
+
+    from mmload.errors import ConfigError
+
+    names, _ = _shards(make_shards, range_server.root, [10] * 8)
+    _index(range_server.root, names)
+    size = (range_server.root / names[0]).stat().st_size
+    cfg = RemoteConfig(cache_limit=3 * size, **FAST)  # one group holds all 8 shards
+    t0 = time.monotonic()
+    with (
+        _loader(_pattern(range_server.url, names), tmp_path, 0, 1, shuffle=True, remote=cfg) as L,
+        pytest.raises(ConfigError, match="smaller than the shards this process reads at once"),
+    ):
+        _epoch(L)
+    assert time.monotonic() - t0 < 10
