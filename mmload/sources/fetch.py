@@ -7,7 +7,8 @@ resume with ``Range`` where the server supports it), ``s3://`` and other fsspec 
 reopening at the offset reached), ``file://`` and local paths (a copy) and ``pipe:CMD`` (the
 command's stdout, once). Compressed tars (``.tar.gz``) are downloaded raw, then decompressed.
 :func:`stat_remote` reports an object's size and version, to tell a changed object from the
-one a manifest indexed. :func:`localize` keeps a shard's local copy in ``<cache_dir>/shards``.
+one a manifest indexed. The node's shard cache (:mod:`mmload.sources.cache`) decides what is
+fetched, when, and where.
 
 Failures about the object raise :class:`~mmload.errors.ShardError` naming the URL; failures
 writing the local file (a full disk) raise :class:`OSError` unchanged and are not retried.
@@ -16,10 +17,7 @@ writing the local file (a full disk) raise :class:`OSError` unchanged and are no
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gzip
-import hashlib
-import json
 import logging
 import os
 import random
@@ -37,7 +35,7 @@ from mmload.config import RemoteConfig
 from mmload.errors import ShardError
 from mmload.sources import http
 from mmload.sources.http import NETWORK_ERRORS
-from mmload.sources.spec import ShardSpec, is_local, local_path
+from mmload.sources.spec import is_local, local_path
 
 __all__ = [
     "FETCH_STATS",
@@ -45,7 +43,6 @@ __all__ = [
     "RemoteObject",
     "default_cache_dir",
     "download",
-    "localize",
     "stat_remote",
 ]
 
@@ -546,58 +543,3 @@ def download(
                 os.unlink(name)
     log.info("fetched %s -> %s (%s bytes)", url, dest, got.size)
     return got
-
-
-def _cache_name(url: str) -> str:
-    base = url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or "shard"
-    for suffix in (".tar.gz", ".tgz"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)] + ".tar"
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in base)[-80:]
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{safe}"
-
-
-def _read_meta(meta: Path) -> RemoteObject | None:
-    try:
-        d = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(d, dict):
-        return None  # written by an older version: fetch again
-    return RemoteObject(d.get("size"), d.get("version"))
-
-
-def localize(shard: ShardSpec, cache_dir: Path, *, cfg: RemoteConfig | None = None) -> str:
-    """A local file path holding ``shard``'s bytes, downloading or piping it if needed.
-
-    Local uncompressed files are used in place. Others are kept in ``cache_dir/shards`` with
-    their source's size and version beside them; a cached copy is reused unless the source
-    reports another size or version (one quick check, no retries; a source that cannot be
-    reached leaves the cached copy in use).
-    """
-    url = shard.url
-    if is_local(url) and not shard.compressed:
-        return local_path(url)  # a missing file is reported when it is indexed (one stat)
-    cfg = cfg if cfg is not None else RemoteConfig()
-    target = cache_dir / "shards" / _cache_name(url)
-    meta = target.with_suffix(target.suffix + ".size")
-    if target.exists():
-        if url.startswith("pipe:"):
-            return str(target)
-        recorded = _read_meta(meta)
-        try:
-            now = stat_remote(url, dataclasses.replace(cfg, retries=0))
-        except ShardError as e:
-            if is_local(url):
-                raise
-            log.info("cannot check %s (%s); using the cached copy", url, e.reason)
-            return str(target)
-        if now == RemoteObject(None, None) or (
-            recorded is not None and not _differs(recorded, now)
-        ):
-            return str(target)
-        log.info("shard %s changed since it was cached; fetching it again", url)
-    got = download(url, target, cfg, compressed=shard.compressed)
-    if not url.startswith("pipe:"):
-        meta.write_text(json.dumps(dataclasses.asdict(got)))
-    return str(target)

@@ -21,10 +21,8 @@ from mmload.sources.fetch import (
     FetchStats,
     RemoteObject,
     download,
-    localize,
     stat_remote,
 )
-from mmload.sources.spec import ShardSpec
 from tests.remote import servers
 from tests.remote.servers import (
     Drop,
@@ -399,24 +397,7 @@ def test_fsspec_backend_resumes_at_offset(flaky_fs: Any, tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
 
 
-# -- localize and stats -------------------------------------------------------------------------
-
-
-def test_localize_caches_and_refetches_a_changed_shard(
-    range_server: FileServer, tmp_path: Path
-) -> None:
-    old, new = payload(seed=21), payload(seed=22)
-    url = range_server.put("a.tar", old)
-    spec = ShardSpec(url, "tar")
-    path = localize(spec, tmp_path / "cache", cfg=FAST)
-    assert Path(path).read_bytes() == old
-    assert localize(spec, tmp_path / "cache", cfg=FAST) == path
-    assert [s.method for s in range_server.log("a.tar")] == ["GET", "HEAD"]  # reused
-    range_server.put("a.tar", new)
-    assert localize(spec, tmp_path / "cache", cfg=FAST) == path
-    assert Path(path).read_bytes() == new
-    (range_server.root / "a.tar").unlink()  # the source is gone: the cached copy serves
-    assert Path(localize(spec, tmp_path / "cache", cfg=FAST)).read_bytes() == new
+# -- stats -------------------------------------------------------------------------------------
 
 
 def test_fetch_stats_snapshot_and_reset() -> None:
