@@ -2,41 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from mmload.errors import ShardError
 from mmload.sources import Dataset
+from tests.remote import servers
+
+moto_s3 = servers.moto_s3  # moto's S3 server on loopback (tests/remote/servers.py)
 
 
 @pytest.fixture
-def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    import boto3  # dev dependencies: s3fs, moto[server] (no skip: a missing one is a failure)
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(k, v)
-    import fsspec
-
-    fsspec.filesystem("s3").clear_instance_cache()
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="train")
-    try:
-        yield client
-    finally:
-        server.stop()
+def s3_bucket(moto_s3: Any) -> Any:
+    moto_s3.create_bucket(Bucket="train")
+    return moto_s3
 
 
 def test_s3_shards_by_braces_and_glob(make_shards, s3_bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
