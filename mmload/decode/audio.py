@@ -169,8 +169,7 @@ class AudioDecoder:
             n_mels=self.cfg.n_mels,
         )
         if self.device.type == "cuda":
-            from numba import cuda
-
+            from mmload.decode.gpu import numba_on
             from mmload.kernels.logmel import logmel, logmel_tables
 
             if self._mel is None:
@@ -179,8 +178,8 @@ class AudioDecoder:
             out = torch.empty(
                 spec.output_shape(len(data), self.length), dtype=torch.float32, device=self.device
             )
-            stream = cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
-            logmel(x, out, spec, tables=self._mel, stream=stream)
+            with numba_on(self.device) as stream:
+                logmel(x, out, spec, tables=self._mel, stream=stream)
             return out
         from mmload.kernels.logmel import logmel_reference
 

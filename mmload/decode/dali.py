@@ -29,6 +29,7 @@ import torch
 
 from mmload.augment import CropParams
 from mmload.config import ImageConfig
+from mmload.decode.gpu import torch_owned
 from mmload.errors import MissingDependencyError
 
 __all__ = ["DaliBatchError", "DaliImageDecoder", "dali_available", "import_in_background"]
@@ -38,6 +39,19 @@ log = logging.getLogger(__name__)
 
 class DaliBatchError(RuntimeError):
     """DALI failed a batch; which sample caused it is not known yet."""
+
+
+_NOT_DATA = ("out of memory", "cuda error", "cudaerror", "cuda_error", "cuda driver", "nvml")
+
+
+def as_batch_error(e: RuntimeError) -> RuntimeError:
+    """A DALI failure as a :class:`DaliBatchError` (bad data in the batch: the batch decoder
+    then isolates the bad sample), unless it is the device failing (out of memory, a CUDA or
+    driver error): that is returned unchanged and propagates, never blamed on a sample."""
+    text = str(e)
+    if any(m in text.lower() for m in _NOT_DATA):
+        return e
+    return DaliBatchError(text.splitlines()[0] if text else "DALI error")
 
 
 def dali_available() -> bool:
@@ -146,6 +160,7 @@ class DaliImageDecoder:
         self._sync: Any = None
         self._async: Any = None
         self._inflight: deque[Ticket] = deque()
+        self._holds: deque[tuple[torch.Tensor, Any]] = deque()  # GPU views until copied
 
     def _build(self, depth: int) -> Any:
         dali = _import_dali()
@@ -164,6 +179,10 @@ class DaliImageDecoder:
         decode_kw: dict[str, Any] = {}
         if self.device == "cuda":
             decode_kw["hw_decoder_load"] = self.hw_decoder_load
+        # EXIF orientation is ignored, as by the header check (which takes the crop geometry
+        # from the stored dimensions), PIL and torchvision: every backend decodes the same
+        # pixels, and crops are drawn for the geometry they are applied to.
+        decode_kw["adjust_orientation"] = False
 
         # The dynamic executor gives every iteration fresh output buffers (zero-copy DLPack
         # views stay valid) and keeps the pipeline usable after a failed iteration.
@@ -218,11 +237,13 @@ class DaliImageDecoder:
         p.feed_input("flip", crops.flip.astype(np.int32))
 
     def _tensor(self, out: Any) -> torch.Tensor:
-        # A zero-copy DLPack view: the capsule keeps DALI's (fresh) buffer alive. On the GPU,
         # torch.from_dlpack passes the consumer's current stream to __dlpack__, so DALI orders
-        # its producing work before any kernel the consumer queues on that stream.
-        result = torch.from_dlpack(out.as_tensor())
-        return result.to(torch.bfloat16) if self.cfg.dtype == "bfloat16" else result
+        # its producing work before what the consumer queues on that stream. On the CPU the
+        # view is the batch (the capsule keeps the buffer alive, and nothing runs ahead). On the
+        # GPU the batch is copied into torch-owned memory (see decode/gpu.py: torch_owned).
+        view = torch.from_dlpack(out.as_tensor())
+        dtype = torch.bfloat16 if self.cfg.dtype == "bfloat16" else None
+        return torch_owned(view, self._holds, dtype)
 
     def decode(
         self, data: list[bytes], sizes: list[tuple[int, int]], crops: CropParams
@@ -235,7 +256,10 @@ class DaliImageDecoder:
             self._feed(self._sync, data, crops)
             (out,) = self._sync.run()
         except RuntimeError as e:
-            raise DaliBatchError(str(e).splitlines()[0] if str(e) else "DALI error") from e
+            err = as_batch_error(e)
+            if err is e:
+                raise
+            raise err from e
         return self._tensor(out)
 
     def submit(self, data: list[bytes], crops: CropParams) -> Ticket:

@@ -62,8 +62,7 @@ class TorchvisionGpuDecoder:
         self, data: list[bytes], sizes: list[tuple[int, int]], crops: CropParams
     ) -> torch.Tensor:
         """``[B, 3, H, W]`` on the GPU; raises RuntimeError/ValueError on a bad image."""
-        from numba import cuda
-
+        from mmload.decode.gpu import numba_on
         from mmload.kernels.crop_resize_normalize import crop_resize_normalize
 
         images = self._decode_hwc(data)
@@ -84,10 +83,18 @@ class TorchvisionGpuDecoder:
         kw: dict[str, Any] = {}
         if self.cfg.normalize:
             kw = {"mean": self.cfg.mean, "std": self.cfg.std}
-        stream = cuda.external_stream(torch.cuda.current_stream(self.device).cuda_stream)
-        crop_resize_normalize(
-            flat, offsets, heights, widths, crops, out, dtype=self.cfg.dtype, stream=stream, **kw
-        )
+        with numba_on(self.device) as stream:
+            crop_resize_normalize(
+                flat,
+                offsets,
+                heights,
+                widths,
+                crops,
+                out,
+                dtype=self.cfg.dtype,
+                stream=stream,
+                **kw,
+            )
         return out
 
     def close(self) -> None:

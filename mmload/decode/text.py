@@ -90,23 +90,22 @@ def pack(
     plan = plan_packing(lengths, seq_len)
     device = device or torch.device("cpu")
     if device.type == "cuda":
-        from numba import cuda
-
+        from mmload.decode.gpu import numba_on
         from mmload.kernels.pack_tokens import pack_tokens
 
         outs = {
             k: torch.empty((plan.n_rows, seq_len), dtype=torch.int64, device=device)
             for k in ("input_ids", "attention_mask", "position_ids", "segment_ids")
         }
-        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-        pack_tokens(
-            torch.from_numpy(flat).to(device),
-            torch.from_numpy(offsets).to(device),
-            plan,
-            pad_id=pad_id,
-            stream=stream,
-            **outs,
-        )
+        with numba_on(device) as stream:
+            pack_tokens(
+                torch.from_numpy(flat).to(device),
+                offsets,  # host offsets: the launcher plans the rows with them
+                plan,
+                pad_id=pad_id,
+                stream=stream,
+                **outs,
+            )
         return outs
     ref = pack_tokens_reference(flat, offsets, plan, pad_id=pad_id)
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ref.items()}

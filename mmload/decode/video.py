@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import io
 import math
+from collections import deque
 from typing import Any
 
 import numpy as np
 import torch
 
 from mmload.config import VideoConfig
+from mmload.decode.dali import as_batch_error
+from mmload.decode.gpu import torch_owned
 from mmload.decode.image import torch_dtype
 from mmload.errors import MissingDependencyError
 from mmload.plan import hash_uniform
@@ -110,6 +113,7 @@ class VideoDecoder:
         self.max_batch = max_batch
         self.threads = threads
         self._pipe: Any = None
+        self._holds: deque[tuple[torch.Tensor, Any]] = deque()  # DALI views until copied
 
     def _indices(self, data: list[bytes], ids: np.ndarray, epoch: int) -> list[np.ndarray]:
         return [
@@ -149,10 +153,17 @@ class VideoDecoder:
         if self._pipe is None:
             self._pipe = self._build()
         p = self._pipe
-        p.feed_input("enc", [np.frombuffer(d, np.uint8) for d in data])
-        p.feed_input("idx", [i.astype(np.int32) for i in indices])
-        (out,) = p.run()
-        return torch.from_dlpack(out.as_tensor())
+        try:
+            p.feed_input("enc", [np.frombuffer(d, np.uint8) for d in data])
+            p.feed_input("idx", [i.astype(np.int32) for i in indices])
+            (out,) = p.run()
+        except RuntimeError as e:
+            self._pipe = None  # rebuilt for the next batch: a failed NVDEC run leaves no state
+            err = as_batch_error(e)
+            if err is e:  # out of memory, a CUDA or driver error: not the clip's fault
+                raise
+            raise err from e  # a bad clip: the batch decoder isolates and counts it
+        return torch_owned(torch.from_dlpack(out.as_tensor()), self._holds)
 
     def _build(self) -> Any:
         from mmload.decode.dali import _import_dali

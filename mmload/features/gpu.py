@@ -112,8 +112,8 @@ def join_cuda(
         out_i[:ni] = defaults_i[:, None]
         return out_f[:nf].T, out_i[:ni].T, found
     tstream = torch.cuda.current_stream(dev)
-    stream = _numba_stream(tstream)
     with cuda.gpus[dev.index]:
+        stream = _numba_stream(tstream)  # created in dev's context, like the launches
         # Wrap each tensor for Numba once per join, not once per run launch.
         qk, qt, of, oi, bt, fd, df, di = (
             cuda.as_cuda_array(t)
