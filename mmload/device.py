@@ -8,6 +8,7 @@ already on the device are left alone (no copy); lists (``__key__``, text) pass t
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -18,7 +19,10 @@ __all__ = ["DeviceCopier", "parse_device", "to_device"]
 
 
 def parse_device(device: str | torch.device) -> torch.device:
-    """Validate ``device`` ("cpu", "cuda", "cuda:N"); raises DeviceError if CUDA is missing."""
+    """Validate ``device`` ("cpu", "cuda", "cuda:N"); raises DeviceError if CUDA is missing.
+
+    ``"cuda"`` is ``cuda:$LOCAL_RANK`` under torchrun (each rank its own GPU), else torch's
+    current device."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -28,8 +32,12 @@ def parse_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device={device!r}: CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index is None:  # a torchrun rank's GPU is its LOCAL_RANK, else torch's current
+            local = os.environ.get("LOCAL_RANK")
+            if local is not None and not local.isdigit():
+                raise DeviceError(f"device={device!r}: LOCAL_RANK={local!r} is not an int")
+            index = int(local) if local is not None else torch.cuda.current_device()
+            dev = torch.device("cuda", index)
         if dev.index >= torch.cuda.device_count():
             raise DeviceError(f"device={device!r}: only {torch.cuda.device_count()} GPUs")
     return dev

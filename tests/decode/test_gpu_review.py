@@ -145,3 +145,20 @@ def test_exif_orientation_is_ignored_by_every_backend() -> None:
     assert (d - p).abs().mean() < 6, "DALI and PIL agree on the rotated JPEG"
     ramp = d[1, 0, 16]  # red rises left to right in the stored image, not top to bottom
     assert float(ramp[-1] - ramp[0]) > 150
+
+
+def test_cuda_means_the_torchrun_ranks_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmload.device import parse_device
+    from mmload.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert parse_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert parse_device("cuda") == torch.device("cuda", 2), "rank 2 of a node uses GPU 2"
+    assert parse_device("cuda:1") == torch.device("cuda", 1), "an explicit index wins"
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(DeviceError, match="only 4 GPUs"):
+        parse_device("cuda")
