@@ -21,6 +21,7 @@ __all__ = [
     "check_disjoint",
     "device_array",
     "host_or_device",
+    "is_device_array",
     "num_blocks",
 ]
 
@@ -73,6 +74,36 @@ def _describe(obj: Any, name: str) -> tuple[tuple[int, ...], str, bool]:
     )
 
 
+def is_device_array(obj: Any) -> bool:
+    """True for anything exporting ``__cuda_array_interface__`` (a torch CUDA tensor, a Numba
+    device array, CuPy) or a simulator device array; False for host data (NumPy, lists, torch
+    CPU tensors). Never converts ``obj`` (``np.asarray`` on a CUDA tensor raises)."""
+    if isinstance(obj, (np.ndarray, list, tuple)):
+        return False
+    try:
+        getattr(obj, "__cuda_array_interface__")  # noqa: B009 - torch raises non-AttributeErrors
+    except AttributeError:
+        return bool(SIMULATOR and getattr(obj, "__cuda_ndarray__", False))
+    except (RuntimeError, TypeError):
+        return True  # a CUDA tensor that cannot export itself: device_array reports why
+    return True
+
+
+class _HostView:
+    """``__array_interface__`` over the memory a ``__cuda_array_interface__`` describes: under
+    the simulator "device" pointers are host pointers, so a CUDA-like array becomes NumPy."""
+
+    def __init__(self, owner: Any, cai: dict[str, Any]) -> None:
+        self.owner = owner  # keeps the memory alive as long as the view
+        self.__array_interface__ = {
+            "shape": tuple(cai["shape"]),
+            "typestr": cai["typestr"],
+            "data": (int(cai["data"][0]), False),
+            "strides": cai.get("strides"),
+            "version": 3,
+        }
+
+
 def device_array(
     obj: Any,
     name: str,
@@ -99,6 +130,8 @@ def device_array(
     if not contiguous:
         raise ValueError(f"{name}: must be C-contiguous")
     as_u16 = typestr == "<V2"
+    if SIMULATOR and not isinstance(obj, np.ndarray) and hasattr(obj, "__cuda_array_interface__"):
+        obj = np.asarray(_HostView(obj, obj.__cuda_array_interface__))
     if SIMULATOR or isinstance(obj, np.ndarray):
         if not SIMULATOR:
             raise ValueError(f"{name}: is a host NumPy array; pass a CUDA device array")

@@ -22,6 +22,7 @@ from ._device import (
     check_disjoint,
     device_array,
     host_or_device,
+    is_device_array,
     num_blocks,
 )
 
@@ -87,6 +88,7 @@ def plan_packing(lengths: np.ndarray, seq_len: int) -> PackingPlan:
 
 def _pack_kernel(
     tokens: Any,
+    offsets: Any,
     row_ptr: Any,
     table: Any,
     pad_id: Any,
@@ -117,7 +119,7 @@ def _pack_kernel(
         if j >= first:
             p = c - table[j, 1]
             if p < table[j, 2]:
-                token = tokens[table[j, 0] + p]
+                token = tokens[offsets[table[j, 0]] + p]
                 mask = 1
                 pos = p
                 seg = j - first + 1
@@ -129,7 +131,9 @@ def _pack_kernel(
 
 
 _SIG = (
-    "void(int64[::1], int64[::1], int64[:, ::1], int64, " + ", ".join(["int64[:, ::1]"] * 4) + ")"
+    "void(int64[::1], int64[::1], int64[::1], int64[:, ::1], int64, "
+    + ", ".join(["int64[:, ::1]"] * 4)
+    + ")"
 )
 
 
@@ -163,26 +167,24 @@ def _check_plan(plan: PackingPlan, n_seqs: int) -> None:
         raise ValueError(f"plan: a sequence lies outside {plan.n_rows} rows of {plan.seq_len}")
 
 
-def _row_table(
-    offsets: np.ndarray, plan: PackingPlan, n_out_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """CSR over rows: ``row_ptr[R + 1]`` and ``(offset, start, length)`` rows sorted by
-    (row, start); at least one (dummy) table row so no device buffer is empty."""
+def _row_table(plan: PackingPlan, n_out_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR over rows: ``row_ptr[R + 1]`` and ``(sequence index, start, length)`` rows sorted by
+    (row, start); at least one (dummy) table row so no device buffer is empty. Depends on the
+    plan only: the kernel reads ``offsets[sequence index]`` itself, so offsets may stay on the
+    device."""
     placed = np.flatnonzero(plan.rows >= 0)
     order = placed[np.lexsort((plan.starts[placed], plan.rows[placed]))]
     counts = np.bincount(plan.rows[order], minlength=n_out_rows)[:n_out_rows]
     row_ptr = np.zeros(n_out_rows + 1, np.int64)
     np.cumsum(counts, out=row_ptr[1:])
     table = np.zeros((max(1, order.size), 3), np.int64)
-    table[: order.size] = np.stack(
-        [offsets[order], plan.starts[order], plan.lengths[order]], axis=1
-    )
+    table[: order.size] = np.stack([order, plan.starts[order], plan.lengths[order]], axis=1)
     return row_ptr, table
 
 
 def pack_tokens(
     tokens: Any,
-    offsets: np.ndarray,
+    offsets: Any,
     plan: PackingPlan,
     input_ids: Any,
     attention_mask: Any,
@@ -194,16 +196,24 @@ def pack_tokens(
 ) -> None:
     """Pack sequences ``tokens[offsets[i] : offsets[i] + plan.lengths[i]]`` as ``plan`` says.
 
-    ``tokens``: int64 device array ``[T]``; ``offsets``: host int ``[N]``; ``plan``: from
+    ``tokens``: int64 device array ``[T]``; ``offsets``: int ``[N]``, on the host (validated
+    against ``tokens``) or an int64 device array such as a torch CUDA tensor (read by the kernel,
+    values trusted, never copied to the host); ``plan``: from
     :func:`plan_packing`. The four outputs: preallocated, distinct int64 device arrays
     ``[R, plan.seq_len]`` with ``R >= plan.n_rows`` (rows past ``n_rows`` are all padding).
     """
     toks = device_array(tokens, "tokens", dtype="int64", shape=(None,))
-    offs = np.asarray(offsets)
-    if offs.ndim != 1 or (offs.size and offs.dtype.kind not in "iu"):
-        raise ValueError(f"offsets: must be a 1-D integer host array, got {offs.dtype}")
-    offs = offs.astype(np.int64)
-    _check_plan(plan, offs.size)
+    offs: np.ndarray | None = None
+    if is_device_array(offsets):  # e.g. a torch CUDA tensor: values trusted, never copied back
+        offs_d = device_array(offsets, "offsets", dtype="int64", shape=(None,))
+        n_seqs = int(offs_d.shape[0])
+    else:
+        offs = np.asarray(offsets)
+        if offs.ndim != 1 or (offs.size and offs.dtype.kind not in "iu"):
+            raise ValueError(f"offsets: must be a 1-D integer array, got {offs.dtype}")
+        offs = offs.astype(np.int64)
+        n_seqs = offs.size
+    _check_plan(plan, n_seqs)
     outs = {}
     for name, arr in zip(
         _OUTPUTS, (input_ids, attention_mask, position_ids, segment_ids), strict=True
@@ -216,17 +226,24 @@ def pack_tokens(
     if n_out_rows < plan.n_rows:
         raise ValueError(f"input_ids: has {n_out_rows} rows, the plan needs {plan.n_rows}")
     check_disjoint(**outs)
-    end = offs + plan.lengths
-    bad = np.flatnonzero((offs < 0) | (end > int(toks.shape[0])))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(
-            f"offsets: sequence {i} spans [{int(offs[i])}, {int(end[i])}) outside the "
-            f"{int(toks.shape[0])} tokens"
-        )
+    if offs is not None:
+        end = offs + plan.lengths
+        bad = np.flatnonzero((offs < 0) | (end > int(toks.shape[0])))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"offsets: sequence {i} spans [{int(offs[i])}, {int(end[i])}) outside the "
+                f"{int(toks.shape[0])} tokens"
+            )
     if n_out_rows == 0:
         return
-    row_ptr, table = _row_table(offs, plan, n_out_rows)
+    if offs is not None:
+        if offs.size == 0:  # keep every device buffer non-empty
+            offs = np.zeros(1, np.int64)
+        _, offs_d = host_or_device(offs, "offsets", dtype="int64", shape=(None,), stream=stream)
+    elif n_seqs == 0:
+        offs_d = cuda.to_device(np.zeros(1, np.int64), stream=stream)
+    row_ptr, table = _row_table(plan, n_out_rows)
     _, row_ptr_d = host_or_device(row_ptr, "row_ptr", dtype="int64", shape=(None,), stream=stream)
     _, table_d = host_or_device(table, "table", dtype="int64", shape=(None, 3), stream=stream)
     if toks.shape[0] == 0:  # keep every device buffer non-empty
@@ -234,7 +251,7 @@ def pack_tokens(
     threads = min(_THREADS, plan.seq_len)
     grid = (num_blocks(plan.seq_len, threads), min(n_out_rows, MAX_GRID_YZ))
     _compiled("pack_tokens")[grid, threads, stream](
-        toks, row_ptr_d, table_d, np.int64(pad_id), *(outs[n] for n in _OUTPUTS)
+        toks, offs_d, row_ptr_d, table_d, np.int64(pad_id), *(outs[n] for n in _OUTPUTS)
     )
 
 

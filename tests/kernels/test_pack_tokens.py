@@ -142,3 +142,52 @@ def test_launcher_validation() -> None:
     bad = plan._replace(starts=np.array([0, 3]))
     with pytest.raises(ValueError, match="plan: a sequence lies outside"):
         pack_tokens(tokens, offsets, bad, *outs())
+
+
+class FakeCudaTensor:
+    """Stands in for a torch CUDA tensor under the simulator: exports
+    ``__cuda_array_interface__`` (simulated device memory is host memory) and, like a CUDA
+    tensor, refuses ``np.asarray``."""
+
+    def __init__(self, host: np.ndarray) -> None:
+        self._host = np.ascontiguousarray(host)
+        self.__cuda_array_interface__ = {
+            "shape": self._host.shape,
+            "typestr": self._host.dtype.str,
+            "data": (self._host.__array_interface__["data"][0], False),
+            "strides": None,
+            "version": 3,
+        }
+
+    def __array__(self, *args: object, **kwargs: object) -> np.ndarray:
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+
+@pytest.mark.parametrize("where", ["numba", "cuda_array_interface"])
+def test_device_offsets_are_read_on_the_device(where: str) -> None:
+    """Defect 1: offsets on the device (torch CUDA tensor, Numba array) are never np.asarray'd."""
+    rng = np.random.default_rng(21)
+    lengths = rng.integers(0, 9, 10)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) + 2
+    tokens = rng.integers(1, 1000, int(offsets[-1] + lengths[-1] + 3))
+    plan = plan_packing(lengths, 8)
+    dev = cuda.to_device(offsets) if where == "numba" else FakeCudaTensor(offsets)
+    with pytest.raises(TypeError):
+        np.asarray(FakeCudaTensor(offsets))
+    outs = [cuda.device_array((plan.n_rows + 1, 8), np.int64) for _ in NAMES]
+    pack_tokens(cuda.to_device(tokens), dev, plan, *outs, pad_id=5)
+    want = pack_tokens_reference(tokens, offsets, plan, n_rows=plan.n_rows + 1, pad_id=5)
+    for name, o in zip(NAMES, outs, strict=True):
+        np.testing.assert_array_equal(o.copy_to_host(), want[name], err_msg=name)
+
+
+def test_device_offsets_validation() -> None:
+    tokens = cuda.to_device(np.arange(10))
+    plan = plan_packing(np.array([4, 3]), 5)
+    outs = [cuda.device_array((2, 5), np.int64) for _ in NAMES]
+    with pytest.raises(ValueError, match="offsets: dtype"):
+        pack_tokens(tokens, FakeCudaTensor(np.array([0, 4], np.int32)), plan, *outs)
+    with pytest.raises(ValueError, match=r"plan\.rows"):
+        pack_tokens(tokens, FakeCudaTensor(np.array([0, 4, 7])), plan, *outs)
+    with pytest.raises(ValueError, match="offsets: shape"):
+        pack_tokens(tokens, FakeCudaTensor(np.zeros((2, 1), np.int64)), plan, *outs)
