@@ -202,16 +202,21 @@ class _Base:
                 f"state_dict was taken with shuffle={st.shuffle} (interleave; -1 = off), this "
                 f"loader has {self._shuffle_id}: the order would differ"
             )
-        if st.partitions != self._pipe.partitions:
-            if self.opts.partitions is not None:
-                raise ConfigError(
-                    f"state_dict was taken over partitions={st.partitions}, this loader was "
-                    f"given partitions={self.opts.partitions}: the order would differ"
-                )
-            self._pipe.partitions = st.partitions  # the saved order, on this world size
-        self._pipe.schedule(self.world.world_size, 0)  # this world size must divide it
+        if st.partitions != self._pipe.partitions and self.opts.partitions is not None:
+            raise ConfigError(
+                f"state_dict was taken over partitions={st.partitions}, this loader was "
+                f"given partitions={self.opts.partitions}: the order would differ"
+            )
         if not 0 <= st.samples_consumed <= st.num_samples:
             raise ConfigError(f"state_dict samples_consumed={st.samples_consumed} out of range")
+        before = self._pipe.partitions
+        self._pipe.partitions = st.partitions  # the saved order, on this world size
+        try:  # this world size must divide it, and the cursor must be a multiple of it
+            self._pipe.schedule(self.world.world_size, 0)
+            self._pipe.schedule(self.world.world_size, st.samples_consumed)
+        except ConfigError:
+            self._pipe.partitions = before  # a rejected state leaves the loader as it was
+            raise
         gbs = self.opts.batch_size * self.world.world_size
         if st.global_batch_size != gbs:
             log.warning(
@@ -220,7 +225,6 @@ class _Base:
                 gbs,
                 st.global_batch_size,
             )
-        self._pipe.schedule(self.world.world_size, st.samples_consumed)  # a multiple of W
         self._epoch = st.epoch
         self._start = st.samples_consumed
 

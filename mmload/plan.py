@@ -318,6 +318,8 @@ class EpochOrder:
         span when shuffled; its own span when not). Position ``t = j * P + p`` for local ``j``.
         """
         first_id, lens, bounds = self._partition(p)
+        if not len(lens):  # an empty partition (more partitions than samples)
+            return first_id, lens, lens.copy(), lens.copy()
         cum = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         if self.shuffle is None:
             return first_id, lens, cum[:-1], np.maximum(cum[1:] - 1, cum[:-1])

@@ -45,6 +45,33 @@ __all__ = ["CacheStats", "Need", "ShardCache", "cache_name", "working_set"]
 log = logging.getLogger(__name__)
 
 
+class _Reservation:
+    """Space reserved for a fetch in flight: a ``.reserve-*`` file holding its size, locked."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self.fd)
+
+
+def _live_reservation(path: Path) -> int:
+    """The bytes a reservation holds; 0 (and it is removed) if its owner died: its lock is
+    free. Call under the space lock."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return int(os.pread(fd, 32, 0) or b"0")
+        os.unlink(path)  # nobody holds it: left by a process killed mid-fetch
+        return 0
+    finally:
+        os.close(fd)
+
+
 class _NoRoom(Exception):
     """No room for a look-ahead fetch now (it is fetched when needed)."""
 
@@ -186,13 +213,17 @@ class ShardCache:
         """Bytes of every shard in the cache plus the space reserved by fetches in flight (all
         processes of the node); partial downloads are covered by their reservation."""
         total = 0
+        stale_after = 2 * self.cfg.read_timeout + 60  # no live download is silent that long
         try:
             with os.scandir(self.root) as it:
                 for e in it:
                     name = e.name
                     with contextlib.suppress(FileNotFoundError, ValueError):
                         if name.startswith(".reserve-"):
-                            total += int(Path(e.path).read_text() or 0)
+                            total += _live_reservation(Path(e.path))
+                        elif name.startswith(".fetch-"):
+                            if time.time() - e.stat().st_mtime > stale_after:
+                                os.unlink(e.path)  # left by a process killed mid-fetch
                         elif not name.startswith(".") and not name.endswith((".meta", ".lock")):
                             total += e.stat().st_size
         except FileNotFoundError:
@@ -243,8 +274,7 @@ class ShardCache:
                     if reservation is not None:  # under the space lock: a scan in progress
                         with open(self.root / ".space.lock", "a+b") as space:  # sees it or
                             fcntl.flock(space, fcntl.LOCK_EX)  # the shard, never neither
-                            with contextlib.suppress(FileNotFoundError):
-                                reservation.unlink()
+                            reservation.release()
                 meta = target.with_name(target.name + ".meta")
                 tmp = meta.with_name(".fetch-" + meta.name)
                 tmp.write_text(json.dumps({"size": got.size, "version": got.version}))
@@ -316,7 +346,7 @@ class ShardCache:
 
     # -- eviction -------------------------------------------------------------------------------
 
-    def _reserve(self, size: int, for_url: str, *, wait: bool = True) -> Path | None:
+    def _reserve(self, size: int, for_url: str, *, wait: bool = True) -> _Reservation | None:
         """Evict until ``size`` more bytes fit under ``cache_limit``, then reserve them (a
         ``.reserve-*`` file the other processes count) under a node-wide lock, so concurrent
         fetches cannot overshoot the limit together. No limit: nothing to do."""
@@ -334,18 +364,20 @@ class ShardCache:
                 while self.used_bytes() + size > limit and self._evict_one(for_url, now=wait):
                     pass
                 if self.used_bytes() + size <= limit:
+                    # Held under an exclusive flock while the fetch runs: a reservation whose
+                    # lock can be taken belongs to a process that died mid-fetch.
                     fd, path = tempfile.mkstemp(dir=self.root, prefix=".reserve-")
-                    with os.fdopen(fd, "w") as f:
-                        f.write(str(size))
-                    return Path(path)
+                    os.write(fd, str(size).encode())
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    return _Reservation(Path(path), fd)
             if not wait:
                 raise _NoRoom(for_url)
             if time.monotonic() > deadline:
                 raise ConfigError(
                     f"cache_limit={limit} bytes cannot hold the shards in use plus {for_url} "
                     f"({size} bytes): every cached shard is still needed or in use. Raise "
-                    "cache_limit (>= (interleave * partitions per rank + lookahead) x shard "
-                    "size, see docs/streaming.md)"
+                    "cache_limit (>= (interleave * partitions per rank + lookahead + 2) x "
+                    "shard size, see docs/streaming.md)"
                 )
             with self._cond:  # wait for a release or a batch boundary, then look again
                 self._cond.wait(0.05)
@@ -497,4 +529,7 @@ class ShardCache:
                 os.close(fd)
             self._pins.clear()
         if pool is not None and self._pid == os.getpid():
-            pool.shutdown(wait=True, cancel_futures=True)
+            # Downloads in flight finish (or fail) on their own; closing does not wait for them.
+            pool.shutdown(wait=False, cancel_futures=True)
+        with self._cond:
+            self._inflight.clear()

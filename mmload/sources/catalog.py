@@ -208,8 +208,11 @@ def resolve(
 
     good = [r for r in records if isinstance(r, ShardRecord)]
     left_out = [r for r in records if isinstance(r, BadEntry)]
-    good_urls = {r.url for r in good}
-    bad = [b for b in found_bad if b.shard in good_urls] + left_out
+    # A manifest's bad entries stand for the shards whose records were reused; a shard indexed
+    # again brings its own (r.bad). Two manifests may list the same entry: once.
+    reused = {_norm(specs[i].url) for i, r in enumerate(records) if isinstance(r, ShardRecord)}
+    reused -= {_norm(specs[i].url) for i in todo}
+    bad = list(dict.fromkeys(b for b in found_bad if _norm(b.shard) in reused)) + left_out
     for r in good:
         bad += r.bad
     man = Manifest(good, key_column, skip_bad, bad, field_summary(good, key_column))

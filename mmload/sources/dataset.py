@@ -87,6 +87,7 @@ class Dataset:
             ).astype(np.int64)
         self.chunk_start = np.concatenate([[0], np.cumsum(self.chunk_counts)]).astype(np.int64)
         self._shard_first_chunk = np.searchsorted(self.chunk_shard, np.arange(len(specs)))
+        self._last_need: dict[int, int] = {}  # this process's plan: shard -> last batch
         self._reset_handles()
 
     def _reset_handles(self) -> None:
@@ -97,8 +98,12 @@ class Dataset:
         self._tables: OrderedDict[int, TableReader] = OrderedDict()
         self._chunk_cache: ChunkCache = OrderedDict()
         self._pinned: dict[int, str] = {}
-        self._last_need: dict[int, int] = {}
         self._lock = threading.Lock()
+
+    def _own(self) -> None:
+        """Start this process's handles afresh after a fork (the plan state is kept)."""
+        if self._pid != os.getpid():
+            self._reset_handles()
 
     @property
     def num_samples(self) -> int:
@@ -189,6 +194,7 @@ class Dataset:
     def expect(self, needs: Sequence[tuple[int, int, int]], *, skew: int = 0) -> None:
         """This process's remote shards for the rest of the epoch: (shard, first batch, last
         batch), in plan order. The cache starts fetching them, ``lookahead`` ahead."""
+        self._own()
         self._last_need = {}
         for s, _first, last in needs:
             self._last_need[s] = max(last, self._last_need.get(s, -1))
@@ -196,12 +202,14 @@ class Dataset:
 
     def advance(self, batch: int) -> None:
         """The reader is at ``batch``: unpin shards it no longer needs, move the look-ahead."""
+        self._own()
         done = [s for s in self._pinned if self._last_need.get(s, -1) < batch]
         for s in done:
             self._unpin(s)
         self.cache.advance(batch)
 
     def _path(self, s: int) -> str:
+        self._own()
         if not self.remote[s]:
             return local_path(self.specs[s].url)
         with self._lock:
@@ -229,11 +237,20 @@ class Dataset:
 
     def index(self, s: int) -> ShardIndex:
         """Shard ``s``'s member table, loaded (or built from its local file) on first use."""
+        self._own()
         rec = self.records[s]
         url = self.specs[s].url
-        idx = self.store.cached(url, rec.index_version)
+        key = rec.index_version
+        if self.remote[s]:
+            # The table belongs to the copy being read: keyed by what the server reported for
+            # it, so a copy that changed (same size, new ETag) is indexed and checked again.
+            self._path(s)  # fetched (and pinned) first
+            got = self.cache.remote_object(url)
+            if got is not None:
+                key = f"{key}|{got.size}|{got.version}"
+        idx = self.store.cached(url, key)
         if idx is None:
-            idx = self.store.build(self._path(s), rec.kind, url=url, version=rec.index_version)
+            idx = self.store.build(self._path(s), rec.kind, url=url, version=key)
             if rec.digest is not None and index_digest(idx) != rec.digest:
                 self.store.forget(url)
                 raise ShardError(
@@ -258,8 +275,6 @@ class Dataset:
         return chunk, self.chunk_shard[chunk], row
 
     def _fd(self, s: int) -> int:
-        if self._pid != os.getpid():
-            self._reset_handles()
         path = self._path(s)
         with self._lock:
             fd = self._fds.get(s)
@@ -278,8 +293,7 @@ class Dataset:
             return fd
 
     def _table(self, s: int) -> TableReader:
-        if self._pid != os.getpid():
-            self._reset_handles()
+        self._own()
         index = self.index(s)
         path = self._path(s)
         with self._lock:
@@ -392,7 +406,7 @@ class Dataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("_pid", "_fds", "_tables", "_chunk_cache", "_lock", "_pinned", "_last_need"):
+        for k in ("_pid", "_fds", "_tables", "_chunk_cache", "_lock", "_pinned"):
             del state[k]
         return state
 
