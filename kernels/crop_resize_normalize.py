@@ -16,7 +16,13 @@ output is the interpolated pixel value (uint8 output rounds half up). bfloat16 i
 its bit pattern (round-to-nearest-even from float32) through a uint16 view of the output.
 
 One GPU thread computes one output pixel (all three channels); consecutive threads write
-consecutive ``x`` of each channel plane, so stores are coalesced.
+consecutive ``x`` of each channel plane, so stores are coalesced. A first launch, one thread
+per sample, computes each sample's constants (base address of the crop, row stride, last
+x/y, flip, and the two scales ``w / OW``, ``h / OH``: the only divisions, exactly as the
+reference rounds them); the pixel kernel then has no division (normalization multiplies by the
+host-computed ``1 / std`` and adds ``-mean / std``) and only 32-bit index math with unsigned
+indices (no negative-index wraparound). The launcher refuses outputs of ``2**31`` elements or
+more and host-described images of ``2**31`` bytes or more.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from numba import cuda, float32, int32, int64, uint8, uint16, uint32
+from numba import cuda, float32, int32, int64, uint8, uint16, uint32, uint64
 from numba.cuda import libdevice
 
 from ._device import (
@@ -57,6 +63,8 @@ _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
 
 _STORE_FLOAT, _STORE_BF16, _STORE_U8 = 0, 1, 2
+_INT32_LIMIT = 2**31
+_PARAM_THREADS = 128
 
 
 def _f32_bits_simulated(x: Any) -> Any:
@@ -77,72 +85,105 @@ class CropLike(Protocol):
     flip: Any
 
 
+def _params_kernel(
+    offsets: Any,
+    widths: Any,
+    y0s: Any,
+    x0s: Any,
+    hs: Any,
+    ws: Any,
+    flips: Any,
+    out_h: Any,
+    out_w: Any,
+    base: Any,
+    ints: Any,
+    scales: Any,
+) -> None:
+    """One thread per sample: everything the pixel kernel needs that is constant per sample
+    (the two scale divisions happen here, once per sample, not once per pixel)."""
+    b = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
+    if b >= base.shape[0]:
+        return
+    row_bytes = widths[b] * int32(3)
+    base[b] = offsets[b] + int64(y0s[b]) * int64(row_bytes) + int64(x0s[b] * int32(3))
+    ints[4 * b] = row_bytes
+    ints[4 * b + 1] = ws[b] - int32(1)
+    ints[4 * b + 2] = hs[b] - int32(1)
+    ints[4 * b + 3] = int32(flips[b] != 0)
+    scales[2 * b] = float32(ws[b]) / float32(out_w)
+    scales[2 * b + 1] = float32(hs[b]) / float32(out_h)
+
+
 def _make_kernel(store: int) -> Callable[..., None]:
     # ``store`` is a closure constant, so Numba prunes the other branches at compile time.
     def kernel(
         images: Any,
-        offsets: Any,
-        widths: Any,
-        y0s: Any,
-        x0s: Any,
-        hs: Any,
-        ws: Any,
-        flips: Any,
+        base: Any,
+        ints: Any,
+        scales: Any,
         out: Any,
-        m0: Any,
-        m1: Any,
-        m2: Any,
-        s0: Any,
-        s1: Any,
-        s2: Any,
+        batch: Any,
+        n_out_h: Any,
+        n_out_w: Any,
+        a0: Any,
+        a1: Any,
+        a2: Any,
+        c0: Any,
+        c1: Any,
+        c2: Any,
     ) -> None:
-        ox = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
-        oy = _cu.blockIdx.y * _cu.blockDim.y + _cu.threadIdx.y
-        n_out_h = out.shape[2]
-        n_out_w = out.shape[3]
+        # 32-bit index math throughout (the launcher checks the extents fit); ``out`` is the
+        # flat [B * 3 * OH * OW] view; y = v * a[c] + c[c] with a = 1/std, c = -mean/std.
+        ox = int32(_cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x)
+        oy = int32(_cu.blockIdx.y * _cu.blockDim.y + _cu.threadIdx.y)
         if ox >= n_out_w or oy >= n_out_h:
             return
-        means = (m0, m1, m2)
-        stds = (s0, s1, s2)
-        b = _cu.blockIdx.z
-        while b < out.shape[0]:
-            ch = hs[b]
-            cw = ws[b]
-            xo = n_out_w - 1 - ox if flips[b] != 0 else ox
-            fx = (float32(xo) + _HALF) * (float32(cw) / float32(n_out_w)) - _HALF
-            fy = (float32(oy) + _HALF) * (float32(ch) / float32(n_out_h)) - _HALF
-            if fx < _ZERO:
-                fx = _ZERO
-            if fy < _ZERO:
-                fy = _ZERO
-            ix0 = min(int32(fx), cw - 1)
-            iy0 = min(int32(fy), ch - 1)
-            ix1 = ix0 + 1 if ix0 < cw - 1 else ix0
-            iy1 = iy0 + 1 if iy0 < ch - 1 else iy0
+        # Numba widens int32 arithmetic to int64; every int32(...) below narrows it back, so
+        # LLVM emits 32-bit instructions.
+        scale = (a0, a1, a2)
+        bias = (c0, c1, c2)
+        plane = uint32(n_out_h * n_out_w)
+        fox = float32(ox) + _HALF
+        fox_flip = float32(int32(n_out_w - ox)) - _HALF
+        foy = float32(oy) + _HALF
+        # Unsigned indices: Numba emits no negative-index wraparound for them.
+        b = uint32(_cu.blockIdx.z)
+        while b < uint32(batch):
+            i4 = uint32(b << uint32(2))
+            row_bytes = ints[i4]
+            last_x = ints[uint32(i4 | uint32(1))]
+            last_y = ints[uint32(i4 | uint32(2))]
+            fxo = fox_flip if ints[uint32(i4 | uint32(3))] != 0 else fox
+            fx = max(fxo * scales[uint32(b << uint32(1))] - _HALF, _ZERO)
+            fy = max(foy * scales[uint32((b << uint32(1)) | uint32(1))] - _HALF, _ZERO)
+            ix0 = min(int32(fx), last_x)
+            iy0 = min(int32(fy), last_y)
+            dx = uint64(3) if ix0 < last_x else uint64(0)
+            dy = uint64(row_bytes) if iy0 < last_y else uint64(0)
             lx1 = fx - float32(ix0)
             ly1 = fy - float32(iy0)
             lx0 = _ONE - lx1
             ly0 = _ONE - ly1
-            row_bytes = int64(widths[b]) * 3
-            base = offsets[b] + int64(x0s[b]) * 3
-            r0 = base + int64(y0s[b] + iy0) * row_bytes
-            r1 = base + int64(y0s[b] + iy1) * row_bytes
-            c0 = int64(ix0) * 3
-            c1 = int64(ix1) * 3
+            p00 = uint64(base[b]) + uint64(uint32(iy0 * row_bytes + ix0 * int32(3)))
+            dst = uint32(uint32(uint32(b * uint32(3)) * uint32(n_out_h) + uint32(oy)))
+            dst = uint32(dst * uint32(n_out_w) + uint32(ox))
             for c in range(3):
-                v = ly0 * (lx0 * float32(images[r0 + c0 + c]) + lx1 * float32(images[r0 + c1 + c]))
-                v += ly1 * (lx0 * float32(images[r1 + c0 + c]) + lx1 * float32(images[r1 + c1 + c]))
+                p = uint64(p00 + uint64(c))
+                v = ly0 * (lx0 * float32(images[p]) + lx1 * float32(images[uint64(p + dx)]))
+                p1 = uint64(p + dy)
+                v += ly1 * (lx0 * float32(images[p1]) + lx1 * float32(images[uint64(p1 + dx)]))
                 if store == _STORE_U8:
-                    out[b, c, oy, ox] = uint8(int32(v + _HALF))
+                    out[dst] = uint8(int32(v + _HALF))
                 else:
-                    y = (v - means[c]) / stds[c]
+                    y = v * scale[c] + bias[c]
                     if store == _STORE_BF16:
                         u = uint32(_f32_bits(y))
                         rounded = u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))
-                        out[b, c, oy, ox] = uint16(rounded >> uint32(16))
+                        out[dst] = uint16(rounded >> uint32(16))
                     else:
-                        out[b, c, oy, ox] = y
-            b += _cu.gridDim.z
+                        out[dst] = y
+                dst = uint32(dst + plane)
+            b = uint32(b + uint32(_cu.gridDim.z))
 
     return kernel
 
@@ -159,14 +200,21 @@ _PY_KERNELS = {s: _make_kernel(s) for s in (_STORE_FLOAT, _STORE_BF16, _STORE_U8
 
 def _signature(dtype: str) -> str:
     return (
-        "void(uint8[::1], int64[::1], int32[::1], int32[::1], int32[::1], int32[::1], "
-        f"int32[::1], uint8[::1], {_ELEM[dtype]}[:, :, :, ::1], "
-        f"{', '.join([_F32] * 6)})"
+        "void(uint8[::1], int64[::1], int32[::1], float32[::1], "
+        f"{_ELEM[dtype]}[::1], int32, int32, int32, {', '.join([_F32] * 6)})"
     )
 
 
+_PARAMS_SIG = (
+    "void(int64[::1], int32[::1], int32[::1], int32[::1], int32[::1], int32[::1], uint8[::1], "
+    "int32, int32, int64[::1], int32[::1], float32[::1])"
+)
+
 _VARIANTS = Variants(
-    {f"crop_resize_normalize[{d}]": (_PY_KERNELS[_STORE[d]], _signature(d)) for d in _STORE}
+    {
+        "crop_resize_normalize.params": (_params_kernel, _PARAMS_SIG),
+        **{f"crop_resize_normalize[{d}]": (_PY_KERNELS[_STORE[d]], _signature(d)) for d in _STORE},
+    }
 )
 
 
@@ -286,10 +334,17 @@ def crop_resize_normalize(
             value, f"crop.{field}", dtype=kind, shape=n, stream=stream
         )
     _check_windows(int(imgs.shape[0]), off_h, hh, wh, crop_host)
-    block = (min(32, out_w), min(8, out_h), 1)
-    grid = (num_blocks(out_w, block[0]), num_blocks(out_h, block[1]), min(batch, MAX_GRID_YZ))
-    _compiled(f"crop_resize_normalize[{dtype}]")[grid, block, stream](
-        imgs,
+    if batch * 3 * out_h * out_w >= _INT32_LIMIT:
+        raise ValueError(f"out: {batch * 3 * out_h * out_w} elements; at most 2**31 - 1")
+    if hh is not None and wh is not None and (hh.astype(np.int64) * wh * 3 >= _INT32_LIMIT).any():
+        raise ValueError("heights/widths: an image of 2**31 bytes or more")
+    # Per-sample constants (base address, row stride, last x/y, flip, the two scales), one
+    # thread per sample; the pixel kernel then has no division and 32-bit index math.
+    base_d = cuda.device_array(batch, np.int64, stream=stream)
+    ints_d = cuda.device_array(4 * batch, np.int32, stream=stream)
+    scales_d = cuda.device_array(2 * batch, np.float32, stream=stream)
+    threads = min(_PARAM_THREADS, batch)
+    _compiled("crop_resize_normalize.params")[num_blocks(batch, threads), threads, stream](
         off_d,
         w_d,
         crop_dev["y0"],
@@ -297,8 +352,26 @@ def crop_resize_normalize(
         crop_dev["h"],
         crop_dev["w"],
         crop_dev["flip"],
-        dst,
-        *(np.float32(v) for v in (*m, *s)),
+        np.int32(out_h),
+        np.int32(out_w),
+        base_d,
+        ints_d,
+        scales_d,
+    )
+    inv_std = (np.float32(1.0) / s).astype(np.float32)
+    bias = (-m * inv_std).astype(np.float32)
+    block = (min(32, out_w), min(8, out_h), 1)
+    grid = (num_blocks(out_w, block[0]), num_blocks(out_h, block[1]), min(batch, MAX_GRID_YZ))
+    _compiled(f"crop_resize_normalize[{dtype}]")[grid, block, stream](
+        imgs,
+        base_d,
+        ints_d,
+        scales_d,
+        dst.reshape(batch * 3 * out_h * out_w),
+        np.int32(batch),
+        np.int32(out_h),
+        np.int32(out_w),
+        *(np.float32(v) for v in (*inv_std, *bias)),
     )
 
 

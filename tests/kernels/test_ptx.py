@@ -16,6 +16,7 @@ MODULES = ("crop_resize_normalize", "logmel", "mixup", "pack_tokens")
 
 EXPECTED = {
     *(f"crop_resize_normalize[{d}]" for d in ("float16", "float32", "bfloat16", "uint8")),
+    "crop_resize_normalize.params",
     *(f"{op}[{d}]" for op in ("mixup", "cutmix") for d in ("float16", "float32")),
     "logmel.power",
     "logmel.mel",
