@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, int32, uint32
 
 from ._device import (
     MAX_GRID_YZ,
@@ -50,51 +50,68 @@ _THREADS = 256
 _MAX_BLOCKS_X = 4096  # the grid-stride loop covers the rest
 
 
-def _mixup_kernel(x: Any, perm: Any, lam: Any, out: Any) -> None:
-    n = x.shape[1]
-    stride = _cu.gridDim.x * _cu.blockDim.x
-    b = _cu.blockIdx.y
-    while b < x.shape[0]:
-        p = perm[b]
+def _mixup_kernel(x: Any, perm: Any, lam: Any, batch: Any, n: Any, out: Any) -> None:
+    # x/out: flat [B * n]; 32-bit unsigned index math (the launcher checks the size fits).
+    stride = uint32(_cu.gridDim.x * _cu.blockDim.x)
+    b = uint32(_cu.blockIdx.y)
+    while b < uint32(batch):
+        own = uint32(b * uint32(n))
+        partner = uint32(uint32(perm[b]) * uint32(n))
         w = lam[b]
         wp = _ONE - w
-        i = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
-        while i < n:
-            out[b, i] = w * float32(x[b, i]) + wp * float32(x[p, i])
-            i += stride
-        b += _cu.gridDim.y
+        i = uint32(_cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x)
+        while i < uint32(n):
+            out[uint32(own + i)] = w * float32(x[uint32(own + i)]) + wp * float32(
+                x[uint32(partner + i)]
+            )
+            i = uint32(i + stride)
+        b = uint32(b + uint32(_cu.gridDim.y))
 
 
-def _cutmix_kernel(x: Any, perm: Any, boxes: Any, height: Any, width: Any, out: Any) -> None:
-    n = x.shape[1]
-    plane = height * width
-    stride = _cu.gridDim.x * _cu.blockDim.x
-    b = _cu.blockIdx.y
-    while b < x.shape[0]:
-        p = perm[b]
-        y0 = boxes[b, 0]
-        x0 = boxes[b, 1]
-        y1 = boxes[b, 2]
-        x1 = boxes[b, 3]
-        i = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
-        while i < n:
-            pix = i % plane
-            yy = pix // width
-            xx = pix - yy * width
-            if y0 <= yy < y1 and x0 <= xx < x1:
-                out[b, i] = x[p, i]
-            else:
-                out[b, i] = x[b, i]
-            i += stride
-        b += _cu.gridDim.y
+def _cutmix_kernel(
+    x: Any, perm: Any, boxes: Any, batch: Any, lead: Any, height: Any, width: Any, out: Any
+) -> None:
+    # x/out: flat [B * lead * H * W]; one thread per (y, x) of a plane pastes that pixel for
+    # all ``lead`` planes of the sample (channels, frames), so the box test runs once per
+    # pixel and no index needs a division. 32-bit unsigned index math (the launcher checks the
+    # size fits), unsigned so Numba adds no negative-index wraparound.
+    xx = int32(_cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x)
+    if xx >= width:
+        return
+    plane = uint32(height * width)
+    per_sample = uint32(uint32(lead) * plane)
+    y_first = int32(_cu.blockIdx.y * _cu.blockDim.y + _cu.threadIdx.y)
+    y_step = int32(_cu.blockDim.y * _cu.gridDim.y)
+    b = uint32(_cu.blockIdx.z)
+    while b < uint32(batch):
+        j = uint32(b << uint32(2))
+        y0 = boxes[j]
+        x0 = boxes[uint32(j | uint32(1))]
+        y1 = boxes[uint32(j | uint32(2))]
+        x1 = boxes[uint32(j | uint32(3))]
+        in_x = x0 <= xx and xx < x1
+        own = uint32(b * per_sample)
+        partner = uint32(uint32(perm[b]) * per_sample)
+        yy = y_first
+        while yy < height:
+            pix = uint32(uint32(yy) * uint32(width) + uint32(xx))
+            src = partner if in_x and y0 <= yy and yy < y1 else own
+            src = uint32(src + pix)
+            dst = uint32(own + pix)
+            for _ in range(lead):
+                out[dst] = x[src]
+                src = uint32(src + plane)
+                dst = uint32(dst + plane)
+            yy = int32(yy + y_step)
+        b = uint32(b + uint32(_cu.gridDim.z))
 
 
 def _mixup_signature(dtype: str) -> str:
-    return f"void({dtype}[:, ::1], int64[::1], float32[::1], {dtype}[:, ::1])"
+    return f"void({dtype}[::1], int64[::1], float32[::1], int32, int32, {dtype}[::1])"
 
 
 def _cutmix_signature(dtype: str) -> str:
-    return f"void({dtype}[:, ::1], int64[::1], int32[:, ::1], int64, int64, {dtype}[:, ::1])"
+    return f"void({dtype}[::1], int64[::1], int32[::1], int32, int32, int32, int32, {dtype}[::1])"
 
 
 _VARIANTS = Variants(
@@ -161,8 +178,13 @@ def mixup(x: Any, perm: Any, lam: Any, out: Any, *, stream: Any = 0) -> None:
         raise ValueError("lam: must be finite")
     if batch == 0 or src.shape[1] == 0:
         return
-    grid, threads = _launch_shape(batch, int(src.shape[1]))
-    _compiled(f"mixup[{_dtype_of(src)}]")[grid, threads, stream](src, perm_d, lam_d, dst)
+    n = int(src.shape[1])
+    if batch * n >= 2**31:
+        raise ValueError(f"x: {batch * n} elements; mixup handles at most 2**31 - 1")
+    grid, threads = _launch_shape(batch, n)
+    _compiled(f"mixup[{_dtype_of(src)}]")[grid, threads, stream](
+        src.reshape(batch * n), perm_d, lam_d, np.int32(batch), np.int32(n), dst.reshape(batch * n)
+    )
 
 
 def mix_labels(labels: Any, perm: Any, lam: Any, out: Any, *, stream: Any = 0) -> None:
@@ -189,9 +211,24 @@ def cutmix(x: Any, perm: Any, boxes: Any, out: Any, *, stream: Any = 0) -> None:
         _check_boxes(box_h, height, width)
     if batch == 0 or src.shape[1] == 0:
         return
-    grid, threads = _launch_shape(batch, int(src.shape[1]))
-    _compiled(f"cutmix[{_dtype_of(src)}]")[grid, threads, stream](
-        src, perm_d, box_d, np.int64(height), np.int64(width), dst
+    n = int(src.shape[1])
+    if batch * n >= 2**31:
+        raise ValueError(f"x: {batch * n} elements; cutmix handles at most 2**31 - 1")
+    block = (min(32, width), min(8, height), 1)
+    grid = (
+        num_blocks(width, block[0]),
+        min(num_blocks(height, block[1]), MAX_GRID_YZ),
+        min(batch, MAX_GRID_YZ),
+    )
+    _compiled(f"cutmix[{_dtype_of(src)}]")[grid, block, stream](
+        src.reshape(batch * n),
+        perm_d,
+        box_d.reshape(4 * batch),
+        np.int32(batch),
+        np.int32(n // (height * width)),
+        np.int32(height),
+        np.int32(width),
+        dst.reshape(batch * n),
     )
 
 
