@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numba import cuda
+from numba import cuda, int32, uint32
 
 from ._device import (
     MAX_GRID_YZ,
@@ -200,36 +200,50 @@ def _power_kernel(
     win_stop: Any,
     power: Any,
 ) -> None:
-    f = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
-    k = _cu.blockIdx.y
-    n_frames = power.shape[2]
-    if f >= n_frames:
+    # 32-bit index math, unsigned indices (no negative-index wraparound). The reflect-padded
+    # sample index of the first tap takes one modulo per thread; every further tap moves it by
+    # one and bounces it off the ends, so the tap loop has no division.
+    f = int32(_cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x)
+    k = int32(_cu.blockIdx.y)
+    if f >= int32(power.shape[2]):
         return
-    n_fft = window.shape[0]
-    n_samples = x.shape[1]
-    pad = n_fft // 2
-    period = 2 * (n_samples - 1)
-    b = _cu.blockIdx.z
-    while b < x.shape[0]:
+    n_fft = int32(window.shape[0])
+    last = int32(x.shape[1]) - int32(1)
+    period = int32(last + last)
+    j0 = int32(0)
+    d0 = int32(0)
+    if period != 0:
+        j0 = int32(int32(f * hop + win_start - (n_fft >> int32(1))) % period)  # never negative
+        d0 = int32(1)
+        if j0 > last:
+            j0 = int32(period - j0)
+            d0 = int32(-1)
+    tw0 = int32(int32(k * win_start) % n_fft)
+    uk = uint32(k)
+    uf = uint32(f)
+    b = uint32(_cu.blockIdx.z)
+    while b < uint32(x.shape[0]):
         re = _ZERO
         im = _ZERO
-        tw = (k * win_start) % n_fft
+        j = j0
+        d = d0
+        tw = tw0
         for n in range(win_start, win_stop):
-            j = f * hop + n - pad
-            if period == 0:
-                j = 0
-            else:
-                j = j % period  # Python semantics: never negative
-                if j >= n_samples:
-                    j = period - j
-            v = x[b, j] * window[n]
-            re += v * cos_t[tw]
-            im -= v * sin_t[tw]
-            tw += k
+            v = x[b, uint32(j)] * window[uint32(n)]
+            re += v * cos_t[uint32(tw)]
+            im -= v * sin_t[uint32(tw)]
+            tw = int32(tw + k)
             if tw >= n_fft:
-                tw -= n_fft
-        power[b, k, f] = re * re + im * im
-        b += _cu.gridDim.z
+                tw = int32(tw - n_fft)
+            j = int32(j + d)
+            if j > last:
+                j = int32(last - int32(1))
+                d = int32(-1)
+            elif j < 0:
+                j = int32(1)
+                d = int32(1)
+        power[b, uk, uf] = re * re + im * im
+        b = uint32(b + uint32(_cu.gridDim.z))
 
 
 def _mel_kernel(power: Any, filterbank: Any, bands: Any, eps: Any, out: Any) -> None:
@@ -247,7 +261,7 @@ def _mel_kernel(power: Any, filterbank: Any, bands: Any, eps: Any, out: Any) -> 
 
 
 _POWER_SIG = (
-    "void(float32[:, ::1], float32[::1], float32[::1], float32[::1], int64, int64, int64, "
+    "void(float32[:, ::1], float32[::1], float32[::1], float32[::1], int32, int32, int32, "
     "float32[:, :, ::1])"
 )
 _MEL_SIG = "void(float32[:, :, ::1], float32[:, ::1], int32[:, ::1], float32, float32[:, :, ::1])"
@@ -314,9 +328,9 @@ def logmel(
         tables.window,
         tables.cos,
         tables.sin,
-        np.int64(spec.hop_length),
-        np.int64(win_start),
-        np.int64(win_start + spec.window_length),
+        np.int32(spec.hop_length),
+        np.int32(win_start),
+        np.int32(win_start + spec.window_length),
         work,
     )
     _compiled("logmel.mel")[(num_blocks(n_frames, threads), spec.n_mels, z), threads, stream](

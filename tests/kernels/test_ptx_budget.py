@@ -42,7 +42,7 @@ BUDGET: dict[str, tuple[int, int, int, int, int]] = {
     "crop_resize_normalize[float32]": (170, 0, 0, 6, 170),
     "crop_resize_normalize[bfloat16]": (195, 0, 0, 6, 195),
     "crop_resize_normalize[uint8]": (170, 0, 0, 3, 170),
-    "logmel.power": (1410, 30, 8, 1, 1490),
+    "logmel.power": (450, 4, 6, 14, 465),
     "logmel.mel": (320, 0, 12, 1, 335),
     "mixup[float16]": (62, 0, 0, 3, 64),
     "mixup[float32]": (60, 0, 0, 3, 60),
