@@ -20,9 +20,12 @@ __all__ = [
     "SIMULATOR",
     "check_disjoint",
     "device_array",
+    "device_params",
     "host_or_device",
     "is_device_array",
     "num_blocks",
+    "scratch",
+    "upload_params",
 ]
 
 SIMULATOR: bool = bool(getattr(numba.config, "ENABLE_CUDASIM", 0))  # set from the environment
@@ -144,6 +147,14 @@ def device_array(
     return cuda.from_cuda_array_interface(desc, owner=obj, sync=True)
 
 
+def device_params(pairs: Sequence[tuple[np.ndarray | None, Any]], *, stream: Any = 0) -> list[Any]:
+    """Device arrays for ``host_or_device(..., upload=False)`` results: the host ones uploaded
+    together (one staging slot, one copy: :func:`upload_params`), device ones as given."""
+    hosts = [h for h, d in pairs if d is None and h is not None]
+    uploaded = iter(upload_params(hosts, stream=stream) if hosts else [])
+    return [next(uploaded) if d is None else d for _, d in pairs]
+
+
 def host_or_device(
     obj: Any,
     name: str,
@@ -178,8 +189,102 @@ def host_or_device(
             if lo < info.min or hi > info.max:
                 raise ValueError(f"{name}: values [{lo}, {hi}] do not fit in {dtype}")
         host = np.ascontiguousarray(obj, dtype=target)
-        return host, cuda.to_device(host, stream=stream) if upload else None
+        return host, upload_params([host], stream=stream)[0] if upload else None
     return None, device_array(obj, name, dtype=dtype, shape=shape)
+
+
+_ALIGN = 256  # bytes between parameter arrays / scratch views (any dtype's alignment)
+_SLOTS = 4  # pinned staging slots per stream: the host may run this many launches ahead
+
+
+class _Arena:
+    """Reused buffers of one (device, stream): pinned staging slots, the device parameter
+    buffer they are copied into, and device scratch. Grow-only; nothing is allocated per call
+    once they are large enough (numba's allocator synchronises the device on every
+    allocation, which would stall training each batch)."""
+
+    def __init__(self) -> None:
+        self.slots: list[Any] = [None] * _SLOTS
+        self.copied: list[Any] = [None] * _SLOTS  # event after each slot's last copy
+        self.next = 0
+        self.params: Any = None
+        self.scratch: Any = None
+
+
+_ARENAS: dict[tuple[int, int], _Arena] = {}
+
+
+def _arena(stream: Any) -> _Arena:
+    try:
+        dev = int(cuda.get_current_device().id)
+    except (AttributeError, RuntimeError):  # no device in this process
+        dev = 0
+    # A Numba stream's int() is its CUstream handle; the simulator's streams have none.
+    has_handle = isinstance(stream, int) or hasattr(stream, "__int__")
+    key = int(stream) if has_handle else id(type(stream))
+    return _ARENAS.setdefault((dev, key), _Arena())
+
+
+def _layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for n in nbytes:
+        offsets.append(total)
+        total += -(-max(int(n), 1) // _ALIGN) * _ALIGN
+    return offsets, total
+
+
+def _grow(buf: Any, total: int, alloc: Callable[[int], Any]) -> Any:
+    if buf is not None and int(buf.shape[0]) >= total:
+        return buf
+    old = 0 if buf is None else int(buf.shape[0])
+    return alloc(max(total, 2 * old, 4096))
+
+
+def _views(
+    buf: Any, offsets: list[int], arrays: Sequence[tuple[tuple[int, ...], Any]]
+) -> list[Any]:
+    out = []
+    for off, (shape, dtype) in zip(offsets, arrays, strict=True):
+        dt = np.dtype(dtype)
+        n = math.prod(shape)
+        out.append(buf[off : off + n * dt.itemsize].view(dt).reshape(shape))
+    return out
+
+
+def upload_params(hosts: Sequence[np.ndarray], *, stream: Any = 0) -> list[Any]:
+    """Copy small host arrays to the device in one non-blocking copy: each is written into a
+    pinned staging slot of ``stream``'s arena, the slot is copied into one reused device
+    buffer, and typed views of it are returned. The views stay valid until the next
+    ``upload_params`` on the same stream (the kernels that read them run before it, in
+    stream order).
+    """
+    arena = _arena(stream)
+    hosts = [np.ascontiguousarray(h) for h in hosts]
+    offsets, total = _layout([h.nbytes for h in hosts])
+    i = arena.next
+    arena.next = (i + 1) % _SLOTS
+    if arena.copied[i] is not None:
+        arena.copied[i].synchronize()  # the copy that last read this slot (launches ago)
+    arena.slots[i] = _grow(arena.slots[i], total, lambda n: cuda.pinned_array(n, np.uint8))
+    arena.params = _grow(arena.params, total, lambda n: cuda.device_array(n, np.uint8))
+    host = arena.slots[i]
+    for off, h in zip(offsets, hosts, strict=True):
+        host[off : off + h.nbytes] = h.reshape(-1).view(np.uint8)
+    arena.params[:total].copy_to_device(host[:total], stream=stream)
+    if arena.copied[i] is None:
+        arena.copied[i] = cuda.event()
+    arena.copied[i].record(stream=stream)
+    return _views(arena.params, offsets, [(h.shape, h.dtype) for h in hosts])
+
+
+def scratch(arrays: Sequence[tuple[tuple[int, ...], Any]], *, stream: Any = 0) -> list[Any]:
+    """Device scratch arrays ``(shape, dtype)``, disjoint views of ``stream``'s reused scratch
+    buffer (grown when too small, never per call); valid until the next ``scratch`` on the
+    same stream, which is ordered after the kernels that use them."""
+    arena = _arena(stream)
+    offsets, total = _layout([math.prod(s) * np.dtype(d).itemsize for s, d in arrays])
+    arena.scratch = _grow(arena.scratch, total, lambda n: cuda.device_array(n, np.uint8))
+    return _views(arena.scratch, offsets, arrays)
 
 
 def _extent(obj: Any) -> tuple[int, int] | None:

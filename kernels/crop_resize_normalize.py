@@ -39,8 +39,10 @@ from ._device import (
     SIMULATOR,
     Variants,
     device_array,
+    device_params,
     host_or_device,
     num_blocks,
+    scratch,
 )
 
 __all__ = [
@@ -319,10 +321,10 @@ def crop_resize_normalize(
     if batch == 0 or out_h == 0 or out_w == 0:
         return
     n = (batch,)
-    off_h, off_d = host_or_device(offsets, "offsets", dtype="int64", shape=n, stream=stream)
+    off_h, off_d = host_or_device(offsets, "offsets", dtype="int64", shape=n, upload=False)
     # Heights only bound the crop windows (checked here); the kernel needs the row stride.
     hh, _ = host_or_device(heights, "heights", dtype="int32", shape=n, upload=False)
-    wh, w_d = host_or_device(widths, "widths", dtype="int32", shape=n, stream=stream)
+    wh, w_d = host_or_device(widths, "widths", dtype="int32", shape=n, upload=False)
     crop_host: dict[str, np.ndarray | None] = {}
     crop_dev: dict[str, Any] = {}
     for field in ("y0", "x0", "h", "w", "flip"):
@@ -331,7 +333,7 @@ def crop_resize_normalize(
         if value is None:
             raise ValueError(f"crop: has no field {field!r} (expected CropParams)")
         crop_host[field], crop_dev[field] = host_or_device(
-            value, f"crop.{field}", dtype=kind, shape=n, stream=stream
+            value, f"crop.{field}", dtype=kind, shape=n, upload=False
         )
     _check_windows(int(imgs.shape[0]), off_h, hh, wh, crop_host)
     if batch * 3 * out_h * out_w >= _INT32_LIMIT:
@@ -340,9 +342,18 @@ def crop_resize_normalize(
         raise ValueError("heights/widths: an image of 2**31 bytes or more")
     # Per-sample constants (base address, row stride, last x/y, flip, the two scales), one
     # thread per sample; the pixel kernel then has no division and 32-bit index math.
-    base_d = cuda.device_array(batch, np.int64, stream=stream)
-    ints_d = cuda.device_array(4 * batch, np.int32, stream=stream)
-    scales_d = cuda.device_array(2 * batch, np.float32, stream=stream)
+    # Host metadata leaves in one non-blocking copy from a pinned slot into a reused device
+    # buffer; the per-sample constants live in reused scratch: no allocation per call.
+    fields = ("y0", "x0", "h", "w", "flip")
+    off_d, w_d, *crop_d = device_params(
+        [(off_h, off_d), (wh, w_d), *((crop_host[f], crop_dev[f]) for f in fields)],
+        stream=stream,
+    )
+    crop_dev = dict(zip(fields, crop_d, strict=True))
+    base_d, ints_d, scales_d = scratch(
+        [((batch,), np.int64), ((4 * batch,), np.int32), ((2 * batch,), np.float32)],
+        stream=stream,
+    )
     threads = min(_PARAM_THREADS, batch)
     _compiled("crop_resize_normalize.params")[num_blocks(batch, threads), threads, stream](
         off_d,

@@ -33,6 +33,7 @@ from ._device import (
     check_disjoint,
     device_array,
     num_blocks,
+    scratch,
 )
 
 __all__ = [
@@ -298,7 +299,8 @@ def logmel(
     ``waveforms``: float32 device array ``[B, T]``, ``T >= 1``. ``out``: preallocated float32
     device array ``spec.output_shape(B, T)``. ``tables``: from :func:`logmel_tables` (built and
     uploaded on every call if omitted). ``workspace``: optional float32 device array
-    ``[B, n_fft // 2 + 1, frames]`` for the power spectrum (allocated per call if omitted).
+    ``[B, n_fft // 2 + 1, frames]`` for the power spectrum (if omitted, a view of the stream's
+    reused scratch buffer, which grows when too small: no allocation per call).
     """
     if not isinstance(spec, LogMelSpec):
         raise ValueError(f"spec: must be a LogMelSpec, got {type(spec).__name__}")
@@ -312,7 +314,8 @@ def logmel(
     n_frames = spec.frames(samples)
     work_shape = (batch, spec.n_freqs, n_frames)
     if workspace is None:
-        work = cuda.device_array(work_shape, dtype=np.float32, stream=stream)
+        # The stream's reused scratch buffer (grown when too small, never per call).
+        (work,) = scratch([(work_shape, np.float32)], stream=stream)
     else:
         work = device_array(workspace, "workspace", dtype="float32", shape=work_shape)
     if tables is None:

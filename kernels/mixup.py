@@ -26,6 +26,7 @@ from ._device import (
     Variants,
     check_disjoint,
     device_array,
+    device_params,
     host_or_device,
     num_blocks,
 )
@@ -142,19 +143,20 @@ def _launch_shape(batch: int, n: int) -> tuple[tuple[int, int], int]:
 
 def _prepare(
     x: Any, out: Any, perm: Any, min_ndim: int, stream: Any
-) -> tuple[Any, Any, Any, tuple[int, ...]]:
-    """Validated 2-D ``[B, N]`` views of x and out, and perm on the device."""
+) -> tuple[Any, Any, tuple[np.ndarray | None, Any], tuple[int, ...]]:
+    """Validated 2-D ``[B, N]`` views of x and out, and perm (``host_or_device`` pair, not
+    uploaded yet: the launcher uploads all host parameters in one copy)."""
     src = device_array(x, "x", dtype=_DTYPES, shape=_any_shape(x, "x", min_ndim))
     shape = tuple(int(n) for n in src.shape)
     dst = device_array(out, "out", dtype=_dtype_of(src), shape=shape)
     check_disjoint(x=src, out=dst)
     batch = shape[0]
-    perm_h, perm_d = host_or_device(perm, "perm", dtype="int64", shape=(batch,), stream=stream)
+    perm_h, perm_d = host_or_device(perm, "perm", dtype="int64", shape=(batch,), upload=False)
     if perm_h is not None and perm_h.size and (perm_h.min() < 0 or perm_h.max() >= batch):
         lo, hi = int(perm_h.min()), int(perm_h.max())
         raise ValueError(f"perm: values must be in [0, {batch}), got [{lo}, {hi}]")
     flat = (batch, int(np.prod(shape[1:], dtype=np.int64)))
-    return src.reshape(flat), dst.reshape(flat), perm_d, shape
+    return src.reshape(flat), dst.reshape(flat), (perm_h, perm_d), shape
 
 
 def _any_shape(arr: Any, name: str, min_ndim: int) -> tuple[None, ...]:
@@ -171,9 +173,9 @@ def mixup(x: Any, perm: Any, lam: Any, out: Any, *, stream: Any = 0) -> None:
     float32 ``[B]`` (host arrays are checked and uploaded; device arrays are trusted).
     ``out``: preallocated device array of x's shape and dtype, not overlapping ``x``.
     """
-    src, dst, perm_d, shape = _prepare(x, out, perm, 1, stream)
+    src, dst, perm_pair, shape = _prepare(x, out, perm, 1, stream)
     batch = shape[0]
-    lam_h, lam_d = host_or_device(lam, "lam", dtype="float32", shape=(batch,), stream=stream)
+    lam_h, lam_d = host_or_device(lam, "lam", dtype="float32", shape=(batch,), upload=False)
     if lam_h is not None and not np.isfinite(lam_h).all():
         raise ValueError("lam: must be finite")
     if batch == 0 or src.shape[1] == 0:
@@ -181,6 +183,7 @@ def mixup(x: Any, perm: Any, lam: Any, out: Any, *, stream: Any = 0) -> None:
     n = int(src.shape[1])
     if batch * n >= 2**31:
         raise ValueError(f"x: {batch * n} elements; mixup handles at most 2**31 - 1")
+    perm_d, lam_d = device_params([perm_pair, (lam_h, lam_d)], stream=stream)
     grid, threads = _launch_shape(batch, n)
     _compiled(f"mixup[{_dtype_of(src)}]")[grid, threads, stream](
         src.reshape(batch * n), perm_d, lam_d, np.int32(batch), np.int32(n), dst.reshape(batch * n)
@@ -204,9 +207,9 @@ def cutmix(x: Any, perm: Any, boxes: Any, out: Any, *, stream: Any = 0) -> None:
     half-open, ``0 <= y0 <= y1 <= H`` and ``0 <= x0 <= x1 <= W`` (an empty box copies x).
     ``out``: preallocated device array of x's shape and dtype, not overlapping ``x``.
     """
-    src, dst, perm_d, shape = _prepare(x, out, perm, 3, stream)
+    src, dst, perm_pair, shape = _prepare(x, out, perm, 3, stream)
     batch, height, width = shape[0], shape[-2], shape[-1]
-    box_h, box_d = host_or_device(boxes, "boxes", dtype="int32", shape=(batch, 4), stream=stream)
+    box_h, box_d = host_or_device(boxes, "boxes", dtype="int32", shape=(batch, 4), upload=False)
     if box_h is not None:
         _check_boxes(box_h, height, width)
     if batch == 0 or src.shape[1] == 0:
@@ -214,6 +217,7 @@ def cutmix(x: Any, perm: Any, boxes: Any, out: Any, *, stream: Any = 0) -> None:
     n = int(src.shape[1])
     if batch * n >= 2**31:
         raise ValueError(f"x: {batch * n} elements; cutmix handles at most 2**31 - 1")
+    perm_d, box_d = device_params([perm_pair, (box_h, box_d)], stream=stream)
     block = (min(32, width), min(8, height), 1)
     grid = (
         num_blocks(width, block[0]),

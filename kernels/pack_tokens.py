@@ -21,7 +21,7 @@ from ._device import (
     Variants,
     check_disjoint,
     device_array,
-    host_or_device,
+    device_params,
     is_device_array,
     num_blocks,
 )
@@ -205,8 +205,8 @@ def pack_tokens(
     toks = device_array(tokens, "tokens", dtype="int64", shape=(None,))
     offs: np.ndarray | None = None
     if is_device_array(offsets):  # e.g. a torch CUDA tensor: values trusted, never copied back
-        offs_d = device_array(offsets, "offsets", dtype="int64", shape=(None,))
-        n_seqs = int(offs_d.shape[0])
+        offs_dev = device_array(offsets, "offsets", dtype="int64", shape=(None,))
+        n_seqs = int(offs_dev.shape[0])
     else:
         offs = np.asarray(offsets)
         if offs.ndim != 1 or (offs.size and offs.dtype.kind not in "iu"):
@@ -237,17 +237,21 @@ def pack_tokens(
             )
     if n_out_rows == 0:
         return
-    if offs is not None:
-        if offs.size == 0:  # keep every device buffer non-empty
-            offs = np.zeros(1, np.int64)
-        _, offs_d = host_or_device(offs, "offsets", dtype="int64", shape=(None,), stream=stream)
-    elif n_seqs == 0:
-        offs_d = cuda.to_device(np.zeros(1, np.int64), stream=stream)
     row_ptr, table = _row_table(plan, n_out_rows)
-    _, row_ptr_d = host_or_device(row_ptr, "row_ptr", dtype="int64", shape=(None,), stream=stream)
-    _, table_d = host_or_device(table, "table", dtype="int64", shape=(None, 3), stream=stream)
-    if toks.shape[0] == 0:  # keep every device buffer non-empty
-        toks = cuda.to_device(np.zeros(1, np.int64), stream=stream)
+    one = np.zeros(1, np.int64)  # stands in for an empty buffer: none may be empty
+    offs_pair: tuple[np.ndarray | None, Any] = (one, None)
+    if offs is not None and offs.size:
+        offs_pair = (offs, None)
+    elif offs is None and n_seqs:
+        offs_pair = (None, offs_dev)
+    params: list[tuple[np.ndarray | None, Any]] = [
+        (row_ptr, None),
+        (table, None),
+        offs_pair,
+        (one, None) if toks.shape[0] == 0 else (None, toks),
+    ]
+    # One non-blocking copy from a pinned slot into a reused device buffer: no allocation.
+    row_ptr_d, table_d, offs_d, toks = device_params(params, stream=stream)
     threads = min(_THREADS, plan.seq_len)
     grid = (num_blocks(plan.seq_len, threads), min(n_out_rows, MAX_GRID_YZ))
     _compiled("pack_tokens")[grid, threads, stream](

@@ -63,6 +63,8 @@ _SIGNATURE_CHECK = textwrap.dedent(
     device.SIMULATOR = True  # NumPy arrays stand in for device arrays; no kernel runs
     cuda.to_device = lambda a, stream=0: np.ascontiguousarray(a)
     cuda.device_array = lambda shape, dtype, stream=0: np.zeros(shape, dtype)
+    device.upload_params = lambda hosts, stream=0: [np.ascontiguousarray(h) for h in hosts]
+    crn.scratch = lm.scratch = lambda arrays, stream=0: [np.zeros(s, d) for s, d in arrays]
     seen = set()
 
     class Recorder:
