@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda
+from numba import cuda, int32, int64, uint32, uint64
 
 from ._device import (
     MAX_GRID_YZ,
@@ -92,47 +92,54 @@ def _pack_kernel(
     row_ptr: Any,
     table: Any,
     pad_id: Any,
+    n_rows: Any,
+    seq_len: Any,
     input_ids: Any,
     attention_mask: Any,
     position_ids: Any,
     segment_ids: Any,
 ) -> None:
-    c = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
-    if c >= input_ids.shape[1]:
+    # Outputs are flat [R * L] views; ``table`` is flat [3 * K] int32 (sequence index, start,
+    # length). 32-bit index math (the launcher checks R * L fits), unsigned indices so Numba
+    # adds no negative-index wraparound; only the token address is 64-bit.
+    c = int32(_cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x)
+    if c >= seq_len:
         return
-    r = _cu.blockIdx.y
-    while r < input_ids.shape[0]:
+    r = uint32(_cu.blockIdx.y)
+    while r < uint32(n_rows):
         first = row_ptr[r]
         lo = first
-        hi = row_ptr[r + 1]
+        hi = row_ptr[uint32(r + uint32(1))]
         while lo < hi:  # lo = first entry of the row starting after column c
-            mid = (lo + hi) // 2
-            if table[mid, 1] <= c:
-                lo = mid + 1
+            mid = int32((lo + hi) >> int32(1))
+            if table[uint32(mid * int32(3) + int32(1))] <= c:
+                lo = int32(mid + int32(1))
             else:
                 hi = mid
-        j = lo - 1
+        j = int32(lo - int32(1))
         token = pad_id
-        mask = 0
-        pos = 0
-        seg = 0
+        mask = int64(0)
+        pos = int64(0)
+        seg = int64(0)
         if j >= first:
-            p = c - table[j, 1]
-            if p < table[j, 2]:
-                token = tokens[offsets[table[j, 0]] + p]
-                mask = 1
-                pos = p
-                seg = j - first + 1
-        input_ids[r, c] = token
-        attention_mask[r, c] = mask
-        position_ids[r, c] = pos
-        segment_ids[r, c] = seg
-        r += _cu.gridDim.y
+            t = uint32(j * int32(3))
+            p = int32(c - table[uint32(t + uint32(1))])
+            if p < table[uint32(t + uint32(2))]:
+                token = tokens[uint64(offsets[uint32(table[t])] + int64(p))]
+                mask = int64(1)
+                pos = int64(p)
+                seg = int64(j - first + int32(1))
+        i = uint32(r * uint32(seq_len) + uint32(c))
+        input_ids[i] = token
+        attention_mask[i] = mask
+        position_ids[i] = pos
+        segment_ids[i] = seg
+        r = uint32(r + uint32(_cu.gridDim.y))
 
 
 _SIG = (
-    "void(int64[::1], int64[::1], int64[::1], int64[:, ::1], int64, "
-    + ", ".join(["int64[:, ::1]"] * 4)
+    "void(int64[::1], int64[::1], int32[::1], int32[::1], int64, int32, int32, "
+    + ", ".join(["int64[::1]"] * 4)
     + ")"
 )
 
@@ -175,9 +182,9 @@ def _row_table(plan: PackingPlan, n_out_rows: int) -> tuple[np.ndarray, np.ndarr
     placed = np.flatnonzero(plan.rows >= 0)
     order = placed[np.lexsort((plan.starts[placed], plan.rows[placed]))]
     counts = np.bincount(plan.rows[order], minlength=n_out_rows)[:n_out_rows]
-    row_ptr = np.zeros(n_out_rows + 1, np.int64)
+    row_ptr = np.zeros(n_out_rows + 1, np.int32)
     np.cumsum(counts, out=row_ptr[1:])
-    table = np.zeros((max(1, order.size), 3), np.int64)
+    table = np.zeros((max(1, order.size), 3), np.int32)
     table[: order.size] = np.stack([order, plan.starts[order], plan.lengths[order]], axis=1)
     return row_ptr, table
 
@@ -237,6 +244,8 @@ def pack_tokens(
             )
     if n_out_rows == 0:
         return
+    if n_out_rows * plan.seq_len >= 2**31:
+        raise ValueError(f"input_ids: {n_out_rows} x {plan.seq_len} cells; at most 2**31 - 1")
     row_ptr, table = _row_table(plan, n_out_rows)
     one = np.zeros(1, np.int64)  # stands in for an empty buffer: none may be empty
     offs_pair: tuple[np.ndarray | None, Any] = (one, None)
@@ -254,8 +263,16 @@ def pack_tokens(
     row_ptr_d, table_d, offs_d, toks = device_params(params, stream=stream)
     threads = min(_THREADS, plan.seq_len)
     grid = (num_blocks(plan.seq_len, threads), min(n_out_rows, MAX_GRID_YZ))
+    cells = n_out_rows * plan.seq_len
     _compiled("pack_tokens")[grid, threads, stream](
-        toks, offs_d, row_ptr_d, table_d, np.int64(pad_id), *(outs[n] for n in _OUTPUTS)
+        toks,
+        offs_d,
+        row_ptr_d,
+        table_d.reshape(table.size),
+        np.int64(pad_id),
+        np.int32(n_out_rows),
+        np.int32(plan.seq_len),
+        *(outs[n].reshape(cells) for n in _OUTPUTS),
     )
 
 

@@ -48,7 +48,7 @@ BUDGET: dict[str, tuple[int, int, int, int, int]] = {
     "mixup[float32]": (60, 0, 0, 3, 60),
     "cutmix[float16]": (215, 0, 0, 16, 220),
     "cutmix[float32]": (215, 0, 0, 16, 220),
-    "pack_tokens": (175, 0, 6, 1, 186),
+    "pack_tokens": (115, 0, 1, 7, 120),
     "asof_join": (740, 0, 22, 1, 800),
 }
 
