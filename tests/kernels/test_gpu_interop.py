@@ -89,3 +89,33 @@ def test_mixup_cutmix_logmel_pack_on_torch_tensors() -> None:
     want = pack_tokens_reference(tokens, offsets, plan)
     for got, name in zip(outs, want, strict=True):
         np.testing.assert_array_equal(got.cpu().numpy(), want[name], err_msg=name)
+    # Offsets as a torch CUDA tensor (issue 9, defect 1): read on the device, never np.asarray'd.
+    for o in outs:
+        o.fill_(-1)
+    offsets_t = torch.from_numpy(offsets.astype(np.int64)).cuda()
+    pack_tokens(torch.from_numpy(tokens).cuda(), offsets_t, plan, *outs, stream=torch_stream())
+    for got, name in zip(outs, want, strict=True):
+        np.testing.assert_array_equal(got.cpu().numpy(), want[name], err_msg=f"{name} (device)")
+
+
+def test_repeated_launches_reuse_device_buffers() -> None:
+    """Issue 9, defect 4 on a GPU: after a first launch, numba allocates nothing per call."""
+    from numba import cuda
+
+    from mmload.kernels import _device
+
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.standard_normal((4, 3, 8, 8)).astype(np.float32)).cuda()
+    out = torch.empty_like(x)
+    perm, lam = np.array([1, 2, 3, 0]), rng.random(4).astype(np.float32)
+    for _ in range(_device._SLOTS):
+        mixup(x, perm, lam, out, stream=torch_stream())
+    allocated = cuda.current_context().get_memory_info()
+    arenas = {k: (id(a.params), id(a.scratch)) for k, a in _device._ARENAS.items()}
+    for _ in range(10):
+        mixup(x, perm, lam, out, stream=torch_stream())
+    torch.cuda.synchronize()
+    assert {k: (id(a.params), id(a.scratch)) for k, a in _device._ARENAS.items()} == arenas
+    assert cuda.current_context().get_memory_info().free >= allocated.free - (1 << 20)
+    want = mixup_reference(x.cpu().numpy(), perm, lam)
+    np.testing.assert_allclose(out.cpu().numpy(), want, atol=1e-5)
