@@ -9,6 +9,7 @@ plain NumPy arrays and ``cuda.to_device`` arrays play that role. Every check rai
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -198,7 +199,7 @@ _SLOTS = 4  # pinned staging slots per stream: the host may run this many launch
 
 
 class _Arena:
-    """Reused buffers of one (device, stream): pinned staging slots, the device parameter
+    """Reused buffers of one (device, stream, thread): pinned staging slots, the device parameter
     buffer they are copied into, and device scratch. Grow-only; nothing is allocated per call
     once they are large enough (numba's allocator synchronises the device on every
     allocation, which would stall training each batch)."""
@@ -211,7 +212,10 @@ class _Arena:
         self.scratch: Any = None
 
 
-_ARENAS: dict[tuple[int, int], _Arena] = {}
+# Keyed by (device, stream handle, thread): a launcher's upload + launches are then never
+# interleaved with another thread's on a shared stream (torch's default stream is shared by
+# every thread), so reuse in stream order is safe.
+_ARENAS: dict[tuple[int, int, int], _Arena] = {}
 
 
 def _arena(stream: Any) -> _Arena:
@@ -222,7 +226,7 @@ def _arena(stream: Any) -> _Arena:
     # A Numba stream's int() is its CUstream handle; the simulator's streams have none.
     has_handle = isinstance(stream, int) or hasattr(stream, "__int__")
     key = int(stream) if has_handle else id(type(stream))
-    return _ARENAS.setdefault((dev, key), _Arena())
+    return _ARENAS.setdefault((dev, key, threading.get_ident()), _Arena())
 
 
 def _layout(nbytes: Sequence[int]) -> tuple[list[int], int]:

@@ -137,3 +137,20 @@ def test_views_of_one_upload_are_disjoint_and_typed() -> None:
     assert (da.dtype, db.dtype, dc.dtype) == (a.dtype, b.dtype, c.dtype)
     s1, s2 = _device.scratch([((3, 4), np.float32), ((7,), np.int32)])
     assert s1.shape == (3, 4) and s2.shape == (7,)
+
+
+def test_each_thread_has_its_own_buffers() -> None:
+    """Threads sharing a stream (torch's default stream is shared) never share a buffer, so
+    one thread's upload cannot overwrite parameters another thread's kernel is about to read."""
+    import threading
+
+    (mine,) = _device.upload_params([np.arange(3)])
+    seen: list[Any] = []
+    worker = threading.Thread(target=lambda: seen.extend(_device.upload_params([np.arange(3)])))
+    worker.start()
+    worker.join()
+    mine_buf = _device._arena(0).params
+    others = [a.params for k, a in _device._ARENAS.items() if k[2] == worker.ident]
+    assert len(others) == 1 and others[0] is not mine_buf
+    np.testing.assert_array_equal(np.asarray(seen[0].copy_to_host()), np.arange(3))
+    np.testing.assert_array_equal(np.asarray(mine.copy_to_host()), np.arange(3))
