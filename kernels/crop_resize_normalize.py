@@ -80,11 +80,16 @@ _f32_bits: Callable[[Any], Any] = _f32_bits_simulated if SIMULATOR else libdevic
 class CropLike(Protocol):
     """Anything with CropParams' fields: ``y0, x0, h, w`` (int ``[B]``), ``flip`` (bool ``[B]``)."""
 
-    y0: Any
-    x0: Any
-    h: Any
-    w: Any
-    flip: Any
+    @property
+    def y0(self) -> Any: ...
+    @property
+    def x0(self) -> Any: ...
+    @property
+    def h(self) -> Any: ...
+    @property
+    def w(self) -> Any: ...
+    @property
+    def flip(self) -> Any: ...
 
 
 def _params_kernel(

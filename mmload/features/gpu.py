@@ -59,7 +59,7 @@ def _dummy(dev: torch.device, dtype: torch.dtype, ndim: int) -> torch.Tensor:
     return t
 
 
-def _run_args(run: Run) -> tuple[Any, ...]:
+def _run_args(run: Run) -> tuple[Any, Any, Any, Any, Any]:
     args = run.cache.get("kernel_args")
     if args is None:
         from numba import cuda
