@@ -361,9 +361,10 @@ class ShardCache:
         while True:
             with open(self.root / ".space.lock", "a+b") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                while self.used_bytes() + size > limit and self._evict_one(for_url, now=wait):
-                    pass
-                if self.used_bytes() + size <= limit:
+                used = self.used_bytes()  # one scan per eviction, not two
+                while used + size > limit and self._evict_one(for_url, now=wait):
+                    used = self.used_bytes()
+                if used + size <= limit:
                     # Held under an exclusive flock while the fetch runs: a reservation whose
                     # lock can be taken belongs to a process that died mid-fetch.
                     fd, path = tempfile.mkstemp(dir=self.root, prefix=".reserve-")
