@@ -11,15 +11,19 @@ frequency bins at ``k * sr / n_fft``); then the natural log ``log(mel + eps)``,
 Audio shorter than ``n_fft // 2 + 1`` samples, which ``torch.stft`` rejects, is padded by
 repeated reflection (``numpy.pad(mode="reflect")``); a single sample is repeated.
 
-Two kernels: one thread per (batch, frequency bin, frame) computes the windowed DFT bin's power
-from a twiddle table (a direct DFT; fine for n_fft of a few hundred) into a float32
-``[B, n_fft // 2 + 1, frames]`` workspace; one thread per (batch, mel, frame) then applies the
-filterbank over each filter's non-zero bins and takes the log.
+Two kernels: ``logmel.power``, one thread per (batch, frequency bin, frame), computes the
+windowed DFT bin's power from a twiddle table into a float32 ``[B, n_fft // 2 + 1, frames]``
+workspace: a direct DFT, ``O(n_fft)`` per bin, for callers without torch. ``logmel.mel``, one
+thread per (batch, mel, frame), applies the filterbank over each filter's non-zero bins and takes
+the log; :func:`mel_from_power` runs it alone on a power spectrum computed elsewhere. mmload's
+decode path does that: ``torch.stft`` (cuFFT) for the power, then this kernel
+(``mmload.decode.spectrogram``), which is the fast way for ``n_fft`` in the hundreds.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +35,7 @@ from ._device import (
     MAX_GRID_YZ,
     Variants,
     check_disjoint,
+    current_device_id,
     device_array,
     num_blocks,
     scratch,
@@ -44,6 +49,7 @@ __all__ = [
     "logmel_reference",
     "logmel_tables",
     "mel_filterbank",
+    "mel_from_power",
 ]
 
 # Kernels reach threadIdx & co. through this alias: numba's stubs mistype them for mypy.
@@ -142,7 +148,7 @@ def mel_filterbank(
     slopes = pts[None, :] - freqs[:, None]
     down = -slopes[:, :-2] / diff[:-1]
     up = slopes[:, 2:] / diff[1:]
-    return np.maximum(0.0, np.minimum(down, up)).T.astype(np.float32)
+    return np.ascontiguousarray(np.maximum(0.0, np.minimum(down, up)).T, dtype=np.float32)
 
 
 def _window(spec: LogMelSpec) -> np.ndarray:
@@ -166,6 +172,7 @@ class LogMelTables:
     sin: Any  # float32 [n_fft]
     filterbank: Any  # float32 [n_mels, n_freqs]
     bands: Any  # int32 [n_mels, 2]: first and one-past-last non-zero bin of each filter
+    # (the mel kernel reads filterbank and bands through flat views)
 
 
 def _host_tables(spec: LogMelSpec) -> dict[str, np.ndarray]:
@@ -185,10 +192,34 @@ def _host_tables(spec: LogMelSpec) -> dict[str, np.ndarray]:
     }
 
 
-def logmel_tables(spec: LogMelSpec, *, stream: Any = 0) -> LogMelTables:
-    """Build the window, twiddle and filterbank tables of ``spec`` and upload them."""
+def logmel_tables(
+    spec: LogMelSpec,
+    *,
+    stream: Any = 0,
+    to_device: Callable[[np.ndarray], Any] | None = None,
+) -> LogMelTables:
+    """Build the window, twiddle and filterbank tables of ``spec`` and upload them: with
+    ``cuda.to_device`` on ``stream``, or with ``to_device`` (host array -> device array, e.g.
+    ``lambda a: torch.from_numpy(a).to(dev)`` so torch's allocator owns them)."""
     host = _host_tables(spec)
-    return LogMelTables(spec, **{k: cuda.to_device(v, stream=stream) for k, v in host.items()})
+    if to_device is None:
+        return LogMelTables(spec, **{k: cuda.to_device(v, stream=stream) for k, v in host.items()})
+    return LogMelTables(spec, **{k: to_device(v) for k, v in host.items()})
+
+
+_TABLES: dict[tuple[LogMelSpec, int], LogMelTables] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def _cached_tables(spec: LogMelSpec) -> LogMelTables:
+    """The tables of ``spec`` on Numba's current device, uploaded once per process (synchronous
+    copies, so any stream may read them afterwards)."""
+    key = (spec, current_device_id())
+    with _TABLES_LOCK:
+        hit = _TABLES.get(key)
+        if hit is None:
+            hit = _TABLES[key] = logmel_tables(spec)
+        return hit
 
 
 def _power_kernel(
@@ -247,25 +278,47 @@ def _power_kernel(
         b = uint32(b + uint32(_cu.gridDim.z))
 
 
-def _mel_kernel(power: Any, filterbank: Any, bands: Any, eps: Any, out: Any) -> None:
-    f = _cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x
-    m = _cu.blockIdx.y
-    if f >= out.shape[2]:
+def _mel_kernel(
+    power: Any,
+    filterbank: Any,
+    bands: Any,
+    batch: Any,
+    n_freqs: Any,
+    frames: Any,
+    eps: Any,
+    out: Any,
+) -> None:
+    # Flat arrays and 32-bit unsigned index math (the launcher checks the extents fit):
+    # power [B * K * F], filterbank [M * K], bands [2 * M], out [B * M * F]. Consecutive
+    # threads take consecutive frames, so every read of a bin row and every store coalesce.
+    f = uint32(_cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x)
+    m = uint32(_cu.blockIdx.y)
+    nf = uint32(frames)
+    if f >= nf:
         return
-    b = _cu.blockIdx.z
-    while b < out.shape[0]:
+    k0 = uint32(bands[uint32(m << uint32(1))])
+    k1 = uint32(bands[uint32((m << uint32(1)) | uint32(1))])
+    nk = uint32(n_freqs)
+    n_mels = uint32(_cu.gridDim.y)
+    fb_row = uint32(m * nk)
+    b = uint32(_cu.blockIdx.z)
+    while b < uint32(batch):
         acc = _ZERO
-        for k in range(bands[m, 0], bands[m, 1]):
-            acc += filterbank[m, k] * power[b, k, f]
-        out[b, m, f] = math.log(acc + eps)
-        b += _cu.gridDim.z
+        p = uint32(uint32(b * nk + k0) * nf + f)
+        for k in range(k0, k1):
+            acc += filterbank[uint32(fb_row + uint32(k))] * power[p]
+            p = uint32(p + nf)
+        out[uint32(uint32(b * n_mels + m) * nf + f)] = math.log(acc + eps)
+        b = uint32(b + uint32(_cu.gridDim.z))
 
 
 _POWER_SIG = (
     "void(float32[:, ::1], float32[::1], float32[::1], float32[::1], int32, int32, int32, "
     "float32[:, :, ::1])"
 )
-_MEL_SIG = "void(float32[:, :, ::1], float32[:, ::1], int32[:, ::1], float32, float32[:, :, ::1])"
+_MEL_SIG = (
+    "void(float32[::1], float32[::1], int32[::1], int32, int32, int32, float32, float32[::1])"
+)
 
 
 _VARIANTS = Variants(
@@ -297,10 +350,11 @@ def logmel(
     """Write the log-mel spectrogram of ``waveforms`` into ``out``.
 
     ``waveforms``: float32 device array ``[B, T]``, ``T >= 1``. ``out``: preallocated float32
-    device array ``spec.output_shape(B, T)``. ``tables``: from :func:`logmel_tables` (built and
-    uploaded on every call if omitted). ``workspace``: optional float32 device array
-    ``[B, n_fft // 2 + 1, frames]`` for the power spectrum (if omitted, a view of the stream's
-    reused scratch buffer, which grows when too small: no allocation per call).
+    device array ``spec.output_shape(B, T)``. ``tables``: from :func:`logmel_tables` (if
+    omitted, built and uploaded once per spec and device, then reused). ``workspace``: optional
+    float32 device array ``[B, n_fft // 2 + 1, frames]`` for the power spectrum (if omitted, a
+    view of the stream's reused scratch buffer, which grows when too small: no allocation per
+    call).
     """
     if not isinstance(spec, LogMelSpec):
         raise ValueError(f"spec: must be a LogMelSpec, got {type(spec).__name__}")
@@ -319,7 +373,7 @@ def logmel(
     else:
         work = device_array(workspace, "workspace", dtype="float32", shape=work_shape)
     if tables is None:
-        tables = logmel_tables(spec, stream=stream)
+        tables = _cached_tables(spec)
     elif tables.spec != spec:
         raise ValueError("tables: were built for a different LogMelSpec")
     check_disjoint(waveforms=x, out=dst, workspace=work)
@@ -336,9 +390,69 @@ def logmel(
         np.int32(win_start + spec.window_length),
         work,
     )
-    _compiled("logmel.mel")[(num_blocks(n_frames, threads), spec.n_mels, z), threads, stream](
-        work, tables.filterbank, tables.bands, np.float32(spec.eps), dst
+    _launch_mel(work, dst, spec, tables, batch, n_frames, stream)
+
+
+def _flat(a: Any) -> Any:
+    return a.reshape(math.prod(int(n) for n in a.shape))
+
+
+def _launch_mel(
+    power: Any,
+    out: Any,
+    spec: LogMelSpec,
+    tables: LogMelTables,
+    batch: int,
+    frames: int,
+    stream: Any,
+) -> None:
+    fb = device_array(tables.filterbank, "tables.filterbank", dtype="float32", shape=(None, None))
+    bands = device_array(tables.bands, "tables.bands", dtype="int32", shape=(spec.n_mels, 2))
+    threads = min(_THREADS, frames)
+    z = min(batch, MAX_GRID_YZ)
+    _compiled("logmel.mel")[(num_blocks(frames, threads), spec.n_mels, z), threads, stream](
+        _flat(power),
+        _flat(fb),
+        _flat(bands),
+        np.int32(batch),
+        np.int32(spec.n_freqs),
+        np.int32(frames),
+        np.float32(spec.eps),
+        _flat(out),
     )
+
+
+def mel_from_power(
+    power: Any,
+    out: Any,
+    spec: LogMelSpec,
+    *,
+    tables: LogMelTables,
+    stream: Any = 0,
+) -> None:
+    """The mel stage alone: ``out = log(filterbank @ power + eps)`` per batch item.
+
+    ``power``: float32 device array ``[B, n_fft // 2 + 1, frames]`` (``|X|^2`` of a one-sided
+    STFT, e.g. from ``torch.stft`` on cuFFT); ``out``: preallocated float32 device array
+    ``[B, n_mels, frames]``. One thread per (batch, mel, frame) sums the filter's non-zero bins
+    and takes the log, so the mel values never make a round trip through device memory.
+    ``tables``: from :func:`logmel_tables` (only ``filterbank`` and ``bands`` are read).
+    """
+    if not isinstance(spec, LogMelSpec):
+        raise ValueError(f"spec: must be a LogMelSpec, got {type(spec).__name__}")
+    if tables.spec != spec:
+        raise ValueError("tables: were built for a different LogMelSpec")
+    work = device_array(power, "power", dtype="float32", shape=(None, spec.n_freqs, None))
+    batch, _, frames = (int(n) for n in work.shape)
+    dst = device_array(out, "out", dtype="float32", shape=(batch, spec.n_mels, frames))
+    if batch == 0 or frames == 0:
+        return
+    if batch * max(spec.n_freqs, spec.n_mels) * frames >= 2**31:
+        raise ValueError(f"power: {batch * spec.n_freqs * frames} elements; at most 2**31 - 1")
+    if spec.n_mels > MAX_GRID_YZ:
+        raise ValueError(f"spec.n_mels={spec.n_mels}: at most {MAX_GRID_YZ}")
+    check_disjoint(power=work, out=dst)
+    _launch_mel(work, dst, spec, tables, batch, frames, stream)
 
 
 def logmel_reference(waveforms: np.ndarray, spec: LogMelSpec) -> np.ndarray:

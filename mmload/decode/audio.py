@@ -4,8 +4,9 @@ Output per audio field: waveforms ``float32 [B, T]`` (``T = round(seconds * samp
 with ``AudioConfig.mel``, log-mel spectrograms ``float32 [B, n_mels, 1 + T // hop_length]``; on
 the batch device. Decode and resampling run on the CPU (soundfile when installed —
 ``pip install "mmload[audio]"`` — else the standard library's ``wave`` for PCM WAV); the mel
-spectrogram runs on the GPU with ``mmload.kernels.logmel`` when the batch device is CUDA, else its
-NumPy reference. Crop offsets are a pure function of (seed, epoch, sample id).
+spectrogram runs on the batch device (:mod:`mmload.decode.spectrogram`: ``torch.stft``, then the
+``logmel.mel`` kernel on CUDA or a filterbank matmul on the CPU). Crop offsets are a pure function
+of (seed, epoch, sample id).
 """
 
 from __future__ import annotations
@@ -160,30 +161,21 @@ class AudioDecoder:
         wav = self.waveforms(data, ids, epoch)
         if not self.cfg.mel:
             return torch.from_numpy(wav).to(self.device)
-        from mmload.kernels.logmel import LogMelSpec
+        if self._mel is None:
+            from mmload.decode.spectrogram import MelSpectrogram
+            from mmload.kernels.logmel import LogMelSpec
 
-        spec = LogMelSpec(
-            sample_rate=self.cfg.sample_rate,
-            n_fft=self.cfg.n_fft,
-            hop_length=self.cfg.hop_length,
-            n_mels=self.cfg.n_mels,
-        )
-        if self.device.type == "cuda":
-            from mmload.decode.gpu import numba_on
-            from mmload.kernels.logmel import logmel, logmel_tables
-
-            if self._mel is None:
-                self._mel = logmel_tables(spec)
-            x = torch.from_numpy(wav).to(self.device, non_blocking=True)
-            out = torch.empty(
-                spec.output_shape(len(data), self.length), dtype=torch.float32, device=self.device
+            spec = LogMelSpec(
+                sample_rate=self.cfg.sample_rate,
+                n_fft=self.cfg.n_fft,
+                hop_length=self.cfg.hop_length,
+                n_mels=self.cfg.n_mels,
             )
-            with numba_on(self.device) as stream:
-                logmel(x, out, spec, tables=self._mel, stream=stream)
-            return out
-        from mmload.kernels.logmel import logmel_reference
-
-        return torch.from_numpy(np.ascontiguousarray(logmel_reference(wav, spec), dtype=np.float32))
+            self._mel = MelSpectrogram(spec, self.device)
+        x = torch.from_numpy(wav)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return self._mel(x)
 
     def close(self) -> None:
         self._mel = None

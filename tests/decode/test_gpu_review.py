@@ -71,7 +71,7 @@ def test_every_numba_launch_in_decode_goes_through_numba_on() -> None:
             continue
         text = path.read_text()
         assert not re.search(r"external_stream|cuda\.gpus", text), path.name
-    for name in ("text.py", "audio.py", "nvjpeg.py"):
+    for name in ("text.py", "spectrogram.py", "nvjpeg.py"):
         assert "numba_on(" in (ROOT / "mmload" / "decode" / name).read_text(), name
 
 

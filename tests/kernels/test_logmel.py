@@ -158,3 +158,61 @@ def test_launcher_validation() -> None:
         logmel(x, out, spec, workspace=cuda.device_array((2, 17, 4), np.float32))
     with pytest.raises(ValueError, match="spec"):
         logmel(x, out, {"n_fft": 32})
+
+
+def power_of(x: np.ndarray, spec: LogMelSpec) -> np.ndarray:
+    """|rfft|^2 of the reflect-padded, windowed frames: float32 [B, n_freqs, frames] (NumPy)."""
+    from mmload.kernels.logmel import _window
+
+    pad = spec.n_fft // 2
+    padded = np.pad(x.astype(np.float64), ((0, 0), (pad, pad)), mode="reflect")
+    starts = np.arange(spec.frames(x.shape[1])) * spec.hop_length
+    frames = padded[:, starts[:, None] + np.arange(spec.n_fft)[None, :]] * _window(spec)
+    power = np.abs(np.fft.rfft(frames, n=spec.n_fft, axis=-1)) ** 2
+    return np.ascontiguousarray(power.transpose(0, 2, 1), dtype=np.float32)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["n_fft32", "win25_of_40"])
+def test_mel_from_power_matches_reference(spec: LogMelSpec) -> None:
+    from mmload.kernels.logmel import mel_from_power
+
+    x = signal(np.random.default_rng(7), 3, 123)
+    power = power_of(x, spec)
+    out = cuda.device_array(spec.output_shape(3, 123), np.float32)
+    mel_from_power(cuda.to_device(power), out, spec, tables=logmel_tables(spec))
+    np.testing.assert_allclose(out.copy_to_host(), logmel_reference(x, spec), rtol=0, atol=1e-3)
+
+
+def test_mel_from_power_validation() -> None:
+    from mmload.kernels.logmel import mel_from_power
+
+    spec = SPECS[0]
+    tables = logmel_tables(spec)
+    power = cuda.to_device(np.ones((2, spec.n_freqs, 5), np.float32))
+    out = cuda.device_array((2, spec.n_mels, 5), np.float32)
+    with pytest.raises(ValueError, match="power: shape"):
+        mel_from_power(cuda.to_device(np.ones((2, 3, 5), np.float32)), out, spec, tables=tables)
+    with pytest.raises(ValueError, match="out: shape"):
+        mel_from_power(power, cuda.device_array((2, 3, 5), np.float32), spec, tables=tables)
+    with pytest.raises(ValueError, match="tables"):
+        mel_from_power(power, out, spec, tables=logmel_tables(SPECS[1]))
+    buf = np.ones(2 * spec.n_freqs * 5 + 64, np.float32)  # simulator: NumPy is device memory
+    shared = buf[: 2 * spec.n_freqs * 5].reshape(2, spec.n_freqs, 5)
+    inside = buf[10 : 10 + 2 * spec.n_mels * 5].reshape(2, spec.n_mels, 5)
+    with pytest.raises(ValueError, match="overlap"):
+        mel_from_power(shared, inside, spec, tables=tables)
+
+
+def test_tables_are_uploaded_once_per_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tables=None`` used to build and upload the tables on every call."""
+    import mmload.kernels.logmel as lm
+
+    spec = LogMelSpec(sample_rate=8000, n_fft=16, hop_length=8, n_mels=3)
+    lm._TABLES.pop((spec, 0), None)
+    built: list[LogMelSpec] = []
+    real = lm.logmel_tables
+    monkeypatch.setattr(lm, "logmel_tables", lambda s, **kw: built.append(s) or real(s, **kw))
+    x = signal(np.random.default_rng(0), 1, 40)
+    for _ in range(3):
+        np.testing.assert_allclose(run(x, spec), logmel_reference(x, spec), atol=1e-3)
+    assert built == [spec]
