@@ -8,6 +8,7 @@ plain NumPy arrays and ``cuda.to_device`` arrays play that role. Every check rai
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from numba import cuda
 __all__ = [
     "SIMULATOR",
     "check_disjoint",
+    "current_device_id",
     "device_array",
     "device_params",
     "host_or_device",
@@ -156,6 +158,11 @@ def device_params(pairs: Sequence[tuple[np.ndarray | None, Any]], *, stream: Any
     return [next(uploaded) if d is None else d for _, d in pairs]
 
 
+@functools.cache
+def _iinfo(dtype: np.dtype) -> np.iinfo:
+    return np.iinfo(dtype)
+
+
 def host_or_device(
     obj: Any,
     name: str,
@@ -184,8 +191,8 @@ def host_or_device(
         ):
             want_s = ", ".join("*" if n is None else str(n) for n in shape)
             raise ValueError(f"{name}: shape must be [{want_s}], got {list(obj.shape)}")
-        if target.kind in "iu" and obj.size and obj.dtype.kind in "iu":
-            info = np.iinfo(target)
+        if target.kind in "iu" and obj.size and not np.can_cast(obj.dtype, target, "safe"):
+            info = _iinfo(target)
             lo, hi = int(obj.min()), int(obj.max())
             if lo < info.min or hi > info.max:
                 raise ValueError(f"{name}: values [{lo}, {hi}] do not fit in {dtype}")
@@ -210,6 +217,9 @@ class _Arena:
         self.next = 0
         self.params: Any = None
         self.scratch: Any = None
+        # Typed views by layout, for the buffer they were cut from: batches of one shape reuse
+        # them (slicing a Numba device array is pure Python, several us per view).
+        self.views: dict[tuple[Any, ...], list[Any]] = {}
 
 
 # Keyed by (device, stream handle, thread): a launcher's upload + launches are then never
@@ -218,15 +228,23 @@ class _Arena:
 _ARENAS: dict[tuple[int, int, int], _Arena] = {}
 
 
-def _arena(stream: Any) -> _Arena:
+def current_device_id() -> int:
+    """Numba's current CUDA device ordinal (0 under the simulator or without a device)."""
     try:
-        dev = int(cuda.get_current_device().id)
-    except (AttributeError, RuntimeError):  # no device in this process
-        dev = 0
+        return int(cuda.get_current_device().id)
+    except (AttributeError, RuntimeError, ImportError):  # no device (CudaSupportError)
+        return 0
+
+
+def _stream_key(stream: Any) -> int:
     # A Numba stream's int() is its CUstream handle; the simulator's streams have none.
     has_handle = isinstance(stream, int) or hasattr(stream, "__int__")
-    key = int(stream) if has_handle else id(type(stream))
-    return _ARENAS.setdefault((dev, key, threading.get_ident()), _Arena())
+    return int(stream) if has_handle else id(type(stream))
+
+
+def _arena(stream: Any) -> _Arena:
+    key = (current_device_id(), _stream_key(stream), threading.get_ident())
+    return _ARENAS.setdefault(key, _Arena())
 
 
 def _layout(nbytes: Sequence[int]) -> tuple[list[int], int]:
@@ -245,13 +263,25 @@ def _grow(buf: Any, total: int, alloc: Callable[[int], Any]) -> Any:
 
 
 def _views(
-    buf: Any, offsets: list[int], arrays: Sequence[tuple[tuple[int, ...], Any]]
+    buf: Any,
+    offsets: list[int],
+    arrays: Sequence[tuple[tuple[int, ...], Any]],
+    cache: dict[tuple[Any, ...], list[Any]] | None = None,
 ) -> list[Any]:
+    key = (id(buf), tuple(offsets), tuple((tuple(s), np.dtype(d).str) for s, d in arrays))
+    if cache is not None:
+        hit = cache.get(key)
+        if hit is not None and hit[0] is buf:
+            return hit[1:]
     out = []
     for off, (shape, dtype) in zip(offsets, arrays, strict=True):
         dt = np.dtype(dtype)
         n = math.prod(shape)
         out.append(buf[off : off + n * dt.itemsize].view(dt).reshape(shape))
+    if cache is not None:
+        if len(cache) >= 64:
+            cache.clear()
+        cache[key] = [buf, *out]  # the buffer is held, so its id is not reused meanwhile
     return out
 
 
@@ -278,7 +308,7 @@ def upload_params(hosts: Sequence[np.ndarray], *, stream: Any = 0) -> list[Any]:
     if arena.copied[i] is None:
         arena.copied[i] = cuda.event()
     arena.copied[i].record(stream=stream)
-    return _views(arena.params, offsets, [(h.shape, h.dtype) for h in hosts])
+    return _views(arena.params, offsets, [(h.shape, h.dtype) for h in hosts], arena.views)
 
 
 def scratch(arrays: Sequence[tuple[tuple[int, ...], Any]], *, stream: Any = 0) -> list[Any]:
@@ -288,7 +318,7 @@ def scratch(arrays: Sequence[tuple[tuple[int, ...], Any]], *, stream: Any = 0) -
     arena = _arena(stream)
     offsets, total = _layout([math.prod(s) * np.dtype(d).itemsize for s, d in arrays])
     arena.scratch = _grow(arena.scratch, total, lambda n: cuda.device_array(n, np.uint8))
-    return _views(arena.scratch, offsets, arrays)
+    return _views(arena.scratch, offsets, arrays, arena.views)
 
 
 def _extent(obj: Any) -> tuple[int, int] | None:
@@ -321,10 +351,37 @@ def num_blocks(n: int, per_block: int) -> int:
     return max(1, -(-n // per_block))
 
 
+_MAX_CONFIGS = 64  # launch configurations kept per kernel (grids change with batch shapes)
+
+
+class Launchers:
+    """A compiled kernel whose launch configurations are kept: ``k[grid, block, stream]``
+    returns Numba's configured launcher, built once per (grid, block, device, stream handle)
+    instead of on every launch (Numba checks the dimensions, converts the stream and, for grids
+    under 128 blocks, raises a performance warning each time it builds one)."""
+
+    def __init__(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+        self._configs: dict[tuple[Any, ...], Any] = {}
+
+    def __getitem__(self, config: tuple[Any, Any, Any]) -> Any:
+        grid, block, stream = config
+        if SIMULATOR:  # the simulator's kernel stores its configuration on itself
+            return self.dispatcher[grid, block, stream]
+        key = (grid, block, current_device_id(), _stream_key(stream))
+        hit = self._configs.get(key)
+        if hit is None:
+            if len(self._configs) >= _MAX_CONFIGS:
+                self._configs.clear()
+            hit = self._configs[key] = self.dispatcher[grid, block, stream]
+        return hit
+
+
 class Variants(dict[str, tuple[Callable[..., None], str]]):
     """A kernel module's compiled variants: name -> (Python kernel, Numba signature).
 
-    ``compile(name)`` jits a variant on first use (never at import) and keeps it.
+    ``compile(name)`` jits a variant on first use (never at import) and keeps it, as
+    :class:`Launchers` (configured launches cached).
     """
 
     def __init__(self, table: dict[str, tuple[Callable[..., None], str]]) -> None:
@@ -339,5 +396,5 @@ class Variants(dict[str, tuple[Callable[..., None], str]]):
         hit = self._jitted.get(name)
         if hit is None:
             fn, sig = self[name]
-            hit = self._jitted[name] = cuda.jit(sig)(fn)
+            hit = self._jitted[name] = Launchers(cuda.jit(sig)(fn))
         return hit

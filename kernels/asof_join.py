@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from ._device import device_array, num_blocks
+from ._device import Launchers, device_array, num_blocks
 
 __all__ = ["asof_join", "asof_join_reference", "kernel_signatures"]
 
@@ -116,7 +116,7 @@ def kernel_signatures() -> list[tuple[str, Callable[..., None], str]]:
 
 @functools.cache
 def _compiled() -> Any:
-    return cuda.jit(_SIGNATURE)(_asof_join_kernel)
+    return Launchers(cuda.jit(_SIGNATURE)(_asof_join_kernel))
 
 
 def _check_count(name: str, value: int, limit: int, what: str) -> None:

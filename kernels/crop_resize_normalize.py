@@ -27,6 +27,7 @@ more and host-described images of ``2**31`` bytes or more.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
@@ -43,6 +44,7 @@ from ._device import (
     host_or_device,
     num_blocks,
     scratch,
+    upload_params,
 )
 
 __all__ = [
@@ -67,6 +69,7 @@ _ONE = np.float32(1.0)
 _STORE_FLOAT, _STORE_BF16, _STORE_U8 = 0, 1, 2
 _INT32_LIMIT = 2**31
 _PARAM_THREADS = 128
+_ROWS = 4  # output rows per thread of the pixel kernel (blockDim.y apart)
 
 
 def _f32_bits_simulated(x: Any) -> Any:
@@ -141,18 +144,21 @@ def _make_kernel(store: int) -> Callable[..., None]:
     ) -> None:
         # 32-bit index math throughout (the launcher checks the extents fit); ``out`` is the
         # flat [B * 3 * OH * OW] view; y = v * a[c] + c[c] with a = 1/std, c = -mean/std.
+        # Each thread writes ``_ROWS`` pixels of one column, ``blockDim.y`` rows apart: the
+        # per-sample loads and the column's taps (x, weights, flip) are shared by them, and
+        # consecutive threads still store consecutive x.
         ox = int32(_cu.blockIdx.x * _cu.blockDim.x + _cu.threadIdx.x)
-        oy = int32(_cu.blockIdx.y * _cu.blockDim.y + _cu.threadIdx.y)
-        if ox >= n_out_w or oy >= n_out_h:
+        oy0 = int32(_cu.blockIdx.y * (_cu.blockDim.y * _ROWS) + _cu.threadIdx.y)
+        if ox >= n_out_w or oy0 >= n_out_h:
             return
         # Numba widens int32 arithmetic to int64; every int32(...) below narrows it back, so
         # LLVM emits 32-bit instructions.
         scale = (a0, a1, a2)
         bias = (c0, c1, c2)
+        step = int32(_cu.blockDim.y)
         plane = uint32(n_out_h * n_out_w)
         fox = float32(ox) + _HALF
         fox_flip = float32(int32(n_out_w - ox)) - _HALF
-        foy = float32(oy) + _HALF
         # Unsigned indices: Numba emits no negative-index wraparound for them.
         b = uint32(_cu.blockIdx.z)
         while b < uint32(batch):
@@ -162,34 +168,42 @@ def _make_kernel(store: int) -> Callable[..., None]:
             last_y = ints[uint32(i4 | uint32(2))]
             fxo = fox_flip if ints[uint32(i4 | uint32(3))] != 0 else fox
             fx = max(fxo * scales[uint32(b << uint32(1))] - _HALF, _ZERO)
-            fy = max(foy * scales[uint32((b << uint32(1)) | uint32(1))] - _HALF, _ZERO)
+            sy = scales[uint32((b << uint32(1)) | uint32(1))]
             ix0 = min(int32(fx), last_x)
-            iy0 = min(int32(fy), last_y)
             dx = uint64(3) if ix0 < last_x else uint64(0)
-            dy = uint64(row_bytes) if iy0 < last_y else uint64(0)
             lx1 = fx - float32(ix0)
-            ly1 = fy - float32(iy0)
             lx0 = _ONE - lx1
-            ly0 = _ONE - ly1
-            p00 = uint64(base[b]) + uint64(uint32(iy0 * row_bytes + ix0 * int32(3)))
-            dst = uint32(uint32(uint32(b * uint32(3)) * uint32(n_out_h) + uint32(oy)))
-            dst = uint32(dst * uint32(n_out_w) + uint32(ox))
-            for c in range(3):
-                p = uint64(p00 + uint64(c))
-                v = ly0 * (lx0 * float32(images[p]) + lx1 * float32(images[uint64(p + dx)]))
-                p1 = uint64(p + dy)
-                v += ly1 * (lx0 * float32(images[p1]) + lx1 * float32(images[uint64(p1 + dx)]))
-                if store == _STORE_U8:
-                    out[dst] = uint8(int32(v + _HALF))
-                else:
-                    y = v * scale[c] + bias[c]
-                    if store == _STORE_BF16:
-                        u = uint32(_f32_bits(y))
-                        rounded = u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))
-                        out[dst] = uint16(rounded >> uint32(16))
-                    else:
-                        out[dst] = y
-                dst = uint32(dst + plane)
+            col = uint64(base[b]) + uint64(uint32(ix0 * int32(3)))
+            dst_b = uint32(uint32(b * uint32(3)) * uint32(n_out_h))
+            oy = oy0
+            for _ in range(_ROWS):
+                if oy < n_out_h:
+                    fy = max((float32(oy) + _HALF) * sy - _HALF, _ZERO)
+                    iy0 = min(int32(fy), last_y)
+                    dy = uint64(row_bytes) if iy0 < last_y else uint64(0)
+                    ly1 = fy - float32(iy0)
+                    ly0 = _ONE - ly1
+                    p00 = uint64(col + uint64(uint32(iy0 * row_bytes)))
+                    dst = uint32(uint32(dst_b + uint32(oy)) * uint32(n_out_w) + uint32(ox))
+                    for c in range(3):
+                        p = uint64(p00 + uint64(c))
+                        v = ly0 * (lx0 * float32(images[p]) + lx1 * float32(images[uint64(p + dx)]))
+                        p1 = uint64(p + dy)
+                        v += ly1 * (
+                            lx0 * float32(images[p1]) + lx1 * float32(images[uint64(p1 + dx)])
+                        )
+                        if store == _STORE_U8:
+                            out[dst] = uint8(int32(v + _HALF))
+                        else:
+                            y = v * scale[c] + bias[c]
+                            if store == _STORE_BF16:
+                                u = uint32(_f32_bits(y))
+                                rounded = u + uint32(0x7FFF) + ((u >> uint32(16)) & uint32(1))
+                                out[dst] = uint16(rounded >> uint32(16))
+                            else:
+                                out[dst] = y
+                        dst = uint32(dst + plane)
+                oy = int32(oy + step)
             b = uint32(b + uint32(_cu.gridDim.z))
 
     return kernel
@@ -252,6 +266,25 @@ def _mean_std(
     return m.astype(np.float32), s.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _affine_cached(mean: Any, std: Any, dtype: str) -> tuple[np.float32, ...]:
+    m, s = _mean_std(mean, std, dtype)
+    inv_std = (np.float32(1.0) / s).astype(np.float32)
+    bias = (-m * inv_std).astype(np.float32)
+    return tuple(np.float32(v) for v in (*inv_std, *bias))
+
+
+def _affine(
+    mean: Sequence[float] | None, std: Sequence[float] | None, dtype: str
+) -> tuple[np.float32, ...]:
+    """The kernel's ``(a0, a1, a2, c0, c1, c2)``: ``y = v * (1 / std) + (-mean / std)`` per
+    channel (validated; cached for hashable mean/std such as the config's tuples)."""
+    try:
+        return _affine_cached(mean, std, dtype)
+    except TypeError:  # unhashable (a list, an array): computed each call
+        return _affine_cached.__wrapped__(mean, std, dtype)
+
+
 def _check_dtype(dtype: str) -> None:
     if dtype not in _STORE:
         raise ValueError(f"dtype: must be one of {sorted(_STORE)}, got {dtype!r}")
@@ -271,8 +304,9 @@ def _check_windows(
         raise ValueError("widths: every image needs width >= 1")
     if offsets is not None and heights is not None and widths is not None:
         end = offsets + heights.astype(np.int64) * widths.astype(np.int64) * 3
-        bad = np.flatnonzero((offsets < 0) | (end > n_bytes))
-        if bad.size:
+        outside = (offsets < 0) | (end > n_bytes)
+        if outside.any():
+            bad = np.flatnonzero(outside)
             raise ValueError(
                 f"offsets: image {int(bad[0])} spans bytes [{int(offsets[bad[0]])}, "
                 f"{int(end[bad[0]])}) outside the {n_bytes}-byte images buffer"
@@ -286,13 +320,36 @@ def _check_windows(
         if start is not None and (start < 0).any():
             raise ValueError(f"crop.{lo}: must be >= 0")
         if start is not None and extent is not None and size is not None:
-            bad = np.flatnonzero(start + extent > size)
-            if bad.size:
-                i = int(bad[0])
+            over = start + extent > size
+            if over.any():
+                i = int(np.flatnonzero(over)[0])
                 raise ValueError(
                     f"crop.{lo}/crop.{ext}: sample {i} window [{int(start[i])}, "
                     f"{int(start[i] + extent[i])}) exceeds the image extent {int(size[i])}"
                 )
+
+
+def _host_constants(
+    offsets: np.ndarray,
+    widths: np.ndarray,
+    crop: dict[str, np.ndarray | None],
+    out_h: int,
+    out_w: int,
+) -> list[np.ndarray]:
+    """What ``_params_kernel`` computes, for host metadata: ``[base int64 [B], ints int32
+    [4B], scales float32 [2B]]`` (the same IEEE float32 divisions, so the same bits)."""
+    y0, x0, h, w, flip = (np.asarray(crop[f]) for f in ("y0", "x0", "h", "w", "flip"))
+    row_bytes = widths * np.int32(3)
+    base = offsets + y0.astype(np.int64) * row_bytes + (x0 * np.int32(3)).astype(np.int64)
+    ints = np.empty((len(offsets), 4), np.int32)
+    ints[:, 0] = row_bytes
+    ints[:, 1] = w - 1
+    ints[:, 2] = h - 1
+    ints[:, 3] = flip != 0
+    scales = np.empty((len(offsets), 2), np.float32)
+    scales[:, 0] = w.astype(np.float32) / np.float32(out_w)
+    scales[:, 1] = h.astype(np.float32) / np.float32(out_h)
+    return [base, ints.reshape(-1), scales.reshape(-1)]
 
 
 def crop_resize_normalize(
@@ -319,7 +376,7 @@ def crop_resize_normalize(
     to order it with torch work) or 0. Returns nothing; ``out`` holds the batch on the device.
     """
     _check_dtype(dtype)
-    m, s = _mean_std(mean, std, dtype)
+    affine = _affine(mean, std, dtype)
     imgs = device_array(images, "images", dtype="uint8", shape=(None,))
     dst = device_array(out, "out", dtype=dtype, shape=(None, 3, None, None))
     batch, _, out_h, out_w = (int(n) for n in dst.shape)
@@ -345,39 +402,49 @@ def crop_resize_normalize(
         raise ValueError(f"out: {batch * 3 * out_h * out_w} elements; at most 2**31 - 1")
     if hh is not None and wh is not None and (hh.astype(np.int64) * wh * 3 >= _INT32_LIMIT).any():
         raise ValueError("heights/widths: an image of 2**31 bytes or more")
-    # Per-sample constants (base address, row stride, last x/y, flip, the two scales), one
-    # thread per sample; the pixel kernel then has no division and 32-bit index math.
-    # Host metadata leaves in one non-blocking copy from a pinned slot into a reused device
-    # buffer; the per-sample constants live in reused scratch: no allocation per call.
+    # Per-sample constants (base address, row stride, last x/y, flip, the two scales): the
+    # pixel kernel then has no division and 32-bit index math. They leave in one non-blocking
+    # copy from a pinned slot into a reused device buffer (no allocation per call).
     fields = ("y0", "x0", "h", "w", "flip")
-    off_d, w_d, *crop_d = device_params(
-        [(off_h, off_d), (wh, w_d), *((crop_host[f], crop_dev[f]) for f in fields)],
-        stream=stream,
-    )
-    crop_dev = dict(zip(fields, crop_d, strict=True))
-    base_d, ints_d, scales_d = scratch(
-        [((batch,), np.int64), ((4 * batch,), np.int32), ((2 * batch,), np.float32)],
-        stream=stream,
-    )
-    threads = min(_PARAM_THREADS, batch)
-    _compiled("crop_resize_normalize.params")[num_blocks(batch, threads), threads, stream](
-        off_d,
-        w_d,
-        crop_dev["y0"],
-        crop_dev["x0"],
-        crop_dev["h"],
-        crop_dev["w"],
-        crop_dev["flip"],
-        np.int32(out_h),
-        np.int32(out_w),
-        base_d,
-        ints_d,
-        scales_d,
-    )
-    inv_std = (np.float32(1.0) / s).astype(np.float32)
-    bias = (-m * inv_std).astype(np.float32)
+    if off_h is not None and wh is not None and all(crop_host[f] is not None for f in fields):
+        # All metadata on the host (the loader's case): the constants are computed here,
+        # vectorized, with the params kernel's float32 divisions; one launch, not two.
+        base_d, ints_d, scales_d = upload_params(
+            _host_constants(off_h, wh, crop_host, out_h, out_w), stream=stream
+        )
+    else:
+        # Some metadata on the device: upload the host rest and compute the constants there,
+        # one thread per sample, into reused scratch.
+        off_d, w_d, *crop_d = device_params(
+            [(off_h, off_d), (wh, w_d), *((crop_host[f], crop_dev[f]) for f in fields)],
+            stream=stream,
+        )
+        crop_dev = dict(zip(fields, crop_d, strict=True))
+        base_d, ints_d, scales_d = scratch(
+            [((batch,), np.int64), ((4 * batch,), np.int32), ((2 * batch,), np.float32)],
+            stream=stream,
+        )
+        threads = min(_PARAM_THREADS, batch)
+        _compiled("crop_resize_normalize.params")[num_blocks(batch, threads), threads, stream](
+            off_d,
+            w_d,
+            crop_dev["y0"],
+            crop_dev["x0"],
+            crop_dev["h"],
+            crop_dev["w"],
+            crop_dev["flip"],
+            np.int32(out_h),
+            np.int32(out_w),
+            base_d,
+            ints_d,
+            scales_d,
+        )
     block = (min(32, out_w), min(8, out_h), 1)
-    grid = (num_blocks(out_w, block[0]), num_blocks(out_h, block[1]), min(batch, MAX_GRID_YZ))
+    grid = (
+        num_blocks(out_w, block[0]),
+        num_blocks(out_h, block[1] * _ROWS),
+        min(batch, MAX_GRID_YZ),
+    )
     _compiled(f"crop_resize_normalize[{dtype}]")[grid, block, stream](
         imgs,
         base_d,
@@ -387,7 +454,7 @@ def crop_resize_normalize(
         np.int32(batch),
         np.int32(out_h),
         np.int32(out_w),
-        *(np.float32(v) for v in (*inv_std, *bias)),
+        *affine,
     )
 
 

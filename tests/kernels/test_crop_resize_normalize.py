@@ -336,3 +336,58 @@ def test_uint8_output_refuses_normalization() -> None:
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
         )
+
+
+def test_tall_outputs_cover_every_row() -> None:
+    """Each thread writes 4 rows a block height apart: outputs taller than one block's 32 rows,
+    with a partial last block, match the reference on every row (a skipped or repeated row
+    would keep the sentinel or differ)."""
+    rng = np.random.default_rng(11)
+    batch = make_batch(rng, [(50, 9), (17, 11)])
+    crop = random_crops(rng, batch)
+    out_hw = (45, 5)
+    got = run(batch, crop, out_hw, "float32")
+    want = crop_resize_normalize_reference(
+        batch.buf, batch.offsets, batch.heights, batch.widths, crop, out_hw, dtype="float32"
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+
+
+def test_host_and_device_metadata_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host metadata takes the host-computed constants and one launch; device metadata the
+    params kernel and two launches. Both must write identical outputs."""
+    import mmload.kernels.crop_resize_normalize as crn
+
+    launched: list[str] = []
+    real = crn._compiled
+
+    def counting(name: str) -> object:
+        launched.append(name)
+        return real(name)
+
+    monkeypatch.setattr(crn, "_compiled", counting)
+    rng = np.random.default_rng(5)
+    batch = make_batch(rng, [(9, 13), (7, 7), (12, 5), (6, 11)])
+    crop = random_crops(rng, batch)
+    out_hw = (6, 7)
+    host = run(batch, crop, out_hw, "float32", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    assert launched == ["crop_resize_normalize[float32]"]
+    launched.clear()
+    dev = SimpleNamespace(
+        **{f: cuda.to_device(getattr(crop, f).astype(np.int32)) for f in ("y0", "x0", "h", "w")},
+        flip=cuda.to_device(crop.flip.astype(np.uint8)),
+    )
+    out = cuda.device_array((4, 3, *out_hw), np.float32)
+    crop_resize_normalize(
+        cuda.to_device(batch.buf),
+        cuda.to_device(batch.offsets),
+        batch.heights,
+        cuda.to_device(batch.widths),
+        dev,
+        out,
+        dtype="float32",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    assert launched == ["crop_resize_normalize.params", "crop_resize_normalize[float32]"]
+    np.testing.assert_array_equal(out.copy_to_host(), host)

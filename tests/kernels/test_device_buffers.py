@@ -120,10 +120,15 @@ def test_parameters_travel_in_one_copy_per_launch(
         uploads.append(len(hosts))
         return real(hosts, stream=stream)
 
+    import mmload.kernels.crop_resize_normalize as crn
+
     monkeypatch.setattr(_device, "upload_params", counting)
+    monkeypatch.setattr(crn, "upload_params", counting)
     rng = np.random.default_rng(1)
     _image_call(rng, np.zeros((3, 3, 4, 5), np.float32))
-    assert uploads == [7]  # offsets, widths and the five crop fields: one staging copy
+    # Host metadata: the per-sample constants (base, ints, scales) computed on the host travel
+    # in one staging copy (before: the seven metadata arrays, then a params kernel).
+    assert uploads == [3]
 
 
 def test_views_of_one_upload_are_disjoint_and_typed() -> None:

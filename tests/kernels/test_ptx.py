@@ -64,6 +64,7 @@ _SIGNATURE_CHECK = textwrap.dedent(
     cuda.to_device = lambda a, stream=0: np.ascontiguousarray(a)
     cuda.device_array = lambda shape, dtype, stream=0: np.zeros(shape, dtype)
     device.upload_params = lambda hosts, stream=0: [np.ascontiguousarray(h) for h in hosts]
+    crn.upload_params = device.upload_params
     crn.scratch = lm.scratch = lambda arrays, stream=0: [np.zeros(s, d) for s, d in arrays]
     seen = set()
 
@@ -90,12 +91,31 @@ _SIGNATURE_CHECK = textwrap.dedent(
         crn.crop_resize_normalize(
             np.zeros(12, np.uint8), [0], [2], [2], crop, out, dtype=d, **norm
         )
+
+    class Dev:  # device-resident metadata: the launcher then runs the params kernel
+        def __init__(self, a):
+            self.a = np.ascontiguousarray(a)
+            self.__cuda_array_interface__ = {
+                "shape": self.a.shape, "typestr": self.a.dtype.str,
+                "data": (self.a.ctypes.data, False), "strides": None, "version": 3,
+            }
+
+    crn.crop_resize_normalize(
+        np.zeros(12, np.uint8), Dev(np.array([0], np.int64)), [2], [2], crop,
+        np.zeros((1, 3, 2, 2), np.float32), dtype="float32",
+    )
     for d in ("float16", "float32"):
         x = np.zeros((2, 1, 2, 2), d)
         mx.mixup(x, [1, 0], [0.5, 0.5], np.zeros_like(x))
         mx.cutmix(x, [1, 0], [[0, 0, 1, 1]] * 2, np.zeros_like(x))
     spec = lm.LogMelSpec(sample_rate=8000, n_fft=8, hop_length=4, n_mels=2)
     lm.logmel(np.zeros((1, 9), np.float32), np.zeros(spec.output_shape(1, 9), np.float32), spec)
+    lm.mel_from_power(
+        np.zeros((1, spec.n_freqs, 3), np.float32),
+        np.zeros((1, spec.n_mels, 3), np.float32),
+        spec,
+        tables=lm.logmel_tables(spec),
+    )
     plan = pt.plan_packing(np.array([2, 1]), 4)
     outs = [np.zeros((1, 4), np.int64) for _ in range(4)]
     pt.pack_tokens(np.arange(3), np.array([0, 2]), plan, *outs)

@@ -38,12 +38,12 @@ ELEMENTS = {
 # name: (instr, div, mul_lo64, mul_wide, regs)
 BUDGET: dict[str, tuple[int, int, int, int, int]] = {
     "crop_resize_normalize.params": (125, 2, 1, 3, 120),  # one thread per sample
-    "crop_resize_normalize[float16]": (175, 0, 0, 6, 175),
-    "crop_resize_normalize[float32]": (170, 0, 0, 6, 170),
-    "crop_resize_normalize[bfloat16]": (195, 0, 0, 6, 195),
-    "crop_resize_normalize[uint8]": (170, 0, 0, 3, 170),
+    "crop_resize_normalize[float16]": (195, 0, 0, 6, 200),  # 4 rows per thread (loop)
+    "crop_resize_normalize[float32]": (190, 0, 0, 6, 195),
+    "crop_resize_normalize[bfloat16]": (215, 0, 0, 6, 220),
+    "crop_resize_normalize[uint8]": (190, 0, 0, 3, 195),
     "logmel.power": (450, 4, 6, 14, 465),
-    "logmel.mel": (320, 0, 12, 1, 335),
+    "logmel.mel": (300, 0, 0, 20, 305),  # flat views, 32-bit indices
     "mixup[float16]": (62, 0, 0, 3, 64),
     "mixup[float32]": (60, 0, 0, 3, 60),
     "cutmix[float16]": (215, 0, 0, 16, 220),
@@ -77,14 +77,19 @@ _MEASURE = textwrap.dedent(
     def count(ptx):
         body = ptx[ptx.index(".entry"):]
         body = body[body.index("{"):]
-        instr, regs = [], 0
+        instr, regs, labels, loops = [], 0, {}, []
         for line in body.splitlines():
             t = line.split("//")[0].strip()
             m = re.match(r"\.reg\s+\.\w+\s+%\w+<(\d+)>;", t)
             if m:
                 regs += int(m.group(1))
+            elif re.match(r"^\$\w+:$", t):
+                labels[t[:-1]] = len(instr)
             elif t.endswith(";") and not t.startswith("."):
                 instr.append(t.split()[1] if t.startswith("@") else t.split()[0])
+                target = t.rstrip(";").split()[-1]
+                if instr[-1].startswith("bra") and target in labels:  # a backward branch
+                    loops.append(len(instr) - labels[target])
         return {
             "instr": len(instr),
             "div": sum(o.startswith(("div.", "rem.")) for o in instr),
@@ -95,6 +100,8 @@ _MEASURE = textwrap.dedent(
             ),
             "mul_wide": sum(o.startswith(("mul.wide.", "mad.wide.")) for o in instr),
             "regs": regs,
+            "inner_loop": min(loops, default=0),
+            "outer_loop": max(loops, default=0),
         }
 
     result = {}
@@ -140,10 +147,23 @@ def test_kernel_within_budget(name: str, measured: dict[str, dict[str, int]]) ->
     assert got["regs"] <= regs, f"{name}: {got['regs']} .reg registers, budget {regs}"
 
 
+def steady_state_per_element(got: dict[str, int], rows: int) -> float:
+    """Instructions per output element of the image kernel's batch loop: the row loop
+    (``inner_loop``, 3 channels of one pixel) plus the per-sample and per-column work of the
+    rest of the batch loop (``outer_loop - inner_loop``), shared by ``rows`` pixels."""
+    return (got["inner_loop"] + (got["outer_loop"] - got["inner_loop"]) / rows) / 3
+
+
 def test_image_kernel_is_cheap_per_pixel(measured: dict[str, dict[str, int]]) -> None:
-    """The fused image kernel: no division, no 64-bit multiply, under 60 instructions per
-    output element (it was ~93 with 5 divisions and 12 64-bit multiplies per pixel)."""
+    """The fused image kernel: no division, no 64-bit multiply, under 42 instructions per
+    output element in the steady state (measured: float32 32.7, float16 and uint8 33.7, bfloat16
+    40.8; it was ~93, with 5 divisions and 12 64-bit multiplies
+    per pixel, before issue 9; 54 for the whole body with one pixel per thread)."""
+    from mmload.kernels.crop_resize_normalize import _ROWS
+
+    assert _ROWS >= 2
     for d in ("float16", "float32", "bfloat16", "uint8"):
         got = measured[f"crop_resize_normalize[{d}]"]
         assert got["div"] == 0 and got["mul_lo64"] == 0, (d, got)
-        assert got["instr"] / 3 < 70, (d, got)
+        assert 0 < got["inner_loop"] < got["outer_loop"], (d, got)
+        assert steady_state_per_element(got, _ROWS) < 42, (d, got)
