@@ -10,8 +10,16 @@ stream after a warm-up, averaged over ``--iters`` back-to-back launches:
   (read + written), its GB/s, and the ratio fused / copy (target >= 0.5);
 * the usual fallback: torch ``F.interpolate`` + flip + normalize, one image at a time.
 
-It also checks a few images against the NumPy reference. Without a GPU, or with ``--dry-run``,
-it prints what it would run and exits 0.
+It also checks a few images against the NumPy reference. Log-mel (``--mel-batch`` clips of
+``--mel-seconds`` at 16 kHz, n_fft 400, hop 160, 80 mels), same stream and timing:
+
+* mmload's decode path (``mmload.decode.spectrogram``): ``torch.stft`` (cuFFT) + the
+  ``logmel.mel`` kernel (sparse filterbank bands, log fused);
+* the direct-DFT ``logmel`` kernel (``O(n_fft)`` per bin, what the decode path used before);
+* the baseline: ``torch.stft`` + dense filterbank ``matmul`` + ``log`` (torchaudio's recipe);
+
+with the largest difference between the three outputs. Without a GPU, or with ``--dry-run``, it
+prints what it would run and exits 0.
 
     python benchmarks/kernels_bench.py [--batch 256] [--iters 50] [--json out.json]
 """
@@ -42,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=50, help="timed launches of the fused kernel")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--fallback-iters", type=int, default=3, help="timed F.interpolate batches")
+    p.add_argument("--mel-batch", type=int, default=256)
+    p.add_argument("--mel-seconds", type=float, default=10.0)
+    p.add_argument("--mel-iters", type=int, default=5)
     p.add_argument("--json", default=None, help="also save the report as JSON here")
     p.add_argument("--dry-run", action="store_true", help="print the plan, measure nothing")
     return p.parse_args(argv)
@@ -55,6 +66,8 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
         "crop": "whole image, every other image flipped, ImageNet mean/std",
         "iters": args.iters,
         "warmup": args.warmup,
+        "log-mel": f"{args.mel_batch} x {args.mel_seconds:g} s at 16 kHz, n_fft 400, hop 160, "
+        f"80 mels, {args.mel_iters} iters",
     }
 
 
@@ -188,7 +201,59 @@ def run(args: argparse.Namespace) -> Report:
         f"max |fused - NumPy reference| over {check} images (fp16 output): {max_err:.4f}",
         f"bytes per batch: read {in_bytes / 1e6:.1f} MB + written {out_bytes / 1e6:.1f} MB",
     ]
+    logmel_rows(args, rep, stream)
     return rep
+
+
+def logmel_rows(args: argparse.Namespace, rep: Report, stream: Any) -> None:
+    """Add the three log-mel rows (ms per batch, clips/s, speed-up over the baseline)."""
+    import torch
+
+    from mmload.decode.spectrogram import MelSpectrogram
+    from mmload.kernels.logmel import LogMelSpec, logmel, logmel_tables, mel_filterbank
+
+    dev = torch.device("cuda")
+    spec = LogMelSpec()
+    b, t = args.mel_batch, round(args.mel_seconds * spec.sample_rate)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn((b, t), device=dev, generator=gen)
+    mel = MelSpectrogram(spec, dev)
+    tables = logmel_tables(spec)
+    out_dft = torch.empty(spec.output_shape(b, t), device=dev)
+    window = torch.hann_window(spec.n_fft, periodic=True, device=dev)
+    fb = torch.from_numpy(
+        mel_filterbank(spec.sample_rate, spec.n_fft, spec.n_mels, spec.f_min, spec.f_max_hz)
+    ).to(dev)
+
+    def baseline() -> torch.Tensor:
+        z = torch.stft(x, spec.n_fft, spec.hop_length, window=window, return_complex=True)
+        return torch.log(fb @ z.abs().square() + spec.eps)
+
+    def dft() -> None:
+        logmel(x, out_dft, spec, tables=tables, stream=stream)
+
+    got = mel(x)
+    dft()
+    want = baseline()
+    torch.cuda.synchronize()
+    err_fft = float((got - want).abs().max())
+    err_dft = float((out_dft - want).abs().max())
+    base_ms, _ = event_ms(baseline, args.mel_iters, 2)
+    ours_ms, ours_host = event_ms(lambda: mel(x), args.mel_iters, 2)
+    dft_ms, _ = event_ms(dft, max(1, args.mel_iters // 2), 1)
+    for op, ms in (
+        ("log-mel: stft + mel kernel (mmload)", ours_ms),
+        ("log-mel: direct-DFT kernel", dft_ms),
+        ("log-mel: stft + matmul (baseline)", base_ms),
+    ):
+        rep.add(op=op, img_s=b / ms * 1e3, GB_s=None, ms=ms, vs_copy=None, vs_base=base_ms / ms)
+    rep.notes += [
+        f"log-mel: mmload {ours_ms:.2f} ms vs baseline {base_ms:.2f} ms per batch "
+        f"({base_ms / ours_ms:.2f}x); direct DFT {dft_ms:.2f} ms ({dft_ms / ours_ms:.0f}x slower "
+        f"than mmload); host enqueue {ours_host * 1e3:.0f} us",
+        f"log-mel max |diff| vs baseline (log scale): stft + mel kernel {err_fft:.2e}, "
+        f"direct DFT {err_dft:.2e}",
+    ]
 
 
 def _version(module: str) -> str | None:
@@ -210,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kernels_bench: no GPU to measure on ({reason}); nothing measured, exiting 0.")
         return 0
     rep = run(args)
-    rep.print(["op", "img_s", "GB_s", "ms", "vs_copy"])
+    rep.print(["op", "img_s", "GB_s", "ms", "vs_copy", "vs_base"])
     rep.save(args.json)
     return 0
 
