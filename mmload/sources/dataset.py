@@ -29,7 +29,7 @@ from mmload.sources.fetch import default_cache_dir
 from mmload.sources.index import IndexStore, ShardIndex, index_digest
 from mmload.sources.manifest import FieldInfo, Manifest, ShardRecord
 from mmload.sources.spec import ShardSpec, local_path
-from mmload.sources.tar import TarIndex
+from mmload.sources.tar import TarIndex, pread_members
 
 __all__ = ["Dataset", "FieldInfo", "RawSample"]
 
@@ -39,6 +39,20 @@ RawSample = dict[str, Any]
 """One sample as read: ``__key__``, ``__shard__``, ``__id__`` and one entry per field."""
 
 _MAX_OPEN_FILES = 256
+# A sample whose members span at most this many bytes is read in one `pread` and sliced: a
+# syscall costs about as much as copying a few KiB, and slicing copies the members again.
+_JOINT_READ = 16384
+# From this many samples of one shard in a batch on, their members are found with NumPy and
+# neighbouring samples share reads (below it, NumPy's fixed cost per call dominates).
+_VECTOR_ROWS = 32
+
+
+def _short(fld: str, got: int, size: int, url: str, key: str) -> ShardError:
+    return ShardError(
+        f"short read of field {fld!r}: {got} of {size} bytes (shard truncated after indexing?)",
+        shard=url,
+        key=key,
+    )
 
 
 class Dataset:
@@ -87,6 +101,7 @@ class Dataset:
             ).astype(np.int64)
         self.chunk_start = np.concatenate([[0], np.cumsum(self.chunk_counts)]).astype(np.int64)
         self._shard_first_chunk = np.searchsorted(self.chunk_shard, np.arange(len(specs)))
+        self._is_tar = np.array([r.kind == "tar" for r in self.records], dtype=bool)
         self._last_need: dict[int, int] = {}  # this process's plan: shard -> last batch
         self._reset_handles()
 
@@ -316,50 +331,133 @@ class Dataset:
                 self._tables.popitem(last=False)[1].close()
             return r
 
-    def _read_tar(self, s: int, row: int, fields: set[str] | None) -> RawSample:
-        idx = self.index(s)
-        assert isinstance(idx, TarIndex)
+    def _read_tar(
+        self,
+        s: int,
+        js: list[int],
+        ids: list[int],
+        rows: list[int],
+        fields: set[str] | None,
+        out: list[RawSample | ShardError],
+    ) -> None:
+        """Read the batch's samples ``js`` of tar shard ``s`` into ``out[js]``: the index and
+        descriptor are looked up once, and a sample's members are read in one ``pread`` when
+        they lie close together."""
         url = self.specs[s].url
-        key = idx.keys[row]
-        sample: RawSample = {"__key__": key}
-        fd = self._fd(s)
-        for m in idx.members(row):
-            fld = idx.fields[m]
-            if fields is not None and fld not in fields:
+        try:
+            idx = self.index(s)
+            fd = self._fd(s)
+        except ShardError as e:
+            for j in js:
+                out[j] = e
+            return
+        assert isinstance(idx, TarIndex)
+        if len(js) >= _VECTOR_ROWS:
+            self._read_tar_vector(idx, fd, url, js, ids, rows, fields, out)
+            return
+        # A few samples of this shard (the usual case in a shuffled batch): NumPy's cost per
+        # call would outweigh its gain per sample, so this is plain Python over scalars.
+        every = fields is None or fields.issuperset(idx.field_names())
+        start, off, size = idx.starts.item, idx.offsets.item, idx.sizes.item
+        names, keys = idx.fields, idx.keys
+        pread = os.pread
+        for j in js:
+            row = rows[j]
+            key = keys[row]
+            sample: RawSample = {"__key__": key}
+            a, b = start(row), start(row + 1)
+            base = off(a) if b > a else 0
+            n = off(b - 1) + size(b - 1) - base if b > a else 0
+            buf = pread(fd, n, base) if n <= _JOINT_READ else None
+            if every and buf is not None and len(buf) == n:
+                for m in range(a, b):
+                    o = off(m) - base
+                    sample[names[m]] = buf[o : o + size(m)]
+            else:
+                for m in range(a, b):
+                    fld = names[m]
+                    if fields is not None and fld not in fields:
+                        continue
+                    z = size(m)
+                    if buf is not None:
+                        o = off(m) - base
+                        data = buf[o : o + z]
+                    else:
+                        data = pread(fd, z, off(m))
+                    if len(data) != z:
+                        out[j] = _short(fld, len(data), z, url, key)
+                        break
+                    sample[fld] = data
+                else:
+                    sample["__shard__"] = url
+                    sample["__id__"] = ids[j]
+                    out[j] = sample
                 continue
-            size = int(idx.sizes[m])
-            data = os.pread(fd, size, int(idx.offsets[m]))
-            if len(data) != size:
-                raise ShardError(
-                    f"short read of field {fld!r}: {len(data)} of {size} bytes "
-                    "(shard truncated after indexing?)",
-                    shard=url,
-                    key=key,
-                )
-            sample[fld] = data
-        return sample
+            sample["__shard__"] = url
+            sample["__id__"] = ids[j]
+            out[j] = sample
+
+    def _read_tar_vector(
+        self,
+        idx: TarIndex,
+        fd: int,
+        url: str,
+        js: list[int],
+        ids: list[int],
+        rows: list[int],
+        fields: set[str] | None,
+        out: list[RawSample | ShardError],
+    ) -> None:
+        """Many samples of one shard: members found with NumPy, neighbours read together."""
+        r = [rows[j] for j in js]
+        members, bounds = idx.select(np.array(r, dtype=np.int64), fields)
+        sizes = idx.sizes[members]
+        datas = pread_members(fd, idx.offsets[members], sizes)
+        names, keys = idx.fields, idx.keys
+        ml, bl, zl = members.tolist(), bounds.tolist(), sizes.tolist()
+        for i, (j, row) in enumerate(zip(js, r, strict=True)):
+            key = keys[row]
+            sample: RawSample = {"__key__": key}
+            for p in range(bl[i], bl[i + 1]):
+                data = datas[p]
+                if len(data) != zl[p]:
+                    out[j] = _short(names[ml[p]], len(data), zl[p], url, key)
+                    break
+                sample[names[ml[p]]] = data
+            else:
+                sample["__shard__"] = url
+                sample["__id__"] = ids[j]
+                out[j] = sample
 
     def read(self, ids: np.ndarray, fields: set[str] | None = None) -> list[RawSample | ShardError]:
         """Read samples by global id, in order; a sample that cannot be read is its ShardError.
 
         ``fields`` limits which members/columns are read (None: all).
         """
-        chunk, shard, row = self.locate(np.asarray(ids, dtype=np.int64))
+        ids = np.asarray(ids, dtype=np.int64)
+        chunk, shard, row = self.locate(ids)
         out: list[RawSample | ShardError] = [ShardError("unread", shard="")] * len(ids)
+        tar = self._is_tar[shard]
         table_rows: dict[tuple[int, int], list[int]] = {}
-        for j in range(len(ids)):
-            s = int(shard[j])
-            if self.records[s].kind == "tar":
-                try:
-                    sample = self._read_tar(s, int(row[j]), fields)
-                except ShardError as e:
-                    out[j] = e
-                    continue
-                sample["__shard__"] = self.specs[s].url
-                sample["__id__"] = int(ids[j])
-                out[j] = sample
-            else:
-                table_rows.setdefault((s, int(chunk[j])), []).append(j)
+        if tar.all():
+            by_shard: dict[int, list[int]] = {}
+            for j, s in enumerate(shard.tolist()):
+                by_shard.setdefault(s, []).append(j)
+        else:
+            by_shard = {}
+            for j, s, c, t in zip(
+                range(len(ids)), shard.tolist(), chunk.tolist(), tar.tolist(), strict=True
+            ):
+                if t:
+                    by_shard.setdefault(s, []).append(j)
+                else:
+                    table_rows.setdefault((s, c), []).append(j)
+        if by_shard:
+            # Tar samples by shard, in batch order within one: an index and descriptor lookup
+            # per shard per batch, not per sample.
+            id_l, row_l = ids.tolist(), row.tolist()
+            for s, js in by_shard.items():
+                self._read_tar(s, js, id_l, row_l, fields, out)
         for (s, c), js in table_rows.items():
             local = row[js] - self.chunk_first_row[c]
             try:

@@ -3,7 +3,8 @@
 A sample is the run of consecutive members sharing a basename up to the first dot of the file
 name (the directory is part of the key); ``__key__`` is that basename, the field name is the rest,
 lower-cased, as in webdataset. The index records, per sample, each member's field, data offset
-and size, so that any sample can be read with one ``os.pread`` per member.
+and size. A batch's members of one shard are read by :func:`pread_members`: small members
+close together in the file share one ``os.pread``, large ones get their own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import numpy as np
 
 from mmload.errors import BadEntry, ShardError
 
-__all__ = ["TarIndex", "read_dali_idx", "scan_tar", "split_name", "write_dali_idx"]
+__all__ = [
+    "TarIndex",
+    "pread_members",
+    "read_dali_idx",
+    "scan_tar",
+    "split_name",
+    "write_dali_idx",
+]
 
 _BLOCK = 512
 _NAME_RE = re.compile(r"^((?:.*/)?[^./][^./]*)\.([^/]*)$")
@@ -36,6 +44,11 @@ class TarIndex:
     offsets: np.ndarray
     sizes: np.ndarray
     bad: list[BadEntry] = field(default_factory=list)
+    # (distinct field names, each member's position in them), built on first use; a racing
+    # second build makes the same tuple, assigned whole.
+    _codes: tuple[list[str], np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def num_samples(self) -> int:
@@ -43,6 +56,38 @@ class TarIndex:
 
     def members(self, i: int) -> range:
         return range(int(self.starts[i]), int(self.starts[i + 1]))
+
+    def _field_codes(self) -> tuple[list[str], np.ndarray]:
+        if self._codes is None:
+            names = list(dict.fromkeys(self.fields))
+            pos = {f: i for i, f in enumerate(names)}
+            codes = np.fromiter((pos[f] for f in self.fields), np.int64, len(self.fields))
+            self._codes = (names, codes)
+        return self._codes
+
+    def field_names(self) -> list[str]:
+        """The distinct fields of the shard's members, in order of first appearance."""
+        return self._field_codes()[0]
+
+    def select(
+        self, rows: np.ndarray, fields: set[str] | frozenset[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The members of samples ``rows`` (any order, repeats allowed) whose field is in
+        ``fields`` (None: all): ``(members, bounds)``, int64, where
+        ``members[bounds[i]:bounds[i + 1]]`` are ``rows[i]``'s, in file order."""
+        first = self.starts[rows]
+        count = self.starts[rows + 1] - first
+        bounds = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(count, out=bounds[1:])
+        members = np.arange(bounds[-1], dtype=np.int64) + np.repeat(first - bounds[:-1], count)
+        if fields is None:
+            return members, bounds
+        names, codes = self._field_codes()
+        wanted = np.array([f in fields for f in names], dtype=bool)
+        keep = wanted[codes[members]]
+        kept = np.zeros(len(keep) + 1, dtype=np.int64)
+        np.cumsum(keep, out=kept[1:])
+        return members[keep], kept[bounds]
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -64,6 +109,49 @@ class TarIndex:
             sizes=np.asarray(d["sizes"], dtype=np.int64),
             bad=[BadEntry(**b) for b in d.get("bad", [])],  # type: ignore[attr-defined]
         )
+
+
+# A syscall costs about as much as copying a few KiB: members at most _GAP bytes apart (a tar
+# header and padding are 512-1023) are read in one call and sliced out. A member over _SMALL
+# gets a call of its own, since slicing it out of a joint read would copy it twice; one joint
+# read stays within a _SPAN-aligned window, so it never grows without bound.
+_GAP = 4096
+_SMALL = 16384
+_SPAN = 1 << 20
+
+
+def pread_members(fd: int, offsets: np.ndarray, sizes: np.ndarray) -> list[bytes]:
+    """The bytes of each member (``offsets``/``sizes``: int64, any order, repeats allowed) of
+    the file open as ``fd``, in the order given; a member cut short by the end of the file is
+    shorter than its size (the caller checks)."""
+    n = len(offsets)
+    if n == 0:
+        return []
+    order = np.argsort(offsets, kind="stable")
+    o = offsets[order]
+    z = sizes[order]
+    end = o + z
+    small = z <= _SMALL
+    joins = (
+        small[1:] & small[:-1] & (o[1:] - end[:-1] <= _GAP) & (o[1:] // _SPAN == o[:-1] // _SPAN)
+    )
+    first = np.flatnonzero(np.concatenate([[True], ~joins]))
+    lo = o[first].tolist()
+    hi = np.maximum.reduceat(end, first).tolist()
+    cuts = [*first.tolist(), n]
+    ol, zl, where = o.tolist(), z.tolist(), order.tolist()
+    out: list[bytes] = [b""] * n
+    pread = os.pread
+    for g in range(len(lo)):
+        a, b, base = cuts[g], cuts[g + 1], lo[g]
+        buf = pread(fd, hi[g] - base, base)
+        if b - a == 1:
+            out[where[a]] = buf  # the read is the member: no second copy
+            continue
+        for p in range(a, b):
+            r = ol[p] - base
+            out[where[p]] = buf[r : r + zl[p]]
+    return out
 
 
 def split_name(name: str) -> tuple[str, str] | None:

@@ -1,0 +1,186 @@
+"""Batch reads of tar shards: grouped ``pread`` returns what one ``pread`` per member returns."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmload.errors import ShardError
+from mmload.sources import Dataset
+from mmload.sources import dataset as dataset_mod
+from mmload.sources.tar import TarIndex, pread_members
+from mmload.sources.write import write_parquet, write_tar_shards
+
+
+def _samples(n: int, seed: int, prefix: str) -> list[dict[str, object]]:
+    """Members of mixed sizes: some samples span more than one joint read, some lack a field."""
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, object]] = []
+    for i in range(n):
+        big = rng.random() < 0.2
+        size = int(rng.integers(20_000, 40_000)) if big else int(rng.integers(0, 3_000))
+        s: dict[str, object] = {
+            "__key__": f"{prefix}{i:05d}",
+            "jpg": rng.bytes(size),
+            "cls": str(i % 7).encode(),
+        }
+        if rng.random() < 0.7:
+            s["txt"] = rng.bytes(int(rng.integers(1, 600)))
+        out.append(s)
+    return out
+
+
+def _shards(root: Path, counts: list[int]) -> list[str]:
+    paths = []
+    for k, c in enumerate(counts):
+        paths += write_tar_shards(
+            _samples(c, k, f"s{k}_"), str(root / f"t{k}-%03d.tar"), maxcount=c
+        )
+    return paths
+
+
+def _reference(ds: Dataset, ids: np.ndarray, fields: set[str] | None) -> list[object]:
+    """One ``os.pread`` per member, straight from the index (the reader before batching)."""
+    _chunk, shard, row = ds.locate(ids)
+    out: list[object] = []
+    for gid, s, r in zip(ids.tolist(), shard.tolist(), row.tolist(), strict=True):
+        idx = ds.index(s)
+        assert isinstance(idx, TarIndex)
+        fd = os.open(ds.specs[s].url, os.O_RDONLY)
+        try:
+            sample: dict[str, object] = {"__key__": idx.keys[r]}
+            for m in idx.members(r):
+                if fields is None or idx.fields[m] in fields:
+                    sample[idx.fields[m]] = os.pread(fd, int(idx.sizes[m]), int(idx.offsets[m]))
+        finally:
+            os.close(fd)
+        sample["__shard__"] = ds.specs[s].url
+        sample["__id__"] = gid
+        out.append(sample)
+    return out
+
+
+def _same(got: list[object], want: list[object]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert isinstance(g, dict) and isinstance(w, dict)
+        assert list(g) == list(w)  # keys, fields and their order
+        for k, v in w.items():
+            assert g[k] == v and type(g[k]) is type(v), k
+
+
+@pytest.fixture(params=["per-sample", "vector"])
+def path_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both read paths: plain Python per sample, and NumPy with neighbours read together."""
+    monkeypatch.setattr(dataset_mod, "_VECTOR_ROWS", 10**9 if request.param == "per-sample" else 1)
+    return str(request.param)
+
+
+@pytest.mark.parametrize("fields", [None, {"jpg", "cls", "txt"}, {"cls"}, {"txt", "jpg"}, set()])
+def test_batches_match_per_member_reads(
+    tmp_path: Path, path_kind: str, fields: set[str] | None
+) -> None:
+    ds = Dataset.open(_shards(tmp_path, [40, 25, 60, 1]), index_cache=False)
+    rng = np.random.default_rng(1)
+    n = ds.num_samples
+    batches = [
+        rng.permutation(n)[:64],  # random order across shards
+        np.arange(n),  # in file order: neighbours share reads
+        np.concatenate([rng.integers(0, n, 20), [5, 5, 5, 70, 5]]),  # repeats in one batch
+        np.arange(n)[::-3],
+        np.array([], dtype=np.int64),
+    ]
+    for ids in batches:
+        got = ds.read(ids, fields)
+        _same(got, _reference(ds, np.asarray(ids, dtype=np.int64), fields))
+        # a repeated id is a sample of its own, not the same dict twice
+        assert len({id(x) for x in got}) == len(got)
+    ds.close()
+
+
+def test_truncated_shard_fails_only_the_cut_samples(tmp_path: Path, path_kind: str) -> None:
+    paths = _shards(tmp_path, [30, 30])
+    ds = Dataset.open(paths, index_cache=False)
+    ds.read(np.arange(ds.num_samples))  # indexed before the cut
+    idx = ds.index(1)
+    assert isinstance(idx, TarIndex)
+    cut_row = 20  # the shard ends in the middle of this sample's first member
+    first = int(idx.starts[cut_row])
+    os.truncate(paths[1], int(idx.offsets[first]) + int(idx.sizes[first]) // 2)
+    ids = np.random.default_rng(2).permutation(ds.num_samples)
+    got = ds.read(ids)
+    for gid, g in zip(ids.tolist(), got, strict=True):
+        if gid < 30 + cut_row:
+            assert isinstance(g, dict), gid
+            continue
+        assert isinstance(g, ShardError), gid
+        assert g.shard == paths[1]
+        assert g.key == idx.keys[gid - 30]
+        assert "short read of field" in str(g) and "truncated" in str(g)
+    good = [i for i in ids.tolist() if i < 30 + cut_row]
+    _same(ds.read(np.array(good)), _reference(ds, np.array(good), None))
+    ds.close()
+
+
+def test_missing_shard_fails_its_samples_only(tmp_path: Path, path_kind: str) -> None:
+    paths = _shards(tmp_path, [10, 10])
+    ds = Dataset.open(paths, index_cache=False)
+    ds.read(np.arange(20))
+    ds.close()  # descriptors dropped: the next read opens the files again
+    os.unlink(paths[0])
+    got = ds.read(np.array([15, 3, 12, 0]))
+    assert [isinstance(g, dict) for g in got] == [True, False, True, False]
+    for g in (got[1], got[3]):
+        assert isinstance(g, ShardError) and g.shard == paths[0]
+    ds.close()
+
+
+def test_mixed_tar_and_parquet(tmp_path: Path, path_kind: str) -> None:
+    tars = _shards(tmp_path, [12, 9])
+    rows = [
+        {"__key__": f"p{i:04d}", "jpg": bytes([i % 256]) * (i + 1), "cls": i % 3} for i in range(30)
+    ]
+    pq_path = write_parquet(rows, str(tmp_path / "rows.parquet"), row_group_size=8)
+    ds = Dataset.open([tars[0], pq_path, tars[1]], index_cache=False)
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(ds.num_samples)
+    _chunk, shard, _row = ds.locate(ids)
+    for fields in (None, {"jpg", "cls"}):
+        got = ds.read(ids, fields)
+        assert [g["__id__"] for g in got if isinstance(g, dict)] == ids.tolist()
+        for j, g in enumerate(got):
+            assert isinstance(g, dict)
+            if shard[j] == 1:  # a table row: as read alone
+                _same([g], ds.read(ids[j : j + 1], fields))
+            else:
+                _same([g], _reference(ds, ids[j : j + 1], fields))
+    ds.close()
+
+
+def test_pread_members_any_order_with_repeats(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    data = rng.bytes(3 << 20)
+    f = tmp_path / "blob"
+    f.write_bytes(data)
+    # small members close together, some far apart, some large, across _SPAN windows
+    sizes = np.concatenate(
+        [rng.integers(0, 2_000, 300), rng.integers(17_000, 90_000, 20), [0, 1]]
+    ).astype(np.int64)
+    offsets = rng.integers(0, len(data) - 100_000, len(sizes)).astype(np.int64)
+    offsets[:100] = np.sort(rng.integers(1_000_000, 1_100_000, 100))  # neighbours
+    pick = np.concatenate([rng.permutation(len(sizes)), rng.integers(0, len(sizes), 50)])
+    # a member that runs past the end of the file comes back short
+    offsets = np.concatenate([offsets[pick], [len(data) - 10]])
+    sizes = np.concatenate([sizes[pick], [500]])
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        got = pread_members(fd, offsets, sizes)
+    finally:
+        os.close(fd)
+    want = [data[o : o + z] for o, z in zip(offsets.tolist(), sizes.tolist(), strict=True)]
+    assert got == want
+    assert all(type(g) is bytes for g in got)
+    assert len(got[-1]) == 10
