@@ -50,6 +50,17 @@ class _DataError(MmloadError):
         self.key = key
         self.reason = message
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # Pickled across processes (worker results): rebuilt from its fields, since the default
+        # (the class called with ``self.args``) lacks the keyword-only ``shard``.
+        return _rebuild_data_error, (type(self), self.reason, self.shard, self.key)
+
+
+def _rebuild_data_error(
+    cls: type[_DataError], message: str, shard: str, key: str | None
+) -> _DataError:
+    return cls(message, shard=shard, key=key)
+
 
 class ShardError(_DataError):
     """A shard is missing, unreadable, truncated or malformed."""

@@ -45,6 +45,7 @@ from mmload.pipeline import (
 from mmload.plan import LoaderState, Schedule
 from mmload.sources import Dataset
 from mmload.stats import Stats
+from mmload.workers import WorkerPool
 
 __all__ = ["IterableDataset", "Loader"]
 
@@ -263,11 +264,20 @@ class Loader(_Base):
     Iterating runs one epoch from the resume cursor; after a whole epoch the next iteration
     starts the next epoch (call ``set_epoch`` to choose). ``state_dict()`` after batch ``k``
     resumes at batch ``k + 1``, also on another world size.
+
+    ``workers=N`` runs the CPU stages in N spawned processes (:mod:`mmload.workers`): reading
+    and CPU decode with ``device="cpu"``, reading only with ``device="cuda"`` (decode, join and
+    copy stay in this process, on the GPU). Batches, order, resume state, bad-sample accounting
+    and statistics are those of ``workers=0``.
     """
 
-    def __init__(self, source: Source, **kwargs: Any) -> None:
+    def __init__(self, source: Source, *, workers: int = 0, **kwargs: Any) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ConfigError(f"workers={workers!r}: must be an int >= 0")
         super().__init__(source, **kwargs)
         self._active: Iterator[Any] | None = None
+        self._workers = workers
+        self._pool: WorkerPool | None = None
         self._closed = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -286,7 +296,13 @@ class Loader(_Base):
         # Counted for the part of the epoch this iteration runs (all of it, or after a resume).
         self._stats.add("samples_padded", sched.padded)
         self._stats.add("samples_dropped", sched.dropped)
-        for k, batch in iter_epoch(self._pipe, epoch, sched, world, self._stats):
+        upstream = None
+        if self._workers:
+            if self._pool is None:  # started on first use, kept across epochs
+                threads = self.opts.threads if self._threads_given else None
+                self._pool = WorkerPool(self._pipe, self._workers, threads=threads)
+            upstream = self._pool.epoch(epoch, sched, world, self._stats)
+        for k, batch in iter_epoch(self._pipe, epoch, sched, world, self._stats, upstream):
             self._start = sched.consumed_after(k + 1)
             yield batch
         self._epoch, self._start = epoch + 1, 0
@@ -309,6 +325,9 @@ class Loader(_Base):
             return
         self._closed = True
         self._close_active()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         super().close()
 
     def __enter__(self) -> Loader:

@@ -3,8 +3,12 @@
 ``Pipeline`` holds what lives across epochs (the indexed data set, the field plan, the image
 decoder); ``Pipeline.run`` builds the stage chain of one epoch for one rank/worker:
 
-    batch numbers -> [read thread: plan -> ids -> Dataset.read] -> [decode thread: BatchDecoder]
-                  -> [copy thread: host->device, when device is cuda] -> consumer
+    batch numbers -> [read thread: plan -> ids -> Dataset.read] -> [decode thread: BatchDecoder,
+                  feature join] -> [copy thread: host->device, when device is cuda] -> consumer
+
+With worker processes (``mmload.workers``) the read thread is replaced by the workers' batches:
+read only (``device="cuda"``: decode stays in this process, next to the GPU) or read and
+decoded (CPU decode; this process then only joins and copies).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -211,6 +215,16 @@ def _kind(name: str, fi: FieldInfo, image_fields: frozenset[str] | None) -> Fiel
     return field_kind(name, b"" if binary else None, image_fields)
 
 
+class Upstream(Protocol):
+    """Batches produced outside this process's stage chain (``mmload.workers``), in order."""
+
+    decoded: bool
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]: ...
+
+    def close(self) -> None: ...
+
+
 _SPARE_BATCHES = 64  # how far an all-bad first batch looks for a good sample to repeat
 _FORK_LEFTOVERS: list[Any] = []  # decoders inherited by forked processes, deliberately kept
 
@@ -324,10 +338,72 @@ class Pipeline:
         self._media = media
         return media
 
-    def run(
+    def read_batch(
+        self, order: EpochOrder, schedule: Schedule, world: World, k: int, stats: Stats
+    ) -> list[Any]:
+        """Rank ``world.rank``'s batch ``k`` as read: a dict of bytes per sample, or its
+        ``ShardError``."""
+        t0 = time.perf_counter()
+        self.ds.advance(k)
+        raw = self.ds.read(order[schedule.positions(world.rank, k)], self._read_fields)
+        stats.time("read", time.perf_counter() - t0)
+        return raw
+
+    def reads(
         self, epoch: int, schedule: Schedule, world: World, stats: Stats
+    ) -> Iterator[tuple[int, list[Any]]]:
+        """``(k, raw)`` for ``world``'s batches of one epoch, read in this thread."""
+        order = self.order(epoch)
+        self._expect(order, schedule, world)
+        for k in schedule.worker_batches(world):
+            yield k, self.read_batch(order, schedule, world, k, stats)
+
+    def _expect(self, order: EpochOrder, schedule: Schedule, world: World) -> None:
+        if self.ds.remote.any():
+            # DataLoader keeps its workers within prefetch_factor (2) rounds of each other.
+            skew = 2 * world.num_workers * (world.num_workers > 1)
+            self.ds.expect(remote_needs(self.ds, order, schedule, world), skew=skew)
+
+    def join(self, batch: dict[str, Any], stats: Stats) -> dict[str, Any]:
+        """The feature join of a decoded batch (its key and timestamp columns replaced by the
+        joined feature columns); the batch unchanged without one."""
+        features = self.opts.features
+        if features is None:
+            return batch
+        t0 = time.perf_counter()
+        keys = batch.pop(FEATURE_KEY)
+        ts = np.asarray(batch.pop(FEATURE_TS), dtype=np.int64)
+        for name, t in features.table.join(keys, ts).items():
+            on_cpu = self.opts.device.type != "cuda" and t.device.type != "cpu"
+            batch[name] = t.cpu() if on_cpu else t
+        stats.time("join", time.perf_counter() - t0)
+        return batch
+
+    def run(
+        self,
+        epoch: int,
+        schedule: Schedule,
+        world: World,
+        stats: Stats,
+        *,
+        upstream: Upstream | None = None,
+        join: bool = True,
     ) -> Stage[Any, tuple[int, dict[str, Any]]]:
-        """The stage chain yielding ``(k, batch)`` for ``world``'s batches of one epoch."""
+        """The stage chain yielding ``(k, batch)`` for ``world``'s batches of one epoch.
+
+        ``upstream``: the batches come from elsewhere (worker processes), in order, either as
+        read (``upstream.decoded`` False: this process decodes them) or decoded (this process
+        only joins and copies them). ``join=False`` leaves the feature join to the consumer
+        (the feature key and timestamp stay in the batch).
+        """
+        if upstream is not None and upstream.decoded:
+            joined: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
+                upstream,
+                lambda item: (item[0], self.join(item[1], stats)),
+                depth=self.opts.prefetch,
+                name="join",
+            )
+            return self._copy_stage(joined)
         order = self.order(epoch)
         for dec in self._media_decoders().values():  # an abandoned epoch may leave work in flight
             reset = getattr(dec, "reset", None)
@@ -342,7 +418,6 @@ class Pipeline:
             self.opts.text,
             self._extract,
         )
-        features = self.opts.features
         read_fields = self._read_fields
 
         def spare_reads() -> Iterator[list[Any]]:
@@ -358,33 +433,23 @@ class Pipeline:
                 ds.close()
 
         decoder.spare_source = spare_reads
-        if self.ds.remote.any():
-            # DataLoader keeps its workers within prefetch_factor (2) rounds of each other.
-            skew = 2 * world.num_workers * (world.num_workers > 1)
-            self.ds.expect(remote_needs(self.ds, order, schedule, world), skew=skew)
-
-        def read(k: int) -> tuple[int, list[Any]]:
-            t0 = time.perf_counter()
-            self.ds.advance(k)
-            ids = order[schedule.positions(world.rank, k)]
-            raw = self.ds.read(ids, read_fields)
-            stats.time("read", time.perf_counter() - t0)
-            return k, raw
 
         def finish(pending: Pending) -> dict[str, Any]:
             batch = decoder.finish(pending)
-            if features is not None:
-                t0 = time.perf_counter()
-                keys = batch.pop(FEATURE_KEY)
-                ts = np.asarray(batch.pop(FEATURE_TS), dtype=np.int64)
-                for name, t in features.table.join(keys, ts).items():
-                    on_cpu = self.opts.device.type != "cuda" and t.device.type != "cpu"
-                    batch[name] = t.cpu() if on_cpu else t
-                stats.time("join", time.perf_counter() - t0)
-            return batch
+            return self.join(batch, stats) if join else batch
 
         depth = self.opts.prefetch
-        reader = Stage(schedule.worker_batches(world), read, depth=depth, name="read")
+        reader: Stage[Any, tuple[int, list[Any]]] | Upstream
+        if upstream is None:
+            self._expect(order, schedule, world)
+            reader = Stage(
+                schedule.worker_batches(world),
+                lambda k: (k, self.read_batch(order, schedule, world, k, stats)),
+                depth=depth,
+                name="read",
+            )
+        else:
+            reader = upstream
 
         def decode_ahead() -> Iterator[tuple[int, dict[str, Any]]]:
             # Keep `depth` batches submitted to the media decoders (DALI decodes batch N+1 while
@@ -402,8 +467,13 @@ class Pipeline:
         decoded: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
             decode_ahead(), _identity, depth=depth, name="decode", closes=(reader,)
         )
+        return self._copy_stage(decoded)
+
+    def _copy_stage(
+        self, upstream: Stage[Any, tuple[int, dict[str, Any]]]
+    ) -> Stage[Any, tuple[int, dict[str, Any]]]:
         if self.opts.device.type != "cuda":
-            return decoded
+            return upstream
         copier = DeviceCopier(self.opts.device)
 
         def copy(item: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
@@ -411,7 +481,7 @@ class Pipeline:
             moved, event = copier(batch)
             return k, {"__event__": (copier, event), **moved}
 
-        return Stage(decoded, copy, depth=depth, name="copy")
+        return Stage(upstream, copy, depth=self.opts.prefetch, name="copy")
 
     def close(self) -> None:
         if self._media_pid == os.getpid():
@@ -483,9 +553,15 @@ def default_threads(num_workers: int = 1) -> int:
 
 
 def iter_epoch(
-    pipe: Pipeline, epoch: int, schedule: Schedule, world: World, stats: Stats
+    pipe: Pipeline,
+    epoch: int,
+    schedule: Schedule,
+    world: World,
+    stats: Stats,
+    upstream: Upstream | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(k, batch)`` pairs, ready for the consumer (device copies synchronised)."""
+    """``(k, batch)`` pairs, ready for the consumer (device copies synchronised);
+    ``upstream``: batches from worker processes (see :meth:`Pipeline.run`)."""
     if schedule.padded and world.worker == 0:
         log.info(
             "epoch %d: the last global batch is padded with %d repeated samples so that all %d "
@@ -495,7 +571,7 @@ def iter_epoch(
             world.world_size,
             schedule.num_batches,
         )
-    run = pipe.run(epoch, schedule, world, stats)
+    run = pipe.run(epoch, schedule, world, stats, upstream=upstream)
     try:
         for k, batch in run:
             marker = batch.pop("__event__", None)

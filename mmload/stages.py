@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["Stage"]
 
@@ -22,6 +22,10 @@ U = TypeVar("U")
 
 _POLL = 0.1
 _DONE = object()
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class _Failure:
@@ -39,7 +43,7 @@ class Stage(Generic[T, U]):
         *,
         depth: int,
         name: str,
-        closes: tuple[Stage[Any, Any], ...] = (),
+        closes: tuple[_Closable, ...] = (),
     ) -> None:
         self._upstream = upstream
         self._closes = closes  # stages a generator upstream reads from, closed with this one

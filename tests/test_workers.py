@@ -1,0 +1,254 @@
+"""Loader(workers=N): CPU stages in spawned processes, everything else as with workers=0.
+
+Oracles: the same Loader with ``workers=0`` (batches, order, resume, bad-sample list and budget,
+statistics), the processes themselves (gone after close, an exception or a kill), and
+``/dev/shm`` (nothing left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import mmload
+from mmload.demo import demo_samples
+from mmload.errors import DecodeError
+from mmload.sources.write import write_tar_shards
+from mmload.workers import WorkerError, WorkerPool
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """78 multimodal samples (jpg, wav, txt, cls, json) in 4 shards; samples 10 and 41 carry
+    a corrupt JPEG."""
+    root = tmp_path_factory.mktemp("workers")
+
+    def samples() -> Iterator[dict[str, Any]]:
+        for i, s in enumerate(demo_samples(78, size=(64, 48))):
+            if i in (10, 41):
+                s["jpg"] = s["jpg"][:200]  # truncated: the header reads, the decode fails
+            yield s
+
+    return write_tar_shards(samples(), str(root / "d-%04d.tar"), maxcount=20)
+
+
+def options(tmp_path: Path, **kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "batch_size": 8,
+        "shuffle": True,
+        "seed": 3,
+        "image": mmload.ImageConfig(size=24, backend="pil"),
+        "audio": mmload.AudioConfig(seconds=0.25, mel=True, n_mels=16),
+        "text": mmload.TextConfig(fields=("txt",), max_length=12),
+        "on_error": "skip",
+        "max_bad_samples": 4,
+        "cache_dir": tmp_path / "cache",
+    }
+    return base | kw
+
+
+def assert_same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k], k
+
+
+def run(shards: list[str], tmp_path: Path, epochs: int = 1, **kw: Any) -> tuple[list, dict]:
+    with mmload.Loader(shards, **options(tmp_path, **kw)) as ld:
+        got = [b for _ in range(epochs) for b in ld]
+        return got, ld.stats()
+
+
+COUNTERS = ("batches", "samples", "samples_replaced", "bad_samples", "samples_padded")
+
+
+def test_two_epochs_match_in_process(shards: list[str], tmp_path: Path) -> None:
+    want, st0 = run(shards, tmp_path, epochs=2, workers=0)
+    got, st2 = run(shards, tmp_path, epochs=2, workers=2)
+    assert_same_batches(want, got)
+    assert len(want) == 2 * 10  # 78 samples / 8: the last batch short
+    assert {k: st0[k] for k in COUNTERS} == {k: st2[k] for k in COUNTERS}
+    assert st0["bad_samples"] == 4 and st0["bad"] == st2["bad"]  # the same list, same order
+    assert st2["seconds"]["decode"] > 0 and st2["seconds"]["read"] > 0
+
+
+def test_three_workers_and_a_resume(shards: list[str], tmp_path: Path) -> None:
+    """A worker count that does not divide the batches; a state taken with workers resumes
+    exactly in a loader without (and the other way round)."""
+    want, _ = run(shards, tmp_path, workers=0)
+    with mmload.Loader(shards, **options(tmp_path, workers=3)) as ld:
+        it = iter(ld)
+        head = [next(it) for _ in range(4)]
+        state = ld.state_dict()
+    assert_same_batches(want[:4], head)
+    with mmload.Loader(shards, **options(tmp_path, workers=0)) as ld:
+        ld.load_state_dict(state)
+        assert_same_batches(want[4:], list(ld))
+    with mmload.Loader(shards, **options(tmp_path, workers=0)) as ld:
+        it = iter(ld)
+        for _ in range(7):
+            next(it)
+        state = ld.state_dict()
+    with mmload.Loader(shards, **options(tmp_path, workers=2)) as ld:
+        ld.load_state_dict(state)
+        assert_same_batches(want[7:], list(ld))
+
+
+def test_abandoned_epoch_then_reiter(shards: list[str], tmp_path: Path) -> None:
+    """Breaking out of an epoch and iterating again behaves as with workers=0 (the workers'
+    stale batches of the abandoned run are dropped)."""
+    out = {}
+    for w in (0, 2):
+        with mmload.Loader(shards, **options(tmp_path, workers=w)) as ld:
+            seen = []
+            for i, b in enumerate(ld):
+                seen.append(b)
+                if i == 2:
+                    break
+            seen += list(ld)  # the rest of the epoch
+            seen += list(ld)  # the next one
+            out[w] = seen
+    assert_same_batches(out[0], out[2])
+
+
+def test_budget_exceeded_at_the_same_batch(shards: list[str], tmp_path: Path) -> None:
+    """The budget is the main process's: with 1 bad sample allowed, the second bad sample
+    stops the epoch at the same batch with the same error, whatever the worker count."""
+    result = {}
+    for w in (0, 2):
+        got = []
+        with (
+            mmload.Loader(shards, **options(tmp_path, workers=w, max_bad_samples=1)) as ld,
+            pytest.raises(DecodeError, match="budget exceeded") as info,
+        ):
+            got.extend(b["__key__"] for b in ld)
+        result[w] = (got, str(info.value))
+    assert result[0] == result[2]
+    assert len(result[0][0]) < 10
+
+
+def test_raise_mode_names_shard_and_key(shards: list[str], tmp_path: Path) -> None:
+    with (
+        mmload.Loader(shards, **options(tmp_path, workers=2, on_error="raise")) as ld,
+        pytest.raises(DecodeError) as info,
+    ):
+        for _ in ld:
+            pass
+    assert info.value.key in ("sample000010", "sample000041")
+    assert info.value.shard.endswith(".tar")
+
+
+def test_read_only_workers_decode_here(shards: list[str], tmp_path: Path) -> None:
+    """The device='cuda' split (workers read, this process decodes), run on the CPU."""
+    want, st0 = run(shards, tmp_path, workers=0)
+    with mmload.Loader(shards, **options(tmp_path, workers=2)) as ld:
+        ld._pool = WorkerPool(ld._pipe, 2, decode=False)
+        assert not ld._pool.decoded
+        got = list(ld)
+        st = ld.stats()
+    assert_same_batches(want, got)
+    assert st["bad"] == st0["bad"] and st["samples"] == st0["samples"]
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _shm() -> set[str]:
+    """Names in /dev/shm, after a collection: multiprocessing unlinks a queue's named
+    semaphores when the queue is collected, and a traceback kept by ``pytest.raises`` can hold
+    a frame (and so an object) in a cycle until then."""
+    import gc
+
+    gc.collect()
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def test_killed_worker_is_an_error_not_a_hang(shards: list[str], tmp_path: Path) -> None:
+    before = _shm()
+    ld = mmload.Loader(shards, **options(tmp_path, workers=2, prefetch=1))
+    it = iter(ld)
+    next(it)
+    assert ld._pool is not None
+    pids = ld._pool.pids
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.perf_counter()
+    with pytest.raises(WorkerError, match=r"worker 1 \(pid \d+\) exited with code -9"):
+        for _ in it:
+            pass
+    assert time.perf_counter() - t0 < 30
+    ld.close()
+    assert not any(_alive(p) for p in pids)
+    assert _shm() <= before
+
+
+def test_close_leaves_no_process_or_segment(shards: list[str], tmp_path: Path) -> None:
+    """After close (mid-epoch), after an error in a worker, and at garbage collection."""
+    before = _shm()
+    ld = mmload.Loader(shards, **options(tmp_path, workers=2))
+    it = iter(ld)
+    next(it)
+    assert ld._pool is not None
+    pids = ld._pool.pids
+    assert all(_alive(p) for p in pids)
+    ld.close()
+    ld.close()  # idempotent
+    assert not any(_alive(p) for p in pids)
+
+    ld = mmload.Loader(shards, **options(tmp_path, workers=2, on_error="raise"))
+    with pytest.raises(DecodeError):
+        list(ld)
+    assert ld._pool is not None
+    pids = ld._pool.pids
+    ld.close()
+    assert not any(_alive(p) for p in pids)
+    assert _shm() <= before
+
+
+def test_features_are_joined_in_the_main_process(shards: list[str], tmp_path: Path) -> None:
+    """The live FeatureTable stays here: workers extract key and timestamp, this process
+    joins; the joined columns equal workers=0's."""
+    from mmload.demo import demo_features
+
+    out = {}
+    for w in (0, 2):
+        table = mmload.FeatureTable(key="user_id", timestamp="ts")
+        table.update(demo_features(78))
+        join = mmload.FeatureJoin(table, key="json.user_id", timestamp="json.ts")
+        got, _ = run(shards, tmp_path, workers=w, features=join)
+        out[w] = got
+    assert_same_batches(out[0], out[2])
+    assert "__features_found__" in out[2][0]
+    assert np.asarray(out[2][0]["__features_found__"]).dtype == bool
+
+
+def test_workers_must_be_a_non_negative_int(shards: list[str], tmp_path: Path) -> None:
+    for bad in (-1, 1.5, True):
+        with pytest.raises(mmload.ConfigError, match="workers"):
+            mmload.Loader(shards, **options(tmp_path, workers=bad))
