@@ -134,11 +134,12 @@ class AudioDecoder:
     def length(self) -> int:
         return round(self.cfg.seconds * self.cfg.sample_rate)
 
-    def _crop(self, x: np.ndarray, sample_id: int, epoch: int) -> np.ndarray:
+    def _crop(self, x: np.ndarray, u: float) -> np.ndarray:
+        """``x`` cut to the clip length (``u``: this sample's uniform draw for a random crop)
+        or zero-padded at the end."""
         t = self.length
         if len(x) > t:
             if self.cfg.crop == "random":
-                u = float(hash_uniform(self.seed, epoch, _STREAM, np.array([sample_id]))[0])
                 start = math.floor(u * (len(x) - t + 1))
             elif self.cfg.crop == "center":
                 start = (len(x) - t) // 2
@@ -149,9 +150,11 @@ class AudioDecoder:
 
     def waveforms(self, data: list[bytes], ids: np.ndarray, epoch: int) -> np.ndarray:
         out = np.empty((len(data), self.length), dtype=np.float32)
+        # One draw per sample, a pure function of (seed, epoch, sample id), for the whole batch.
+        draws = hash_uniform(self.seed, epoch, _STREAM, np.asarray(ids, dtype=np.int64))
         for i, d in enumerate(data):
             x, rate = decode_audio(d, max_seconds=self.cfg.max_seconds)
-            out[i] = self._crop(resample(x, rate, self.cfg.sample_rate), int(ids[i]), epoch)
+            out[i] = self._crop(resample(x, rate, self.cfg.sample_rate), float(draws[i]))
         return out
 
     def decode(
