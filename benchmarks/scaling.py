@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         t0 = time.perf_counter()
         paths = make_data(root, args.samples, args.seconds)
-        print(f"data: {args.samples} samples in {len(paths)} shards ({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"data: {args.samples} samples in {len(paths)} shards ({time.perf_counter() - t0:.0f} s)"
+        )
         loaders = {
             "mmload workers=0": mmload_loader(paths, args, 0, root / "c"),
             f"mmload workers={args.workers}": mmload_loader(paths, args, args.workers, root / "c"),
