@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report
+from harness import Report, tree_cpu_seconds
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
@@ -87,7 +87,7 @@ def mmload_loader(paths: list[str], args: argparse.Namespace, workers: int, cach
         shuffle=True,
         seed=0,
         workers=workers,
-        image=mmload.ImageConfig(size=args.size, backend="pil"),
+        image=mmload.ImageConfig(size=args.size, backend=args.image_backend),
         audio=mmload.AudioConfig(seconds=args.seconds, mel=True, n_mels=N_MELS),
         text=mmload.TextConfig(fields=("txt",), max_length=TOKENS),
         cache_dir=cache,
@@ -158,12 +158,14 @@ def baseline_loader(paths: list[str], args: argparse.Namespace) -> Any:
     )
 
 
-def epoch_rate(loader: Any) -> tuple[float, int]:
-    t0 = time.perf_counter()
+def epoch_rate(loader: Any) -> tuple[float, int, float]:
+    """(samples/s, samples, CPU cores busy on average: this process and its workers)."""
+    c0, t0 = tree_cpu_seconds(), time.perf_counter()
     n = 0
     for b in loader:
         n += len(b["__key__"]) if isinstance(b, dict) else len(b[3])
-    return n / (time.perf_counter() - t0), n
+    wall = time.perf_counter() - t0
+    return n / wall, n, (tree_cpu_seconds() - c0) / wall
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--image-backend", default="pil", choices=["pil", "dali"], help="mmload's image decoder"
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import torch
@@ -193,12 +198,18 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         rates: dict[str, list[float]] = {name: [] for name in loaders}
+        cores: dict[str, list[float]] = {name: [] for name in loaders}
         for r in range(args.rounds + 1):  # round 0 warms up (starts workers, fills caches)
             for name, ld in loaders.items():
-                rate, n = epoch_rate(ld)
-                print(f"round {r}: {name}: {rate:,.0f} samples/s ({n} samples)", flush=True)
+                rate, n, busy = epoch_rate(ld)
+                print(
+                    f"round {r}: {name}: {rate:,.0f} samples/s ({n} samples), "
+                    f"{busy:.2f} cores busy",
+                    flush=True,
+                )
                 if r:
                     rates[name].append(rate)
+                    cores[name].append(busy)
         for ld in loaders.values():
             close = getattr(ld, "close", None)
             if close is not None:
@@ -211,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         {
             "samples": args.samples,
             "batch": args.batch,
-            "image": f"320x240 JPEG -> RandomResizedCrop {args.size} + flip + normalize, f16",
+            "image": f"320x240 JPEG -> RandomResizedCrop {args.size} + flip + normalize, f16 "
+            f"(mmload: {args.image_backend}; baseline: PIL)",
             "audio": f"WAV 16 kHz, {args.seconds:g} s crop/pad, log-mel 400/160/80",
             "text": f"UTF-8 byte tokens, {TOKENS}",
             "rounds": args.rounds,
@@ -219,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     for name in names:
-        rep.add(pipeline=name, samples_s=med[name], vs_workers0=med[name] / w0,
-                vs_baseline=med[name] / base)  # fmt: skip
+        rep.add(pipeline=name, samples_s=med[name], cpu_cores=statistics.median(cores[name]),
+                vs_workers0=med[name] / w0, vs_baseline=med[name] / base)  # fmt: skip
     rep.notes += [
         f"workers={args.workers} / workers=0: {wn / w0:.2f}x (target >= 1.7x)",
         f"mmload workers={args.workers} / baseline: {wn / base:.2f}x (target >= 1.5x)",
     ]
-    rep.print(["pipeline", "samples_s", "vs_workers0", "vs_baseline"])
+    rep.print(["pipeline", "samples_s", "cpu_cores", "vs_workers0", "vs_baseline"])
     rep.save(args.json)
     return 0
 

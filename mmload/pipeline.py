@@ -379,31 +379,9 @@ class Pipeline:
         stats.time("join", time.perf_counter() - t0)
         return batch
 
-    def run(
-        self,
-        epoch: int,
-        schedule: Schedule,
-        world: World,
-        stats: Stats,
-        *,
-        upstream: Upstream | None = None,
-        join: bool = True,
-    ) -> Stage[Any, tuple[int, dict[str, Any]]]:
-        """The stage chain yielding ``(k, batch)`` for ``world``'s batches of one epoch.
-
-        ``upstream``: the batches come from elsewhere (worker processes), in order, either as
-        read (``upstream.decoded`` False: this process decodes them) or decoded (this process
-        only joins and copies them). ``join=False`` leaves the feature join to the consumer
-        (the feature key and timestamp stay in the batch).
-        """
-        if upstream is not None and upstream.decoded:
-            joined: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
-                upstream,
-                lambda item: (item[0], self.join(item[1], stats)),
-                depth=self.opts.prefetch,
-                name="join",
-            )
-            return self._copy_stage(joined)
+    def batch_decoder(self, epoch: int, world: World, stats: Stats) -> BatchDecoder:
+        """A fresh batch decoder for ``world``'s epoch (its media decoders reset), counting into
+        ``stats``, with the plan's spare source for all-bad batches."""
         order = self.order(epoch)
         for dec in self._media_decoders().values():  # an abandoned epoch may leave work in flight
             reset = getattr(dec, "reset", None)
@@ -433,10 +411,38 @@ class Pipeline:
                 ds.close()
 
         decoder.spare_source = spare_reads
+        return decoder
+
+    def run(
+        self,
+        epoch: int,
+        schedule: Schedule,
+        world: World,
+        stats: Stats,
+        *,
+        upstream: Upstream | None = None,
+    ) -> Stage[Any, tuple[int, dict[str, Any]]]:
+        """The stage chain yielding ``(k, batch)`` for ``world``'s batches of one epoch.
+
+        ``upstream``: the batches come from elsewhere (worker processes), in order, either as
+        read (``upstream.decoded`` False: this process decodes them) or decoded (this process
+        only joins and copies them).
+        """
+        if upstream is not None and upstream.decoded:
+            joined: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
+                upstream,
+                lambda item: (item[0], self.join(item[1], stats)),
+                depth=self.opts.prefetch,
+                name="join",
+                on_wait=stats.wait_on,
+            )
+            return self._copy_stage(joined, stats)
+        order = self.order(epoch)
+        decoder = self.batch_decoder(epoch, world, stats)
 
         def finish(pending: Pending) -> dict[str, Any]:
             batch = decoder.finish(pending)
-            return self.join(batch, stats) if join else batch
+            return self.join(batch, stats)
 
         depth = self.opts.prefetch
         reader: Stage[Any, tuple[int, list[Any]]] | Upstream
@@ -447,6 +453,7 @@ class Pipeline:
                 lambda k: (k, self.read_batch(order, schedule, world, k, stats)),
                 depth=depth,
                 name="read",
+                on_wait=stats.wait_on,
             )
         else:
             reader = upstream
@@ -465,12 +472,17 @@ class Pipeline:
                 yield k0, finish(p)
 
         decoded: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
-            decode_ahead(), _identity, depth=depth, name="decode", closes=(reader,)
+            decode_ahead(),
+            _identity,
+            depth=depth,
+            name="decode",
+            closes=(reader,),
+            on_wait=stats.wait_on,
         )
-        return self._copy_stage(decoded)
+        return self._copy_stage(decoded, stats)
 
     def _copy_stage(
-        self, upstream: Stage[Any, tuple[int, dict[str, Any]]]
+        self, upstream: Stage[Any, tuple[int, dict[str, Any]]], stats: Stats
     ) -> Stage[Any, tuple[int, dict[str, Any]]]:
         if self.opts.device.type != "cuda":
             return upstream
@@ -481,7 +493,7 @@ class Pipeline:
             moved, event = copier(batch)
             return k, {"__event__": (copier, event), **moved}
 
-        return Stage(upstream, copy, depth=self.opts.prefetch, name="copy")
+        return Stage(upstream, copy, depth=self.opts.prefetch, name="copy", on_wait=stats.wait_on)
 
     def close(self) -> None:
         if self._media_pid == os.getpid():
@@ -572,8 +584,16 @@ def iter_epoch(
             schedule.num_batches,
         )
     run = pipe.run(epoch, schedule, world, stats, upstream=upstream)
+    it = iter(run)
     try:
-        for k, batch in run:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                k, batch = next(it)
+            except StopIteration:
+                return
+            # The trainer's wait for data: attributed to stages through their own waits.
+            stats.time("wait", time.perf_counter() - t0)
             marker = batch.pop("__event__", None)
             if marker is not None:
                 copier, event = marker

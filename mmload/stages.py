@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -44,6 +45,7 @@ class Stage(Generic[T, U]):
         depth: int,
         name: str,
         closes: tuple[_Closable, ...] = (),
+        on_wait: Callable[[str, float], None] | None = None,
     ) -> None:
         self._upstream = upstream
         self._closes = closes  # stages a generator upstream reads from, closed with this one
@@ -53,6 +55,10 @@ class Stage(Generic[T, U]):
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"mmload-{name}", daemon=True)
         self._started = False
+        self.name = name
+        # Told how long the consumer waited for each item (the stage was behind): the loader's
+        # statistics attribute waiting to the stage that starves the consumer.
+        self._on_wait = on_wait
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -77,12 +83,18 @@ class Stage(Generic[T, U]):
             self._started = True
             self._thread.start()
         while True:
-            try:
-                item = self._queue.get(timeout=_POLL)
-            except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError(f"{self._thread.name} stopped without a result") from None
-                continue
+            t0 = time.perf_counter()
+            while True:
+                try:
+                    item = self._queue.get(timeout=_POLL)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty():
+                        raise RuntimeError(
+                            f"{self._thread.name} stopped without a result"
+                        ) from None
+            if self._on_wait is not None:
+                self._on_wait(self.name, time.perf_counter() - t0)
             if item is _DONE:
                 return
             if isinstance(item, _Failure):

@@ -35,6 +35,8 @@ class Stats:
             "bad_samples": 0,
         }
         self.seconds: dict[str, float] = {"read": 0.0, "decode": 0.0, "wait": 0.0}
+        # Per stage, how long its consumer waited for its items (``wait_on``).
+        self.waits: dict[str, float] = {}
         self.bad: list[BadEntry] = []
 
     def __getstate__(self) -> dict[str, Any]:
@@ -58,6 +60,11 @@ class Stats:
     def time(self, name: str, seconds: float) -> None:
         with self._lock:
             self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def wait_on(self, stage: str, seconds: float) -> None:
+        """The consumer of ``stage`` waited ``seconds`` for its next item."""
+        with self._lock:
+            self.waits[stage] = self.waits.get(stage, 0.0) + seconds
 
     def add_listed(self, entries: Iterable[BadEntry]) -> None:
         """Record bad entries found before the epoch (indexing); they were checked already."""
@@ -96,4 +103,22 @@ class Stats:
                 "bad": [b.as_dict() for b in self.bad],
                 "seconds": {**self.seconds, "elapsed": elapsed},
                 "samples_per_second": self.counters["samples"] / elapsed if elapsed > 0 else 0.0,
+                "stage_wait": dict(self.waits),
+                "bottleneck": bottleneck(self.seconds.get("wait", 0.0), self.waits, elapsed),
             }
+
+
+# Stages from upstream to downstream (``workers``: batches from worker processes).
+STAGE_ORDER = ("workers", "read", "decode", "join", "copy")
+
+
+def bottleneck(consumer_wait: float, waits: dict[str, float], elapsed: float) -> str | None:
+    """The stage that starves the consumer: None while the consumer waited under 1% of the
+    time; else the most upstream stage whose own consumer waited at least half as long as the
+    trainer did (a slow stage makes every stage after it wait too, and nothing before it)."""
+    if elapsed <= 0 or consumer_wait < 0.01 * elapsed:
+        return None
+    for name in STAGE_ORDER:
+        if waits.get(name, 0.0) >= 0.5 * consumer_wait:
+            return name
+    return max(waits, key=lambda k: waits[k]) if waits else None

@@ -167,12 +167,14 @@ class _Job:
         stats = _Recorder()
         stream: Any = None
         try:
-            if decoded:
-                stream = pipe.run(epoch, schedule, world, stats, join=False)
-            else:
-                stream = pipe.reads(epoch, schedule, world, stats)
-            for k, item in stream:
-                out = _shared(item) if decoded else item
+            # One thread, batch after batch: what is recorded between two puts belongs to the
+            # batch put (the main process replays it with that batch). N workers overlap.
+            decoder = pipe.batch_decoder(epoch, world, stats) if decoded else None
+            stream = pipe.reads(epoch, schedule, world, stats)
+            for k, raw in stream:
+                out = raw
+                if decoder is not None:
+                    out = _shared(decoder.finish(decoder.prepare(raw, epoch, submit=False)))
                 if not self.put((self.gen, k, out, stats.drain())):
                     return
             self.put((self.gen, None, None, stats.drain()))
@@ -261,16 +263,36 @@ class WorkerPool:
         for p in self._procs:
             p.start()
         self._gen = 0
+        # The epoch run sent ahead: (generation, epoch, schedule, world).
+        self._next: tuple[int, int, Schedule, World] | None = None
         self._closed = False
 
     def epoch(self, epoch: int, schedule: Schedule, world: World, stats: Stats) -> _Stream:
-        """The batches ``(k, batch or raw)`` of ``world``'s epoch, in plan order."""
+        """The batches ``(k, batch or raw)`` of ``world``'s epoch, in plan order.
+
+        The workers are also told to go on with the next epoch from its start as soon as they
+        finish this one (a worker runs its commands in order), so the first batches of the
+        next epoch are ready when it begins: no stall at the epoch boundary. When the next
+        request is not that epoch (a resume, ``set_epoch``), the speculative run is cancelled.
+        """
         if self._closed:
             raise WorkerError("the worker pool is closed")
+        want = (epoch, schedule, world)
+        if self._next is not None and self._next[1:] == want:
+            gen = self._next[0]  # already running ahead
+        else:
+            if self._next is not None:
+                self._cancel(self._next[0])
+            gen = self._send(epoch, schedule, world)
+        following = replace(schedule, start=0)
+        self._next = (self._send(epoch + 1, following, world), epoch + 1, following, world)
+        return _Stream(self, gen, schedule, stats)
+
+    def _send(self, epoch: int, schedule: Schedule, world: World) -> int:
         self._gen += 1
         for q in self._commands:
             q.put(("epoch", self._gen, epoch, schedule, world))
-        return _Stream(self, self._gen, schedule, stats)
+        return self._gen
 
     def _cancel(self, gen: int) -> None:
         if self._cancelled is None:
@@ -375,7 +397,9 @@ class _Stream:
         try:
             for k in range(self.schedule.num_batches):
                 w = k % n
+                t0 = time.perf_counter()
                 _, got, item, events = pool._get(w, self.gen, k)
+                self.stats.wait_on("workers", time.perf_counter() - t0)
                 replay(self.stats, events)
                 if isinstance(item, _Failed):
                     raise item.rebuild()

@@ -181,13 +181,12 @@ def _alive(pid: int | None) -> bool:
 
 
 def _shm() -> set[str]:
-    """Names in /dev/shm, after a collection: multiprocessing unlinks a queue's named
-    semaphores when the queue is collected, and a traceback kept by ``pytest.raises`` can hold
-    a frame (and so an object) in a cycle until then."""
-    import gc
-
-    gc.collect()
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    """Shared-memory segments in /dev/shm (batch tensors: torch's ``torch_*`` files or any
+    other segment), leaving out multiprocessing's named semaphores (``sem.*``): those belong to
+    its queues, are unlinked when a queue is collected (a traceback kept by ``pytest.raises``
+    can hold one in a cycle for a while) and at exit by its resource tracker."""
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {n for n in names if not n.startswith("sem.")}
 
 
 def test_killed_worker_is_an_error_not_a_hang(shards: list[str], tmp_path: Path) -> None:
