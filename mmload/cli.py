@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -231,35 +232,130 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     import mmload
+    from mmload import bench
+    from mmload.demo import demo_samples
+    from mmload.sources.write import write_tar_shards
 
+    bench.check_args(args.batch_size, args.epochs, args.workers, args.image_size)
+    tmp = None
+    shards = args.shards
+    if not shards:  # generated: demo photos as 500x375 JPEGs (the DESIGN.md anchor's size)
+        tmp = tempfile.TemporaryDirectory(prefix="mmload-bench-")
+        samples = demo_samples(args.samples, seed=args.seed, size=(500, 375))
+        shards = write_tar_shards(samples, os.path.join(tmp.name, "bench-%05d.tar"), maxcount=64)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    base_workers = args.baseline_workers if args.baseline_workers is not None else cores or 1
     loader = mmload.Loader(
-        args.shards,
+        shards,
         batch_size=args.batch_size,
         device=args.device,
         shuffle=True,
+        seed=args.seed,
+        workers=args.workers,
         image=mmload.ImageConfig(size=args.image_size, backend=args.backend),
     )
-    with loader:
-        rates = []
-        for epoch in range(args.epochs):
-            before = loader.stats()["samples"]
-            t0 = time.perf_counter()
-            for _ in loader:
-                pass
-            n = loader.stats()["samples"] - before  # unique samples, not padding repeats
-            rates.append(n / (time.perf_counter() - t0))
-            print(f"epoch {epoch}: {n} samples, {rates[-1]:,.0f} samples/s")
-    print(
-        json.dumps(
-            {
-                "device": args.device,
-                "backend": args.backend,
-                "batch_size": args.batch_size,
-                "best_samples_per_s": max(rates),
-                "cpus": os.cpu_count(),
-            }
+    try:
+        kinds = loader._pipe.fields.kinds
+        image = next((f for f, k in kinds.items() if k == "image"), None)
+        if image is None:
+            raise mmload.ConfigError("mmload bench: the shards have no image field (jpg, png...)")
+        label = "cls" if "cls" in kinds else None
+        n = loader.num_samples
+        loader.close()
+        fields = [image] + ([label] if label else [])
+
+        def build_mmload() -> tuple[Any, Any]:
+            ld = mmload.Loader(
+                shards,
+                batch_size=args.batch_size,
+                device=args.device,
+                shuffle=True,
+                seed=args.seed,
+                workers=args.workers,
+                fields=fields,
+                image=mmload.ImageConfig(size=args.image_size, backend=args.backend),
+            )
+            return (lambda: sum(len(b["__key__"]) for b in ld)), ld.close
+
+        def build_dataloader() -> tuple[Any, Any]:
+            dl = bench.dataloader_baseline(
+                shards, args.batch_size, base_workers, args.image_size, image, label
+            )
+            return (lambda: sum(len(y) for _, y in dl)), None
+
+        def build_dali() -> tuple[Any, Any]:
+            epoch = bench.dali_reader_epoch(
+                shards, args.batch_size, cores or 1, args.image_size, n, image
+            )
+            return epoch, None
+
+        runs: dict[str, Any] = {
+            f"mmload Loader (workers={args.workers}, {args.backend} images, {args.device})": (
+                build_mmload
+            ),
+        }
+        base_name = None
+        wanted = set(args.baselines.split(",")) if args.baselines else set()
+        if "dataloader" in wanted:
+            base_name = f"DataLoader(num_workers={base_workers}) + webdataset + PIL"
+            runs[base_name] = build_dataloader
+        if "dali" in wanted:
+            try:
+                import nvidia.dali  # noqa: F401
+            except ImportError:
+                print("DALI is not installed: its reader row is left out", file=sys.stderr)
+            else:
+                runs[f"DALI fn.readers.webdataset + ROI decode ({cores} threads, CPU)"] = build_dali
+        rows = bench.run_bench(runs, epochs=args.epochs, progress=not args.no_progress)
+    finally:
+        loader.close()
+        if tmp is not None:
+            tmp.cleanup()
+    env = bench.environment()
+    base = next((r.median for r in rows if r.name == base_name), 0.0)
+    config = {
+        "shards": len(shards),
+        "samples": n,
+        "generated": tmp is not None,
+        "batch_size": args.batch_size,
+        "work": f"{image}: decode + RandomResizedCrop({args.image_size}) + flip + normalize "
+        "-> f16 NCHW" + (f"; {label}" if label else ""),
+        "timed_epochs": args.epochs - 1,
+    }
+    print(f"hardware: {env['cpu']} x{env['cpus']}; python {env['python']}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    print("config: " + json.dumps(config, sort_keys=True))
+    width = max(len(r.name) for r in rows)
+    print(f"{'pipeline'.ljust(width)}  samples/s  ratio  cpu cores  peak RSS MB")
+    for r in rows:
+        ratio = f"{r.median / base:5.2f}" if base else "    -"
+        cores_busy = statistics.median(r.cores) if r.cores else 0.0
+        print(
+            f"{r.name.ljust(width)}  {r.median:9,.0f}  {ratio}  {cores_busy:9.2f}  "
+            f"{r.peak_rss_mb:11,.0f}"
         )
-    )
+    if base:
+        print(f"ratio: samples/s over {base_name}")
+    report = {
+        "config": config,
+        "environment": env,
+        "rows": [
+            {
+                "pipeline": r.name,
+                "samples_per_s": r.median,
+                "runs": r.rates,
+                "ratio": r.median / base if base else None,
+                "cpu_cores": statistics.median(r.cores) if r.cores else None,
+                "peak_rss_mb": r.peak_rss_mb,
+            }
+            for r in rows
+        ],
+    }
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        bench.plot(rows, base, args.plot, f"mmload bench: {n} samples, {env['cpu']}")
     return 0
 
 
@@ -335,13 +431,29 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--dali-idx", action="store_true", help="also write DALI v1.2 .idx files")
     x.set_defaults(fn=cmd_index)
 
-    b = sub.add_parser("bench", help="stream shards through the Loader and print samples/s")
-    shard_args(b)
-    b.add_argument("--batch-size", type=int, default=256)
+    b = sub.add_parser(
+        "bench",
+        help="mmload vs DataLoader + webdataset + PIL (and DALI's reader) on your shards or on "
+        "generated data: samples/s, ratio, CPU cores, peak RSS",
+    )
+    b.add_argument(
+        "shards", nargs="*", help="shards to read (default: generate --samples demo samples)"
+    )
+    b.add_argument("--samples", type=int, default=1024, help="generated samples (no shards)")
+    b.add_argument("--batch-size", type=int, default=128)
     b.add_argument("--image-size", type=int, default=224)
-    b.add_argument("--epochs", type=int, default=3)
+    b.add_argument("--epochs", type=int, default=3, help="epochs per pipeline; the first warms up")
     b.add_argument("--device", default="cpu")
     b.add_argument("--backend", default="auto", choices=["auto", "dali", "pil"])
+    b.add_argument("--workers", type=int, default=0, help="mmload worker processes")
+    b.add_argument("--baseline-workers", type=int, help="DataLoader workers (default: cores)")
+    b.add_argument(
+        "--baselines", default="dataloader,dali", help="comma list of dataloader, dali ('' none)"
+    )
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", help="save the report here")
+    b.add_argument("--plot", help="draw the table as a PNG here (pip install 'mmload[plot]')")
+    b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=cmd_bench)
 
     w = sub.add_parser("write", help="pack a folder of key.field files into tar shards")

@@ -81,19 +81,38 @@ def test_write_then_read(
         (src / f"img{i}.cls").write_text(str(i))
     assert main(["write", str(src), str(tmp_path / "out-%03d.tar"), "--maxcount", "2"]) == 0
     assert "wrote 5 samples into 3 shards" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "bench",
-                "--batch-size",
-                "2",
-                "--epochs",
-                "1",
-                "--image-size",
-                "32",
-                str(tmp_path / "out-{000..002}.tar"),
-            ]
-        )
-        == 0
-    )
-    assert '"best_samples_per_s"' in capsys.readouterr().out
+    report = tmp_path / "bench.json"
+    argv = ["bench", "--batch-size", "2", "--epochs", "2", "--image-size", "32", "--baselines", ""]
+    argv += ["--no-progress", "--json", str(report), str(tmp_path / "out-{000..002}.tar")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mmload Loader (workers=0" in out and "samples/s" in out
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["pipeline"] for r in rows] == ["mmload Loader (workers=0, auto images, cpu)"]
+    assert rows[0]["samples_per_s"] > 0 and len(rows[0]["runs"]) == 1
+
+
+def test_bench_generates_data_and_compares_with_dataloader(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No shards: generated demo photos; mmload (2 worker processes) and the DataLoader +
+    webdataset + PIL baseline in one run, ratios to the baseline, a JSON report and a PNG."""
+    report, png = tmp_path / "b.json", tmp_path / "b.png"
+    argv = ["bench", "--samples", "48", "--batch-size", "16", "--epochs", "2"]
+    argv += ["--image-size", "32", "--workers", "2", "--baselines", "dataloader"]
+    argv += ["--baseline-workers", "0", "--json", str(report), "--plot", str(png)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "DataLoader(num_workers=0) + webdataset + PIL" in out and "peak RSS MB" in out
+    data = json.loads(report.read_text())
+    assert data["config"]["generated"] and data["config"]["samples"] == 48
+    base, ours = data["rows"][1], data["rows"][0]
+    assert base["ratio"] == pytest.approx(1.0)
+    assert ours["ratio"] == pytest.approx(ours["samples_per_s"] / base["samples_per_s"])
+    assert ours["cpu_cores"] > 0 and ours["peak_rss_mb"] > 50
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--epochs", "1"]) == 2
+    assert "--epochs=1: must be >= 2" in capsys.readouterr().err
