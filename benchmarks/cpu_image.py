@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Report
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+from mmload.bench import dali_reader_epoch, dataloader_baseline
 
 
 def make_data(root: Path, images: int, per_shard: int) -> list[str]:
@@ -53,91 +51,6 @@ def make_data(root: Path, images: int, per_shard: int) -> list[str]:
             }
 
     return write_tar_shards(samples(), str(root / "img-%05d.tar"), maxcount=per_shard)
-
-
-def _rrc(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params (scale 0.08-1, ratio 3/4-4/3)."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(0.08, 1.0)
-        ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w = round(math.sqrt(target * ar))
-        h = round(math.sqrt(target / ar))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    return 0, 0, height, width
-
-
-def baseline_loader(paths: list[str], batch: int, workers: int, size: int):  # type: ignore[no-untyped-def]
-    import torch
-    import webdataset as wds
-    from PIL import Image
-
-    mean = torch.from_numpy(MEAN).view(3, 1, 1)
-    std = torch.from_numpy(STD).view(3, 1, 1)
-
-    def transform(sample):  # type: ignore[no-untyped-def]
-        im = sample["jpg"].convert("RGB")
-        rng = random.Random()
-        i, j, h, w = _rrc(im.width, im.height, rng)
-        im = im.resize((size, size), Image.Resampling.BILINEAR, box=(j, i, j + w, i + h))
-        if rng.random() < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.array(im)).permute(2, 0, 1).float()
-        return ((x - mean) / std).half(), int(sample["cls"])
-
-    ds = (
-        wds.WebDataset(
-            paths,
-            shardshuffle=len(paths),
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
-        .shuffle(1000)
-        .decode("pil")
-        .map(transform)
-        .batched(batch, partial=False)
-    )
-    return torch.utils.data.DataLoader(
-        ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0
-    )
-
-
-def dali_native_epoch(paths: list[str], batch: int, threads: int, size: int, images: int):  # type: ignore[no-untyped-def]
-    """DALI's own reader + ROI random-crop decode (the reference without mmload's guarantees):
-    a function that runs one epoch and returns the samples it produced."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali import pipeline_def
-
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=1)
-    def pipe():  # type: ignore[no-untyped-def]
-        jpg, cls = fn.readers.webdataset(
-            paths=paths, ext=["jpg", "cls"], random_shuffle=True, initial_fill=1024, name="reader"
-        )
-        img = fn.decoders.image_random_crop(jpg, device="cpu", random_area=[0.08, 1.0])
-        img = fn.resize(img, resize_x=size, resize_y=size)
-        out = fn.crop_mirror_normalize(
-            img,
-            mirror=fn.random.coin_flip(),
-            mean=MEAN.tolist(),
-            std=STD.tolist(),
-            dtype=types.FLOAT16,
-            output_layout="CHW",
-        )
-        return out, cls
-
-    p = pipe()
-    p.build()
-    steps = images // batch
-
-    def epoch() -> int:
-        for _ in range(steps):
-            p.run()
-        return steps * batch
-
-    return epoch
 
 
 def main() -> None:
@@ -174,7 +87,7 @@ def main() -> None:
     torch.set_num_threads(cores)
     # Every pipeline stays built; rounds run one epoch of each in turn, so drift in the machine's
     # speed (it is shared) hits all of them alike. Round 0 is a warm-up.
-    base = baseline_loader(paths, args.batch_size, cores, args.size)
+    base = dataloader_baseline(paths, args.batch_size, cores, args.size, "jpg", "cls")
     loaders = {
         backend: mmload.Loader(
             paths,
@@ -196,8 +109,8 @@ def main() -> None:
         f"mmload Loader, pil backend ({cores} threads)": lambda: sum(
             len(b["__key__"]) for b in loaders["pil"]
         ),
-        f"reference: DALI fn.readers.webdataset + ROI decode ({cores} threads)": dali_native_epoch(
-            paths, args.batch_size, cores, args.size, args.images
+        f"reference: DALI fn.readers.webdataset + ROI decode ({cores} threads)": dali_reader_epoch(
+            paths, args.batch_size, cores, args.size, args.images, "jpg"
         ),
     }
     rates: dict[str, list[float]] = {k: [] for k in runs}

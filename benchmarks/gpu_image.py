@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_image import MEAN, STD, baseline_loader, make_data
+from cpu_image import make_data
 from harness import Report
+
+from mmload.bench import MEAN, STD, dataloader_baseline
 
 
 def _sync() -> None:
@@ -34,7 +36,7 @@ def _sync() -> None:
 def dataloader_rates(paths: list[str], args: argparse.Namespace) -> list[float]:
     import torch
 
-    loader = baseline_loader(paths, args.batch_size, args.workers, args.size)
+    loader = dataloader_baseline(paths, args.batch_size, args.workers, args.size, "jpg", "cls")
     loader.pin_memory = True
     rates = []
     for _ in range(args.epochs):
@@ -64,8 +66,8 @@ def dali_rates(paths: list[str], args: argparse.Namespace, threads: int) -> list
         out = fn.crop_mirror_normalize(
             img,
             mirror=fn.random.coin_flip(),
-            mean=MEAN.tolist(),
-            std=STD.tolist(),
+            mean=MEAN,
+            std=STD,
             dtype=types.FLOAT16,
             output_layout="CHW",
         )

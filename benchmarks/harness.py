@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Report", "environment", "timed", "tree_cpu_seconds"]
+__all__ = ["Report", "environment", "timed"]
 
 
 def _version(module: str) -> str | None:
@@ -77,31 +77,6 @@ def environment() -> dict[str, Any]:
             )
         },
     }
-
-
-def tree_cpu_seconds(root: int | None = None) -> float:
-    """User + system CPU seconds of process ``root`` (default: this one) and every live
-    descendant, from ``/proc`` (worker processes included while they run)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="utf-8") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(name)] = int(fields[1])
-        cpu[int(name)] = (int(fields[11]) + int(fields[12])) / tick
-    root = os.getpid() if root is None else root
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += cpu.get(pid, 0.0)
-        todo.extend(c for c, p in parent.items() if p == pid)
-    return total
 
 
 def timed(fn: Callable[[], int], *, repeat: int = 3, warmup: int = 1) -> dict[str, float]:

@@ -5,8 +5,8 @@ a real-photo JPEG (PIL decode, RandomResizedCrop to ``--size``, flip, ImageNet n
 float16 NCHW), a WAV clip of ``--seconds`` (decode, crop/pad, log-mel: 400-point STFT, hop 160,
 80 mels) and a caption (UTF-8 byte tokens padded to 64), plus its label; batches of ``--batch``.
 
-Rows, each one epoch per round, in turn, after a warm-up round (worker start-up excluded: mmload's
-pool and DataLoader's workers are persistent):
+Rows, each pipeline in turn: built, one warm-up epoch (worker start-up excluded: mmload's pool
+and DataLoader's workers are persistent), ``--rounds`` timed epochs back to back, closed:
 
 * mmload ``Loader(workers=0)``: read and decode threads in this process;
 * mmload ``Loader(workers=N)``: N spawned processes read and decode;
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import random
 import statistics
 import sys
@@ -36,10 +35,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, tree_cpu_seconds
+from harness import Report
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+from mmload.bench import run_bench
+
 RATE, N_FFT, HOP, N_MELS, TOKENS = 16000, 400, 160, 80, 64
 
 
@@ -94,28 +93,14 @@ def mmload_loader(paths: list[str], args: argparse.Namespace, workers: int, cach
     )
 
 
-def _rrc(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(0.08, 1.0)
-        ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w = round(math.sqrt(target * ar))
-        h = round(math.sqrt(target / ar))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    return 0, 0, height, width
-
-
 def baseline_loader(paths: list[str], args: argparse.Namespace) -> Any:
     import soundfile as sf
     import torch
     import webdataset as wds
-    from PIL import Image
 
+    from mmload.bench import pil_transform
     from mmload.kernels.logmel import mel_filterbank
 
-    mean = torch.from_numpy(MEAN).view(3, 1, 1)
-    std = torch.from_numpy(STD).view(3, 1, 1)
     fb = torch.from_numpy(mel_filterbank(RATE, N_FFT, N_MELS, 0.0, RATE / 2))
     window = torch.hann_window(N_FFT, periodic=True)
     length = round(args.seconds * RATE)
@@ -123,12 +108,7 @@ def baseline_loader(paths: list[str], args: argparse.Namespace) -> Any:
 
     def transform(sample: dict[str, Any]) -> tuple[Any, ...]:
         rng = random.Random()
-        im = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        i, j, h, w = _rrc(im.width, im.height, rng)
-        im = im.resize((size, size), Image.Resampling.BILINEAR, box=(j, i, j + w, i + h))
-        if rng.random() < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        img = ((torch.from_numpy(np.array(im)).permute(2, 0, 1).float() - mean) / std).half()
+        img = pil_transform(sample["jpg"], size)
         x, _ = sf.read(io.BytesIO(sample["wav"]), dtype="float32", always_2d=True)
         x = x.mean(axis=1)
         if len(x) > length:
@@ -158,14 +138,25 @@ def baseline_loader(paths: list[str], args: argparse.Namespace) -> Any:
     )
 
 
-def epoch_rate(loader: Any) -> tuple[float, int, float]:
-    """(samples/s, samples, CPU cores busy on average: this process and its workers)."""
-    c0, t0 = tree_cpu_seconds(), time.perf_counter()
-    n = 0
-    for b in loader:
-        n += len(b["__key__"]) if isinstance(b, dict) else len(b[3])
-    wall = time.perf_counter() - t0
-    return n / wall, n, (tree_cpu_seconds() - c0) / wall
+def builders(paths: list[str], args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+    """name -> build(): (one epoch -> samples, close), as ``mmload.bench.run_bench`` takes."""
+
+    def mm(workers: int) -> Any:
+        def build() -> tuple[Any, Any]:
+            ld = mmload_loader(paths, args, workers, cache)
+            return (lambda: sum(len(b["__key__"]) for b in ld)), ld.close
+
+        return build
+
+    def base() -> tuple[Any, Any]:
+        dl = baseline_loader(paths, args)
+        return (lambda: sum(len(b[3]) for b in dl)), None
+
+    return {
+        "mmload workers=0": mm(0),
+        f"mmload workers={args.workers}": mm(args.workers),
+        f"baseline: DataLoader(num_workers={args.workers}) + webdataset": base,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,32 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"data: {args.samples} samples in {len(paths)} shards ({time.perf_counter() - t0:.0f} s)"
         )
-        loaders = {
-            "mmload workers=0": mmload_loader(paths, args, 0, root / "c"),
-            f"mmload workers={args.workers}": mmload_loader(paths, args, args.workers, root / "c"),
-            f"baseline: DataLoader(num_workers={args.workers}) + webdataset": baseline_loader(
-                paths, args
-            ),
-        }
-        rates: dict[str, list[float]] = {name: [] for name in loaders}
-        cores: dict[str, list[float]] = {name: [] for name in loaders}
-        for r in range(args.rounds + 1):  # round 0 warms up (starts workers, fills caches)
-            for name, ld in loaders.items():
-                rate, n, busy = epoch_rate(ld)
-                print(
-                    f"round {r}: {name}: {rate:,.0f} samples/s ({n} samples), "
-                    f"{busy:.2f} cores busy",
-                    flush=True,
-                )
-                if r:
-                    rates[name].append(rate)
-                    cores[name].append(busy)
-        for ld in loaders.values():
-            close = getattr(ld, "close", None)
-            if close is not None:
-                close()
+        # Each pipeline in turn: built, one warm-up epoch, ``rounds`` timed epochs back to
+        # back, closed (interleaving would let mmload's workers run ahead while another
+        # pipeline is timed).
+        rows = run_bench(builders(paths, args, root / "c"), epochs=args.rounds + 1)
+    rates = {r.name: r.rates for r in rows}
+    cores = {r.name: r.cores for r in rows}
+    for r in rows:
+        print(f"{r.name}: " + ", ".join(f"{x:,.0f}" for x in r.rates) + " samples/s")
     med = {name: statistics.median(v) for name, v in rates.items()}
-    names = list(loaders)
+    names = list(rates)
     w0, wn, base = (med[n] for n in names)
     rep = Report(
         "CPU scaling: PIL image + WAV log-mel + tokens",

@@ -42,18 +42,16 @@ def batch_len(b: Any) -> int:
     return len(b["__key__"]) if isinstance(b, dict) else len(b[3])
 
 
-def capacity(loader: Any, batches: int) -> float:
+def capacity(it: Iterator[Any], batches: int) -> float:
     """Samples/s with no training step (after one warm-up batch)."""
-    it = forever(loader)
     next(it)
     t0 = time.perf_counter()
     n = sum(batch_len(b) for b in itertools.islice(it, batches))
     return n / (time.perf_counter() - t0)
 
 
-def stalled(loader: Any, step: float, steps: int, warmup: int) -> tuple[float, float]:
+def stalled(it: Iterator[Any], step: float, steps: int, warmup: int) -> tuple[float, float]:
     """(stall fraction, loop seconds) of ``steps`` steps of ``step`` seconds."""
-    it = forever(loader)
     for _ in range(warmup):
         next(it)
         time.sleep(step)
@@ -66,6 +64,16 @@ def stalled(loader: Any, step: float, steps: int, warmup: int) -> tuple[float, f
         time.sleep(step)
     total = time.perf_counter() - t0
     return waited / total, total
+
+
+def attribute(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """The loader's own attribution (``stats()["bottleneck"]``) of the waiting in between."""
+    from mmload.stats import bottleneck
+
+    waits = {k: v - before["stage_wait"].get(k, 0.0) for k, v in after["stage_wait"].items()}
+    wait = after["seconds"]["wait"] - before["seconds"]["wait"]
+    elapsed = after["seconds"]["elapsed"] - before["seconds"]["elapsed"]
+    return bottleneck(wait, waits, elapsed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,28 +104,36 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = make_data(root, args.samples, args.seconds)
-        loaders = {
-            "mmload workers=0": mmload_loader(paths, args, 0, root / "c"),
-            f"mmload workers={args.workers}": mmload_loader(paths, args, args.workers, root / "c"),
-            f"DataLoader(num_workers={args.workers}) + webdataset": baseline_loader(paths, args),
+        makers = {
+            "mmload workers=0": lambda: mmload_loader(paths, args, 0, root / "c"),
+            f"mmload workers={args.workers}": lambda: mmload_loader(
+                paths, args, args.workers, root / "c"
+            ),
+            f"DataLoader(num_workers={args.workers}) + webdataset": lambda: baseline_loader(
+                paths, args
+            ),
         }
-        try:
-            cap = {name: capacity(ld, 2 * args.steps // 3) for name, ld in loaders.items()}
-            for name, c in cap.items():
-                print(f"capacity: {name}: {c:,.0f} samples/s", flush=True)
-            for ms in steps_ms:
-                demand = args.batch / (ms / 1e3)
-                for name, ld in loaders.items():
-                    if hasattr(ld, "stats"):
-                        ld._stats = type(ld._stats)()  # this run's waits only
-                    frac, total = stalled(ld, ms / 1e3, args.steps, args.warmup)
-                    where = ld.stats()["bottleneck"] if hasattr(ld, "stats") else None
+        # One loader at a time, closed before the next is built: a loader whose workers run
+        # ahead must not fill its queues while another is measured.
+        for name, make in makers.items():
+            ld = make()
+            it = forever(ld)  # one stream of batches across epochs, as a training run reads
+            try:
+                cap = capacity(it, 2 * args.steps // 3)
+                print(f"capacity: {name}: {cap:,.0f} samples/s", flush=True)
+                for ms in steps_ms:
+                    demand = args.batch / (ms / 1e3)
+                    before = ld.stats() if hasattr(ld, "stats") else None
+                    frac, total = stalled(it, ms / 1e3, args.steps, args.warmup)
+                    where = None
+                    if before is not None:
+                        where = attribute(before, ld.stats())
                     print(f"step {ms:g} ms: {name}: stall {frac:.2%} ({where})", flush=True)
                     rep.add(step_ms=ms, loader=name, stall_pct=100 * frac,
-                            capacity_vs_demand=cap[name] / demand, bottleneck=where,
+                            capacity_vs_demand=cap / demand, bottleneck=where,
                             loop_s=total)  # fmt: skip
-        finally:
-            for ld in loaders.values():
+            finally:
+                it.close()
                 close = getattr(ld, "close", None)
                 if close is not None:
                     close()

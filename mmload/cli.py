@@ -245,15 +245,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         shards = write_tar_shards(samples, os.path.join(tmp.name, "bench-%05d.tar"), maxcount=64)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     base_workers = args.baseline_workers if args.baseline_workers is not None else cores or 1
-    loader = mmload.Loader(
-        shards,
-        batch_size=args.batch_size,
-        device=args.device,
-        shuffle=True,
-        seed=args.seed,
-        workers=args.workers,
-        image=mmload.ImageConfig(size=args.image_size, backend=args.backend),
-    )
+
+    def make(fields: list[str] | None) -> mmload.Loader:
+        return mmload.Loader(
+            shards,
+            batch_size=args.batch_size,
+            device=args.device,
+            shuffle=True,
+            seed=args.seed,
+            workers=args.workers,
+            fields=fields,
+            image=mmload.ImageConfig(size=args.image_size, backend=args.backend),
+        )
+
+    loader = make(None)  # to learn the fields (no batch is read)
     try:
         kinds = loader._pipe.fields.kinds
         image = next((f for f, k in kinds.items() if k == "image"), None)
@@ -265,16 +270,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         fields = [image] + ([label] if label else [])
 
         def build_mmload() -> tuple[Any, Any]:
-            ld = mmload.Loader(
-                shards,
-                batch_size=args.batch_size,
-                device=args.device,
-                shuffle=True,
-                seed=args.seed,
-                workers=args.workers,
-                fields=fields,
-                image=mmload.ImageConfig(size=args.image_size, backend=args.backend),
-            )
+            ld = make(fields)
             return (lambda: sum(len(b["__key__"]) for b in ld)), ld.close
 
         def build_dataloader() -> tuple[Any, Any]:
