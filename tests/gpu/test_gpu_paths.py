@@ -158,3 +158,28 @@ def test_text_field_on_gpu(tmp_path: Path) -> None:
     ) as L:
         b = next(iter(L))
     assert b["txt"].device.type == "cuda" and b["txt"].tolist() == [[105, 102, 109, 109, 112, 0]]
+
+
+def test_workers_read_and_the_gpu_decodes(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """device='cuda' with worker processes: the workers only read (bytes), this process decodes
+    with DALI ``mixed``, joins and copies; the batches equal workers=0's on the same GPU."""
+    paths, _ = make_shards([9, 7, 8])
+    cfg = ImageConfig(size=48, dtype="float16", backend="dali")
+    want = _batches(paths, tmp_path, "cuda", image=cfg)
+    with Loader(
+        paths,
+        batch_size=8,
+        device="cuda",
+        shuffle=True,
+        seed=3,
+        cache_dir=tmp_path / "c",
+        image=cfg,
+        workers=2,
+    ) as L:
+        got = list(L)
+        assert L._pool is not None and not L._pool.decoded
+    assert [b["__key__"] for b in got] == [b["__key__"] for b in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["jpg"].device.type == "cuda"
+        assert torch.equal(g["jpg"], w["jpg"])
+        assert torch.equal(g["cls"].cpu(), w["cls"].cpu())
