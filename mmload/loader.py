@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -44,7 +45,7 @@ from mmload.pipeline import (
 )
 from mmload.plan import LoaderState, Schedule
 from mmload.sources import Dataset
-from mmload.stats import Stats
+from mmload.stats import EpochStats, Stats
 from mmload.workers import WorkerPool
 
 __all__ = ["IterableDataset", "Loader"]
@@ -276,6 +277,9 @@ class Loader(_Base):
             raise ConfigError(f"workers={workers!r}: must be an int >= 0")
         super().__init__(source, **kwargs)
         self._active: Iterator[Any] | None = None
+        # The next epoch's chain, started ahead: (epoch, schedule, stage chain, its stats).
+        self._ahead: tuple[int, Schedule, Any, EpochStats] | None = None
+        self._ahead_lock = threading.Lock()
         self._workers = workers
         self._pool: WorkerPool | None = None
         self._closed = False
@@ -292,7 +296,9 @@ class Loader(_Base):
         epoch = self._epoch
         sched = self._schedule()
         world = self.world
-        self._stats.start_epoch(self._pipe.process_budget(world))
+        run, stats = self._take_ahead(epoch, sched)
+        if stats is None:
+            stats = EpochStats(self._stats, self._pipe.process_budget(world))
         # Counted for the part of the epoch this iteration runs (all of it, or after a resume).
         self._stats.add("samples_padded", sched.padded)
         self._stats.add("samples_dropped", sched.dropped)
@@ -301,11 +307,45 @@ class Loader(_Base):
             if self._pool is None:  # started on first use, kept across epochs
                 threads = self.opts.threads if self._threads_given else None
                 self._pool = WorkerPool(self._pipe, self._workers, threads=threads)
-            upstream = self._pool.epoch(epoch, sched, world, self._stats)
-        for k, batch in iter_epoch(self._pipe, epoch, sched, world, self._stats, upstream):
+            upstream = self._pool.epoch(epoch, sched, world, stats)
+        elif run is None:
+            run = self._pipe.run(
+                epoch, sched, world, stats, on_decoded=lambda: self._prepare(epoch + 1)
+            )
+        for k, batch in iter_epoch(self._pipe, epoch, sched, world, stats, upstream, run):
             self._start = sched.consumed_after(k + 1)
             yield batch
         self._epoch, self._start = epoch + 1, 0
+
+    def _prepare(self, epoch: int) -> None:
+        """Build and start ``epoch``'s stage chain from its start, ahead of time: called by the
+        decode thread once the current epoch is decoded, so the next epoch's first batches are
+        ready when the trainer gets there (no stall at the boundary). Used when the next
+        iteration asks for exactly that epoch from its start; closed otherwise."""
+        with self._ahead_lock:
+            if self._closed or self._ahead is not None:
+                return
+            world = self.world
+            sched = self._pipe.schedule(world.world_size, 0)
+            stats = EpochStats(self._stats, self._pipe.process_budget(world), held=True)
+            run = self._pipe.run(
+                epoch, sched, world, stats, on_decoded=lambda: self._prepare(epoch + 1)
+            )
+            run.start()
+            self._ahead = (epoch, sched, run, stats)
+
+    def _take_ahead(self, epoch: int, sched: Schedule) -> tuple[Any, EpochStats | None]:
+        """The chain prepared ahead for (``epoch``, ``sched``), else (None, None) (a chain
+        prepared for anything else is closed)."""
+        with self._ahead_lock:
+            ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None, None
+        if ahead[0] == epoch and ahead[1] == sched:
+            ahead[3].adopt()
+            return ahead[2], ahead[3]
+        ahead[2].close()
+        return None, None
 
     def _close_active(self) -> None:
         if self._active is not None:
@@ -323,8 +363,12 @@ class Loader(_Base):
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._ahead_lock:
+            self._closed = True
+            ahead, self._ahead = self._ahead, None
         self._close_active()
+        if ahead is not None:
+            ahead[2].close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -261,12 +261,14 @@ class Pipeline:
         stats: Stats,
         *,
         upstream: Upstream | None = None,
+        on_decoded: Callable[[], None] | None = None,
     ) -> Stage[Any, tuple[int, dict[str, Any]]]:
         """The stage chain yielding ``(k, batch)`` for ``world``'s batches of one epoch.
 
         ``upstream``: the batches come from elsewhere (worker processes), in order, either as
         read (``upstream.decoded`` False: this process decodes them) or decoded (this process
-        only joins and copies them).
+        only joins and copies them). ``on_decoded``: called (in the decode thread) once every
+        batch of the epoch is decoded, while the last ones still wait in the queues.
         """
         if upstream is not None and upstream.decoded:
             joined: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
@@ -310,6 +312,8 @@ class Pipeline:
             while pending:
                 k0, p = pending.popleft()
                 yield k0, finish(p)
+            if on_decoded is not None:
+                on_decoded()
 
         decoded: Stage[Any, tuple[int, dict[str, Any]]] = Stage(
             decode_ahead(),
@@ -402,9 +406,11 @@ def iter_epoch(
     world: World,
     stats: Stats,
     upstream: Upstream | None = None,
+    run: Stage[Any, tuple[int, dict[str, Any]]] | None = None,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(k, batch)`` pairs, ready for the consumer (device copies synchronised);
-    ``upstream``: batches from worker processes (see :meth:`Pipeline.run`)."""
+    ``upstream``: batches from worker processes (see :meth:`Pipeline.run`); ``run``: the
+    epoch's stage chain, already built (and perhaps running ahead)."""
     if schedule.padded and world.worker == 0:
         log.info(
             "epoch %d: the last global batch is padded with %d repeated samples so that all %d "
@@ -414,7 +420,8 @@ def iter_epoch(
             world.world_size,
             schedule.num_batches,
         )
-    run = pipe.run(epoch, schedule, world, stats, upstream=upstream)
+    if run is None:
+        run = pipe.run(epoch, schedule, world, stats, upstream=upstream)
     it = iter(run)
     try:
         while True:

@@ -55,6 +55,7 @@ class Stage(Generic[T, U]):
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"mmload-{name}", daemon=True)
         self._started = False
+        self._start_lock = threading.Lock()
         self.name = name
         # Told how long the consumer waited for each item (the stage was behind): the loader's
         # statistics attribute waiting to the stage that starves the consumer.
@@ -78,10 +79,17 @@ class Stage(Generic[T, U]):
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer thread
             self._put(_Failure(e))
 
+    def start(self) -> None:
+        """Start the worker thread now (it fills the queue before anyone iterates); a closed
+        stage is not started. Threads may start and close a stage concurrently (a chain built
+        ahead by the decode thread, closed by the consumer)."""
+        with self._start_lock:
+            if not self._started and not self._closed:
+                self._thread.start()
+                self._started = True
+
     def __iter__(self) -> Iterator[U]:
-        if not self._started:
-            self._started = True
-            self._thread.start()
+        self.start()
         while True:
             t0 = time.perf_counter()
             while True:
@@ -103,9 +111,10 @@ class Stage(Generic[T, U]):
             yield item
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._start_lock:
+            if self._closed:
+                return
+            self._closed = True
         self._stop.set()
         for stage in self._closes:
             stage.close()

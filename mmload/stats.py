@@ -9,7 +9,7 @@ from typing import Any
 
 from mmload.errors import BadEntry, DecodeError, MmloadError, ShardError
 
-__all__ = ["Stats"]
+__all__ = ["EpochStats", "Stats"]
 
 _LISTED = 1000  # bad entries kept in full; the count goes on beyond
 
@@ -73,16 +73,21 @@ class Stats:
             self.counters["bad_samples"] += len(entries)
             self.bad.extend(entries[: max(_LISTED - len(self.bad), 0)])
 
+    def record_bad(self, entries: list[BadEntry]) -> None:
+        """Count and list bad samples (no budget check: see :meth:`add_bad`)."""
+        with self._lock:
+            self.counters["bad_samples"] += len(entries)
+            room = _LISTED - len(self.bad)
+            self.bad.extend(entries[: max(room, 0)])
+
     def add_bad(self, entries: Iterable[BadEntry], errors: Iterable[MmloadError] = ()) -> None:
         """Count bad samples; raise the last error once the budget is exhausted."""
         entries = list(entries)
         if not entries:
             return
+        self.record_bad(entries)
         with self._lock:
-            self.counters["bad_samples"] += len(entries)
             self._epoch_bad += len(entries)
-            room = _LISTED - len(self.bad)
-            self.bad.extend(entries[: max(room, 0)])
             total = self._epoch_bad
         if total > self.budget:
             last = entries[-1]
@@ -106,6 +111,53 @@ class Stats:
                 "stage_wait": dict(self.waits),
                 "bottleneck": bottleneck(self.seconds.get("wait", 0.0), self.waits, elapsed),
             }
+
+
+class EpochStats(Stats):
+    """One epoch run's view of a loader's :class:`Stats`: its own bad-sample count against its
+    own budget, everything else recorded in ``parent``.
+
+    A run prepared ahead of its epoch (while the previous one is still being consumed) starts
+    ``held``: what it records is kept until :meth:`adopt` (its epoch begins), so ``stats()``
+    never shows a bad sample, a replacement or a timing of an epoch nobody has started, and its
+    count never mixes with the running epoch's."""
+
+    def __init__(self, parent: Stats, budget: int, *, held: bool = False) -> None:
+        super().__init__(budget)
+        self.parent = parent
+        self._held: list[tuple[str, tuple[Any, ...]]] | None = [] if held else None
+
+    def _forward(self, method: str, *args: Any) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held.append((method, args))
+                return
+        getattr(self.parent, method)(*args)
+
+    def adopt(self) -> None:
+        """The epoch begins: what was held goes to the parent, in order; then pass-through."""
+        with self._lock:
+            held, self._held = self._held, None
+            for method, args in held or []:
+                getattr(self.parent, method)(*args)
+
+    def add(self, name: str, value: int = 1) -> None:
+        self._forward("add", name, value)
+
+    def time(self, name: str, seconds: float) -> None:
+        self._forward("time", name, seconds)
+
+    def wait_on(self, stage: str, seconds: float) -> None:
+        self._forward("wait_on", stage, seconds)
+
+    def add_listed(self, entries: Iterable[BadEntry]) -> None:
+        self._forward("add_listed", list(entries))
+
+    def record_bad(self, entries: list[BadEntry]) -> None:
+        self._forward("record_bad", entries)
+
+    def snapshot(self) -> dict[str, Any]:
+        return self.parent.snapshot()
 
 
 # Stages from upstream to downstream (``workers``: batches from worker processes).
