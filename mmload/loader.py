@@ -312,10 +312,16 @@ class Loader(_Base):
             run = self._pipe.run(
                 epoch, sched, world, stats, on_decoded=lambda: self._prepare(epoch + 1)
             )
+        if sched.num_batches == 0:
+            self._epoch, self._start = epoch + 1, 0
         for k, batch in iter_epoch(self._pipe, epoch, sched, world, stats, upstream, run):
-            self._start = sched.consumed_after(k + 1)
+            if k + 1 >= sched.num_batches:
+                # Taking the last batch completes the epoch, whether or not the generator is
+                # ever exhausted (a loop of exactly len() steps, as Lightning runs, never is).
+                self._epoch, self._start = epoch + 1, 0
+            else:
+                self._start = sched.consumed_after(k + 1)
             yield batch
-        self._epoch, self._start = epoch + 1, 0
 
     def _prepare(self, epoch: int) -> None:
         """Build and start ``epoch``'s stage chain from its start, ahead of time: called by the

@@ -88,3 +88,36 @@ def test_a_prepared_epoch_is_dropped_for_another_request(make_shards: Any, tmp_p
         ref.set_epoch(5)
         same(got5, list(ref))
     same(got0, want0)
+
+
+def test_the_last_batch_completes_the_epoch(make_shards: Any, tmp_path: Path) -> None:
+    """A loop of exactly len() steps never exhausts the generator (Lightning's, and many
+    hand-written loops): the next iteration is still the next epoch, whole, and state_dict()
+    after the last batch agrees with it."""
+    paths, _ = make_shards([10, 9])
+    with loader(paths, tmp_path) as ref:
+        want = [list(ref) for _ in range(3)]
+    with loader(paths, tmp_path) as ld:
+        got = []
+        for _ in range(3):
+            epoch = [b for _, b in zip(range(len(ld)), ld, strict=False)]
+            assert ld.state_dict()["epoch"] == len(got) + 1
+            assert ld.state_dict()["samples_consumed"] == 0
+            got.append(epoch)
+    for g, w in zip(got, want, strict=True):
+        same(g, w)
+
+
+def test_set_epoch_after_the_last_batch_wins(make_shards: Any, tmp_path: Path) -> None:
+    paths, _ = make_shards([10, 9])
+    with loader(paths, tmp_path) as ld:
+        it = iter(ld)
+        for _ in range(len(ld)):
+            next(it)
+        ld.set_epoch(4)
+        assert next(it, None) is None  # the old epoch's generator ends...
+        assert ld.epoch == 4  # ...without overriding the epoch the user chose
+        got = list(ld)
+    with loader(paths, tmp_path) as ref:
+        ref.set_epoch(4)
+        same(got, list(ref))
