@@ -13,10 +13,13 @@ decoded (CPU decode; this process then only joins and copies).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -39,7 +42,7 @@ from mmload.options import (
 )
 from mmload.plan import EpochOrder, Schedule, World
 from mmload.sources import Dataset
-from mmload.stages import Stage
+from mmload.stages import Stage, stop_all
 from mmload.stats import Stats
 
 # LoaderOptions and the helpers of mmload.options are re-exported: the loader, the workers and
@@ -66,6 +69,32 @@ class Upstream(Protocol):
     def __iter__(self) -> Iterator[tuple[int, Any]]: ...
 
     def close(self) -> None: ...
+
+
+_LIVE: weakref.WeakSet[Pipeline] = weakref.WeakSet()  # with media decoders built
+_EXIT_LOCK = threading.Lock()
+_EXIT_REGISTERED = False
+
+
+def _close_at_exit() -> None:
+    """Before the runtime tears down: stop every stage thread, then close the media decoders
+    (DALI pipelines, thread pools) of every pipeline this process built. Registered when the
+    first decoders are built, so it runs before DALI's own exit hook (hooks run last-in first-
+    out), which asserts that no pipeline is alive."""
+    stop_all()
+    for pipe in list(_LIVE):
+        if pipe._media is not None and pipe._media_pid == os.getpid():
+            for dec in pipe._media.values():
+                dec.close()
+            pipe._media = None
+
+
+def _register_exit_hook() -> None:
+    global _EXIT_REGISTERED
+    with _EXIT_LOCK:
+        if not _EXIT_REGISTERED:
+            atexit.register(_close_at_exit)
+            _EXIT_REGISTERED = True
 
 
 _SPARE_BATCHES = 64  # how far an all-bad first batch looks for a good sample to repeat
@@ -176,6 +205,8 @@ class Pipeline:
                     opts.video, opts.batch_size, seed=opts.seed, device=dev, threads=opts.threads
                 )
         self._media = media
+        _LIVE.add(self)
+        _register_exit_hook()
         return media
 
     def read_batch(

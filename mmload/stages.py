@@ -11,10 +11,11 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Stage"]
+__all__ = ["Stage", "stop_all"]
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,23 @@ U = TypeVar("U")
 
 _POLL = 0.1
 _DONE = object()
+_LIVE: weakref.WeakSet[Stage[Any, Any]] = weakref.WeakSet()  # started, not yet closed
+
+
+def stop_all(timeout: float = 2.0) -> None:
+    """Stop every running stage of this process and wait up to ``timeout`` seconds in all for
+    their threads: at interpreter exit, daemon threads still inside torch, DALI or PIL while the
+    runtime tears down print errors or abort the process."""
+    stages = list(_LIVE)
+    for st in stages:
+        st._stop.set()
+    deadline = time.perf_counter() + timeout
+    for st in stages:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        if st._thread is not threading.current_thread() and st._thread.is_alive():
+            st._thread.join(timeout=left)
 
 
 class _Closable(Protocol):
@@ -87,6 +105,7 @@ class Stage(Generic[T, U]):
             if not self._started and not self._closed:
                 self._thread.start()
                 self._started = True
+                _LIVE.add(self)
 
     def __iter__(self) -> Iterator[U]:
         self.start()
@@ -115,6 +134,7 @@ class Stage(Generic[T, U]):
             if self._closed:
                 return
             self._closed = True
+        _LIVE.discard(self)
         self._stop.set()
         for stage in self._closes:
             stage.close()

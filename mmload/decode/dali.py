@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from mmload.augment import CropParams
 from mmload.config import ImageConfig
 from mmload.decode.gpu import torch_owned
 from mmload.errors import MissingDependencyError
+from mmload.stages import stop_all
 
 __all__ = ["DaliBatchError", "DaliImageDecoder", "dali_available", "import_in_background"]
 
@@ -111,9 +113,25 @@ def _warm_import() -> None:
 def _import_dali() -> Any:
     try:
         import nvidia.dali as dali
+        import nvidia.dali.pipeline  # noqa: F401 - registers DALI's exit hook, before ours
     except ImportError:
         raise MissingDependencyError("nvidia.dali", "gpu", "DALI image decode") from None
+    # Exit hooks run last-in first-out: (re-)registered after DALI's, ours runs before it and
+    # leaves no pipeline for DALI's hook to find (it asserts there is none after its shutdown).
+    atexit.unregister(_close_at_exit)
+    atexit.register(_close_at_exit)
     return dali
+
+
+_DECODERS: weakref.WeakSet[DaliImageDecoder] = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    """Stop the loader's threads, then close every DALI decoder of this process, before DALI's
+    own exit hook runs: a decode thread still running would build a new pipeline after it."""
+    stop_all()
+    for dec in list(_DECODERS):
+        dec.close()
 
 
 @dataclass(eq=False)
@@ -159,10 +177,16 @@ class DaliImageDecoder:
         self.hw_decoder_load = hw_decoder_load
         self._sync: Any = None
         self._async: Any = None
+        self._closed = False
+        _DECODERS.add(self)
         self._inflight: deque[Ticket] = deque()
         self._holds: deque[tuple[torch.Tensor, Any]] = deque()  # GPU views until copied
 
     def _build(self, depth: int) -> Any:
+        if self._closed:
+            # A decode thread still running after close() (at interpreter exit) must not make
+            # a new pipeline: DALI's exit hook asserts that none is alive after its shutdown.
+            raise RuntimeError("this DALI image decoder is closed")
         dali = _import_dali()
         fn = dali.fn
         types = dali.types
@@ -326,6 +350,7 @@ class DaliImageDecoder:
             self._inflight.clear()
 
     def close(self) -> None:
+        self._closed = True
         self._sync = None
         self._async = None
         self._inflight.clear()
