@@ -121,3 +121,24 @@ def test_set_epoch_after_the_last_batch_wins(make_shards: Any, tmp_path: Path) -
     with loader(paths, tmp_path) as ref:
         ref.set_epoch(4)
         same(got, list(ref))
+
+
+def test_reiter_mid_epoch_resumes_where_it_stopped(make_shards: Any, tmp_path: Path) -> None:
+    """Breaking out after batch 3 and iterating again continues the same epoch at batch 3
+    (what state_dict() said), for in-process and worker-process loaders alike; len() and
+    state_dict() calls in between change nothing."""
+    paths, _ = make_shards([10, 9])
+    with loader(paths, tmp_path) as ref:
+        whole = list(ref)
+    for workers in (0, 2):
+        with loader(paths, tmp_path, workers=workers) as ld:
+            head = []
+            for b in ld:
+                head.append(b)
+                if len(head) == 3:
+                    break
+            assert ld.state_dict()["samples_consumed"] == 3 * 4
+            assert len(ld) == len(whole)
+            rest = list(ld)
+            assert ld.state_dict() == ld.state_dict() and ld.state_dict()["epoch"] == 1
+        same(head + rest, whole)
