@@ -61,6 +61,12 @@ class Stats:
         with self._lock:
             self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
+    def peak(self, name: str, value: float) -> None:
+        """Keep the largest ``value`` seen under counter ``name`` (e.g. another process's
+        cache peak)."""
+        with self._lock:
+            self.counters[name] = max(self.counters.get(name, 0), value)  # type: ignore[assignment]
+
     def wait_on(self, stage: str, seconds: float) -> None:
         """The consumer of ``stage`` waited ``seconds`` for its next item."""
         with self._lock:
@@ -146,6 +152,9 @@ class EpochStats(Stats):
 
     def time(self, name: str, seconds: float) -> None:
         self._forward("time", name, seconds)
+
+    def peak(self, name: str, value: float) -> None:
+        self._forward("peak", name, value)
 
     def wait_on(self, stage: str, seconds: float) -> None:
         self._forward("wait_on", stage, seconds)

@@ -79,6 +79,15 @@ class _Recorder(Stats):
             decode = any(isinstance(e, DecodeError) for e in errors)
             self.events.append(("bad", entries, decode))
 
+    def cache(self, now: dict[str, int | float], before: dict[str, int | float]) -> None:
+        """The worker's remote-cache counters since ``before`` (its peak as a peak)."""
+        for name, value in now.items():
+            if name == "cache_peak_bytes":
+                if value > before.get(name, 0):
+                    self.events.append(("peak", name, value))
+            elif value != before.get(name, 0):
+                self.events.append(("add", name, value - before.get(name, 0)))
+
     def drain(self) -> list[tuple[Any, ...]]:
         out, self.events = self.events, []
         return out
@@ -90,6 +99,8 @@ def replay(stats: Stats, events: list[tuple[Any, ...]]) -> None:
     for ev in events:
         if ev[0] == "add":
             stats.add(ev[1], ev[2])
+        elif ev[0] == "peak":
+            stats.peak(ev[1], ev[2])
         elif ev[0] == "time":
             stats.time(ev[1], ev[2])
         else:
@@ -171,10 +182,15 @@ class _Job:
             # batch put (the main process replays it with that batch). N workers overlap.
             decoder = pipe.batch_decoder(epoch, world, stats) if decoded else None
             stream = pipe.reads(epoch, schedule, world, stats)
+            cache = pipe.ds.cache.stats
+            before = cache.snapshot()
             for k, raw in stream:
                 out = raw
                 if decoder is not None:
                     out = _shared(decoder.finish(decoder.prepare(raw, epoch, submit=False)))
+                now = cache.snapshot()
+                stats.cache(now, before)
+                before = now
                 if not self.put((self.gen, k, out, stats.drain())):
                     return
             self.put((self.gen, None, None, stats.drain()))

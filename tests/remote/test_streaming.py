@@ -307,3 +307,24 @@ def test_cache_limit_below_the_working_set_fails_at_once(
     ):
         _epoch(L)
     assert time.monotonic() - t0 < 10
+
+
+def test_loader_worker_processes_over_remote_shards(
+    make_shards: Any, range_server: FileServer, tmp_path: Path
+) -> None:
+    """Loader(workers=2) over HTTP shards: the batches of workers=0, each shard fetched once
+    through the node cache the processes share, and the workers' fetches in stats()."""
+    names, keys = _shards(make_shards, range_server.root, [10] * 12)
+    _index(range_server.root, names)
+    src = _pattern(range_server.url, names)
+    want = _epoch(_loader(src, tmp_path / "a", 0, 1, shuffle=True))
+    first = len(range_server.log())  # the in-process run's requests (its own cache)
+    with _loader(src, tmp_path / "b", 0, 1, shuffle=True, workers=2) as ld:
+        got = _epoch(ld)
+        st = ld.stats()
+    assert got == want and sorted(got) == sorted(keys)
+    gets = Counter(s.name for s in range_server.log()[first:] if s.method == "GET")
+    assert {n: gets[n] for n in names} == dict.fromkeys(names, 1), "one GET per shard per node"
+    assert st["cache_fetches"] == 12
+    assert st["cache_fetched_bytes"] == sum((range_server.root / n).stat().st_size for n in names)
+    assert 0 < st["cache_peak_bytes"] <= st["cache_fetched_bytes"]
