@@ -4,7 +4,8 @@ Same tar shards (small JPEGs plus a ``.cls`` member), page cache warm, media pas
 as bytes (nothing decoded). Rows, all in one run:
 
 - raw ``os.pread``: one thread, one call per member over the same offsets in plan order (the
-  upper bound: no bookkeeping at all);
+  upper bound: no bookkeeping at all); also with each batch's results kept, and kept with the
+  batch split over two threads;
 - DALI ``fn.readers.webdataset`` (CPU, ``device_id=None``) outputting the jpg and cls bytes
   undecoded: the baseline;
 - mmload read stage: ``Dataset.read`` over the epoch plan's batches, called exactly as
@@ -28,6 +29,7 @@ import pstats
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +98,12 @@ def mmload_read_stage(loader: Any) -> tuple[Callable[[], int], Callable[[], list
 
 def raw_pread(
     loader: Any, ids: np.ndarray, batch: int
-) -> tuple[Callable[[], int], Callable[[], int], Callable[[], None]]:
+) -> tuple[Callable[[], int], Callable[[], int], Callable[[], int], Callable[[], None]]:
     """One thread of ``os.pread``, one call per member, over the same ids in the same order:
     each result dropped at once, or a batch's results kept until the batch ends (as a reader
-    that hands batches on must: fresh memory for every batch)."""
+    that hands batches on must: fresh memory for every batch); and the kept variant with each
+    batch split in two halves, one on a second thread (what reading on threads can gain at
+    best: ``pread`` releases the GIL)."""
     ds = loader._pipe.ds
     _chunk, shard, row = ds.locate(ids)
     fds = {int(s): os.open(ds._path(int(s)), os.O_RDONLY) for s in np.unique(shard)}
@@ -124,11 +128,26 @@ def raw_pread(
             del kept
         return len(ids)
 
+    pool = ThreadPoolExecutor(1)
+
+    def part(ops: list[tuple[int, int, int]]) -> list[bytes]:
+        return [pread(fd, n, off) for fd, n, off in ops]
+
+    def epoch_two() -> int:
+        for ops in per_batch:
+            half = len(ops) // 2
+            other = pool.submit(part, ops[half:])
+            kept = part(ops[:half])
+            kept += other.result()
+            del kept
+        return len(ids)
+
     def close() -> None:
+        pool.shutdown()
         for fd in fds.values():
             os.close(fd)
 
-    return epoch, epoch_kept, close
+    return epoch, epoch_kept, epoch_two, close
 
 
 def dali_reader(paths: list[str], batch: int, threads: int, samples: int) -> Callable[[], int]:
@@ -198,13 +217,14 @@ def main() -> None:
         return
 
     ids = np.concatenate(batches())
-    pread_epoch, pread_kept, pread_close = raw_pread(loader, ids, args.batch_size)
+    pread_epoch, pread_kept, pread_two, pread_close = raw_pread(loader, ids, args.batch_size)
     base = f"DALI fn.readers.webdataset, bytes out ({cores} threads)"
     read_name = "mmload read stage: Dataset.read per batch"
     loader_name = "mmload Loader(image_fields=[], device='cpu')"
     runs: dict[str, Callable[[], int]] = {
         "raw os.pread, 1 thread, 1 call per member": pread_epoch,
         "raw os.pread, as above, a batch's bytes kept": pread_kept,
+        "raw os.pread, as above, kept, batch split over 2 threads": pread_two,
         base: dali_reader(paths, args.batch_size, cores, args.samples),
         read_name: read_epoch,
         loader_name: lambda: sum(len(b["__key__"]) for b in loader),
