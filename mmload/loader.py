@@ -306,12 +306,19 @@ class Loader(_Base):
         if self._workers:
             if self._pool is None:  # started on first use, kept across epochs
                 threads = self.opts.threads if self._threads_given else None
-                self._pool = WorkerPool(self._pipe, self._workers, threads=threads)
+                self._pool = WorkerPool(
+                    self._pipe,
+                    self._workers,
+                    threads=threads,
+                    ahead=not self._pipe.ds.remote.any(),  # as in process, below
+                )
             upstream = self._pool.epoch(epoch, sched, world, stats)
         elif run is None:
-            run = self._pipe.run(
-                epoch, sched, world, stats, on_decoded=lambda: self._prepare(epoch + 1)
-            )
+            # The next epoch is prepared ahead only over local shards: over remote ones it
+            # would fetch the next epoch's first shuffle group even when no next epoch comes
+            # (a one-epoch reader would fetch up to twice its share).
+            ahead = None if self._pipe.ds.remote.any() else (lambda: self._prepare(epoch + 1))
+            run = self._pipe.run(epoch, sched, world, stats, on_decoded=ahead)
         if sched.num_batches == 0:
             self._epoch, self._start = epoch + 1, 0
         for k, batch in iter_epoch(self._pipe, epoch, sched, world, stats, upstream, run):

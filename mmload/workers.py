@@ -245,12 +245,15 @@ class WorkerPool:
         *,
         threads: int | None = None,
         decode: bool | None = None,
+        ahead: bool = True,
     ) -> None:
-        """``decode``: whether workers decode (default: unless the device is CUDA)."""
+        """``decode``: whether workers decode (default: unless the device is CUDA); ``ahead``:
+        whether each epoch also sends the next one ahead."""
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers={num_workers!r}: must be an int >= 1")
         self.num_workers = num_workers
         self.decoded = pipe.opts.device.type != "cuda" if decode is None else decode
+        self.ahead = ahead
         threads = threads if threads is not None else default_threads(num_workers)
         payload = pickle.dumps(_worker_copy(pipe, threads))
         ctx = tmp.get_context("spawn")
@@ -300,8 +303,11 @@ class WorkerPool:
             if self._next is not None:
                 self._cancel(self._next[0])
             gen = self._send(epoch, schedule, world)
-        following = replace(schedule, start=0)
-        self._next = (self._send(epoch + 1, following, world), epoch + 1, following, world)
+        if self.ahead:
+            following = replace(schedule, start=0)
+            self._next = (self._send(epoch + 1, following, world), epoch + 1, following, world)
+        else:
+            self._next = None
         return _Stream(self, gen, schedule, stats)
 
     def _send(self, epoch: int, schedule: Schedule, world: World) -> int:
