@@ -29,6 +29,7 @@ __all__ = [
     "ShuffleConfig",
     "TextConfig",
     "VideoConfig",
+    "WorkerError",
     "World",
     "__version__",
 ]
@@ -40,6 +41,7 @@ _WHERE = {
     "JoinError": "mmload.errors",
     "MmloadError": "mmload.errors",
     "ShardError": "mmload.errors",
+    "WorkerError": "mmload.errors",
     "AudioConfig": "mmload.config",
     "ErrorPolicy": "mmload.config",
     "RemoteConfig": "mmload.config",
@@ -71,6 +73,7 @@ if TYPE_CHECKING:
         JoinError,
         MmloadError,
         ShardError,
+        WorkerError,
     )
     from mmload.features import FeatureTable
     from mmload.loader import IterableDataset, Loader

@@ -17,6 +17,7 @@ __all__ = [
     "MissingDependencyError",
     "MmloadError",
     "ShardError",
+    "WorkerError",
 ]
 
 
@@ -76,6 +77,11 @@ class JoinError(MmloadError):
 
 class DeviceError(MmloadError):
     """A device is unavailable or a transfer to it failed."""
+
+
+class WorkerError(MmloadError):
+    """A loader worker process failed outside the data: it died (killed, out of memory) or
+    raised an error that is not an mmload data error; the message names the worker."""
 
 
 @dataclass(frozen=True)

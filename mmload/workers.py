@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as tmp
 
-from mmload.errors import BadEntry, DecodeError, MmloadError
+from mmload.errors import BadEntry, DecodeError, MmloadError, WorkerError
 from mmload.pipeline import Pipeline, default_threads
 from mmload.plan import Schedule, World
 from mmload.stats import Stats
@@ -53,10 +53,6 @@ __all__ = ["WorkerError", "WorkerPool"]
 log = logging.getLogger(__name__)
 
 _POLL = 0.2  # seconds between liveness checks while waiting on a queue
-
-
-class WorkerError(MmloadError):
-    """A worker process failed outside the data (it died, or raised a non-mmload error)."""
 
 
 class _Recorder(Stats):
