@@ -277,8 +277,8 @@ class Loader(_Base):
             raise ConfigError(f"workers={workers!r}: must be an int >= 0")
         super().__init__(source, **kwargs)
         self._active: Iterator[Any] | None = None
-        # The next epoch's chain, started ahead: (epoch, schedule, stage chain, its stats).
-        self._ahead: tuple[int, Schedule, Any, EpochStats] | None = None
+        # The next epoch's chain, started ahead: (epoch, schedule, partitions, chain, its stats).
+        self._ahead: tuple[int, Schedule, int, Any, EpochStats] | None = None
         self._ahead_lock = threading.Lock()
         self._workers = workers
         self._pool: WorkerPool | None = None
@@ -317,7 +317,7 @@ class Loader(_Base):
             # The next epoch is prepared ahead only over local shards: over remote ones it
             # would fetch the next epoch's first shuffle group even when no next epoch comes
             # (a one-epoch reader would fetch up to twice its share).
-            ahead = None if self._pipe.ds.remote.any() else (lambda: self._prepare(epoch + 1))
+            ahead = None if self._pipe.ds.remote.any() else _prepare_later(self, epoch + 1)
             run = self._pipe.run(epoch, sched, world, stats, on_decoded=ahead)
         if sched.num_batches == 0:
             self._epoch, self._start = epoch + 1, 0
@@ -342,10 +342,10 @@ class Loader(_Base):
             sched = self._pipe.schedule(world.world_size, 0)
             stats = EpochStats(self._stats, self._pipe.process_budget(world), held=True)
             run = self._pipe.run(
-                epoch, sched, world, stats, on_decoded=lambda: self._prepare(epoch + 1)
+                epoch, sched, world, stats, on_decoded=_prepare_later(self, epoch + 1)
             )
             run.start()
-            self._ahead = (epoch, sched, run, stats)
+            self._ahead = (epoch, sched, self._pipe.partitions, run, stats)
 
     def _take_ahead(self, epoch: int, sched: Schedule) -> tuple[Any, EpochStats | None]:
         """The chain prepared ahead for (``epoch``, ``sched``), else (None, None) (a chain
@@ -354,10 +354,10 @@ class Loader(_Base):
             ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None, None
-        if ahead[0] == epoch and ahead[1] == sched:
-            ahead[3].adopt()
-            return ahead[2], ahead[3]
-        ahead[2].close()
+        if ahead[:3] == (epoch, sched, self._pipe.partitions):
+            ahead[4].adopt()
+            return ahead[3], ahead[4]
+        ahead[3].close()
         return None, None
 
     def _close_active(self) -> None:
@@ -381,7 +381,7 @@ class Loader(_Base):
             ahead, self._ahead = self._ahead, None
         self._close_active()
         if ahead is not None:
-            ahead[2].close()
+            ahead[3].close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -508,6 +508,19 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._finalizer = weakref.finalize(self, _remove_spool, self._spool, -1)
+
+
+def _prepare_later(loader: Loader, epoch: int) -> Any:
+    """The decode thread's callback that prepares ``epoch`` ahead, holding the loader weakly:
+    a running thread must not keep a dropped Loader alive (nor its threads running)."""
+    ref = weakref.ref(loader)
+
+    def prepare() -> None:
+        ld = ref()
+        if ld is not None:
+            ld._prepare(epoch)
+
+    return prepare
 
 
 def _cache_stats(own: dict[str, Any], merged: dict[str, Any]) -> dict[str, Any]:

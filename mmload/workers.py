@@ -34,6 +34,7 @@ import logging
 import os
 import pickle
 import queue
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -105,6 +106,10 @@ def replay(stats: Stats, events: list[tuple[Any, ...]]) -> None:
             stats.add_bad(entries, marker)
 
 
+class _Cancelled(Exception):
+    """The epoch run being read was cancelled (abandoned, or superseded by a newer run)."""
+
+
 class _Failed:
     """A worker's exception, picklable: the exception itself when it pickles, else its text."""
 
@@ -149,9 +154,10 @@ def _worker_main(
                 continue
             if cmd[0] == "stop":
                 return
-            _, gen, epoch, schedule, world = cmd
+            _, gen, epoch, schedule, world, partitions = cmd
             if cancelled.value >= gen:
                 continue  # abandoned before it started
+            pipe.partitions = partitions
             job = _Job(gen, worker, results, cancelled, parent)
             job.run(pipe, epoch, schedule, world.with_worker(worker, num_workers), decoded)
     finally:
@@ -250,6 +256,7 @@ class WorkerPool:
         self.num_workers = num_workers
         self.decoded = pipe.opts.device.type != "cuda" if decode is None else decode
         self.ahead = ahead
+        self._pipe = pipe  # the loader's own: its partitions may change on a resume
         threads = threads if threads is not None else default_threads(num_workers)
         payload = pickle.dumps(_worker_copy(pipe, threads))
         ctx = tmp.get_context("spawn")
@@ -277,9 +284,16 @@ class WorkerPool:
         ]
         for p in self._procs:
             p.start()
+        # Only workers write results. Without the parent's copy of each writer, a worker killed
+        # half-way through a message leaves the reader at EOF (an error) instead of blocked on
+        # the rest of the message forever.
+        for q in self._results:
+            q._writer.close()  # type: ignore[attr-defined]  # multiprocessing's own pipe end
+        self._locks = [threading.Lock() for _ in range(num_workers)]
+        self._stash: list[tuple[Any, ...] | None] = [None] * num_workers
         self._gen = 0
         # The epoch run sent ahead: (generation, epoch, schedule, world).
-        self._next: tuple[int, int, Schedule, World] | None = None
+        self._next: tuple[int, int, Schedule, World, int] | None = None
         self._closed = False
 
     def epoch(self, epoch: int, schedule: Schedule, world: World, stats: Stats) -> _Stream:
@@ -292,7 +306,7 @@ class WorkerPool:
         """
         if self._closed:
             raise WorkerError("the worker pool is closed")
-        want = (epoch, schedule, world)
+        want = (epoch, schedule, world, self.partitions())
         if self._next is not None and self._next[1:] == want:
             gen = self._next[0]  # already running ahead
         else:
@@ -301,16 +315,22 @@ class WorkerPool:
             gen = self._send(epoch, schedule, world)
         if self.ahead:
             following = replace(schedule, start=0)
-            self._next = (self._send(epoch + 1, following, world), epoch + 1, following, world)
+            gen_next = self._send(epoch + 1, following, world)
+            self._next = (gen_next, epoch + 1, following, world, self.partitions())
         else:
             self._next = None
         return _Stream(self, gen, schedule, stats)
 
     def _send(self, epoch: int, schedule: Schedule, world: World) -> int:
+        # The order's partitions travel with each command: a resume may change them after the
+        # workers were started with a copy of the pipeline.
         self._gen += 1
         for q in self._commands:
-            q.put(("epoch", self._gen, epoch, schedule, world))
+            q.put(("epoch", self._gen, epoch, schedule, world, self.partitions()))
         return self._gen
+
+    def partitions(self) -> int:
+        return int(self._pipe.partitions)
 
     def _cancel(self, gen: int) -> None:
         if self._cancelled is None:
@@ -319,22 +339,38 @@ class WorkerPool:
             self._cancelled.value = max(self._cancelled.value, gen)
 
     def _get(self, w: int, gen: int, due: int | None) -> tuple[Any, ...]:
-        """The next result of worker ``w`` for epoch run ``gen`` (stale ones dropped)."""
+        """The next result of worker ``w`` for epoch run ``gen``. Older runs' results are
+        dropped; a newer run's result is kept for it (a worker runs its epochs in order, so
+        ``gen`` has nothing more to come) and ``_Cancelled`` raised, as when ``gen`` was
+        cancelled: a reader left behind by an abandoned run must end, not eat the next run's
+        batches. Safe from several threads (one lock per worker)."""
         proc = self._procs[w]
         while True:
-            try:
-                item = self._results[w].get(timeout=_POLL)
-            except queue.Empty:
+            with self._locks[w]:
+                item = self._stash[w]
+                if item is not None:
+                    if item[0] == gen:
+                        self._stash[w] = None
+                        return item
+                    if item[0] > gen:
+                        raise _Cancelled
+                    self._stash[w] = None  # an older run's: nobody reads it any more
+                    continue
+                if self._cancelled is None or self._cancelled.value >= gen:
+                    raise _Cancelled
                 broken = False
-            except (EOFError, OSError):
-                # A worker killed mid-message leaves a broken pipe (reset, EOF): its exit code
-                # says so in a moment.
-                broken = True
-                proc.join(timeout=2.0)
-            else:
-                if item[0] == gen:
-                    return tuple(item)
-                continue
+                try:
+                    got = self._results[w].get(timeout=_POLL)
+                except queue.Empty:
+                    pass
+                except (EOFError, OSError):
+                    # The worker died mid-message: with no other writer left (the parent
+                    # closed its copy), the pipe reports EOF; its exit code follows.
+                    broken = True
+                    proc.join(timeout=2.0)
+                else:
+                    self._stash[w] = tuple(got)
+                    continue
             # Raised outside the except clause: the pipe's exception (and, through its frames,
             # the queue) is not kept alive as this error's context.
             if proc.exitcode is not None or broken:
@@ -411,6 +447,12 @@ class _Stream:
         self._done = False
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
+        try:
+            yield from self._batches()
+        except _Cancelled:
+            return  # closed: whoever still reads (a stage thread left behind) just stops
+
+    def _batches(self) -> Iterator[tuple[int, Any]]:
         pool, n = self.pool, self.pool.num_workers
         try:
             for k in range(self.schedule.num_batches):

@@ -251,3 +251,108 @@ def test_workers_must_be_a_non_negative_int(shards: list[str], tmp_path: Path) -
     for bad in (-1, 1.5, True):
         with pytest.raises(mmload.ConfigError, match="workers"):
             mmload.Loader(shards, **options(tmp_path, workers=bad))
+
+
+# -- regressions found in review ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_with_other_partitions_is_exact(
+    shards: list[str], tmp_path: Path, workers: int
+) -> None:
+    """A state taken over partitions=4, loaded into a default loader that already ran an
+    epoch: the workers' copy of the pipeline and the chain prepared ahead had the old
+    partitions and gave another order."""
+    with mmload.Loader(shards, **options(tmp_path, partitions=4)) as a:
+        for _ in a:
+            pass
+        state = a.state_dict()
+    with mmload.Loader(shards, **options(tmp_path, workers=workers)) as ref:
+        ref.load_state_dict(state)
+        want = list(ref)
+    with mmload.Loader(shards, **options(tmp_path, workers=workers)) as b:
+        for _ in b:
+            pass
+        b.load_state_dict(state)
+        assert_same_batches(want, list(b))
+
+
+def test_worker_killed_mid_message_is_an_error(tmp_path: Path) -> None:
+    """Batches of 8 MB of bytes (pickled through the pipe): the worker is killed while its
+    queue's feeder is blocked half-way through one. The reader must see EOF (the parent keeps
+    no copy of the writer), not wait for the rest of the message forever."""
+    rng = np.random.default_rng(0)
+    blobs = ({"__key__": f"b{i:03d}", "bin": rng.bytes(1 << 20), "cls": i} for i in range(48))
+    paths = write_tar_shards(blobs, str(tmp_path / "big-%03d.tar"), maxcount=16)
+    ld = mmload.Loader(
+        paths, batch_size=8, workers=1, prefetch=1, cache_dir=tmp_path / "c", fields=("bin", "cls")
+    )
+    it = iter(ld)
+    next(it)
+    assert ld._pool is not None
+    deadline = time.perf_counter() + 20
+    while ld._pool._results[0].empty() and time.perf_counter() < deadline:
+        time.sleep(0.05)  # until the worker has a batch queued and is writing the next
+    time.sleep(0.5)
+    os.kill(ld._pool.pids[0], signal.SIGKILL)
+    t0 = time.perf_counter()
+    with pytest.raises(WorkerError, match="exited with code -9"):
+        for _ in it:
+            pass
+    assert time.perf_counter() - t0 < 30
+    ld.close()
+
+
+def test_an_abandoned_read_only_run_does_not_eat_the_next(
+    shards: list[str], tmp_path: Path
+) -> None:
+    """Workers that only read (the device='cuda' split): an epoch abandoned while a worker is
+    stopped leaves a reader behind; it must end, not drop the next run's batches."""
+    from mmload.pipeline import iter_epoch
+    from mmload.stats import EpochStats
+
+    with mmload.Loader(shards, **options(tmp_path, prefetch=1)) as ld:
+        pipe, world = ld._pipe, ld.world
+        pool = WorkerPool(pipe, 2, decode=False)
+        try:
+            sched = pipe.schedule(1, 0)
+            st = EpochStats(ld._stats, 100)
+            gen = iter_epoch(pipe, 0, sched, world, st, pool.epoch(0, sched, world, st))
+            next(gen)
+            os.kill(pool.pids[1], signal.SIGSTOP)  # worker 1 falls behind
+            try:
+                t0 = time.perf_counter()
+                gen.close()
+                assert time.perf_counter() - t0 < 10
+            finally:
+                os.kill(pool.pids[1], signal.SIGCONT)
+            st2 = EpochStats(ld._stats, 100)
+            run = iter_epoch(pipe, 1, sched, world, st2, pool.epoch(1, sched, world, st2))
+            assert sum(1 for _ in run) == sched.num_batches
+        finally:
+            pool.close()
+
+
+def test_a_dropped_loader_is_collected_and_its_threads_end(
+    shards: list[str], tmp_path: Path
+) -> None:
+    """A Loader dropped without close() (after a whole epoch, the next one prepared ahead)
+    is collected and stops its threads: the decode thread's callback held it strongly."""
+    import gc
+    import threading
+    import weakref
+
+    ld = mmload.Loader(shards, **options(tmp_path))
+    for _ in ld:
+        pass
+    ref = weakref.ref(ld)
+    del ld
+    deadline = time.perf_counter() + 20
+    while time.perf_counter() < deadline:
+        gc.collect()
+        alive = [t.name for t in threading.enumerate() if t.name.startswith("mmload-")]
+        if ref() is None and not alive:
+            break
+        time.sleep(0.1)
+    assert ref() is None
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("mmload-")]
