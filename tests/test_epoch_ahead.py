@@ -26,7 +26,7 @@ def wait_for_ahead(ld: Loader, deadline: float = 20.0) -> None:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < deadline:
         ahead = ld._ahead
-        if ahead is not None and not ahead[2]._queue.empty():
+        if ahead is not None and not ahead[3]._queue.empty():
             return
         time.sleep(0.01)
     raise AssertionError("the next epoch was not prepared ahead")
