@@ -261,7 +261,11 @@ class WorkerPool:
         payload = pickle.dumps(_worker_copy(pipe, threads))
         ctx = tmp.get_context("spawn")
         # Epoch runs up to this generation are abandoned.
-        self._cancelled: Any = ctx.Value("q", 0)
+        # No process-shared lock: a worker stopped or killed while holding it would block the
+        # parent's cancel forever. One writer (this process, under a thread lock); workers
+        # only compare it, and an aligned 64-bit store is atomic.
+        self._cancelled: Any = ctx.Value("q", 0, lock=False)
+        self._cancel_lock = threading.Lock()
         self._commands = [ctx.Queue() for _ in range(num_workers)]
         self._results = [ctx.Queue(maxsize=max(1, pipe.opts.prefetch)) for _ in range(num_workers)]
         self._procs = [
@@ -335,7 +339,7 @@ class WorkerPool:
     def _cancel(self, gen: int) -> None:
         if self._cancelled is None:
             return
-        with self._cancelled.get_lock():
+        with self._cancel_lock:
             self._cancelled.value = max(self._cancelled.value, gen)
 
     def _get(self, w: int, gen: int, due: int | None) -> tuple[Any, ...]:

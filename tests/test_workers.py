@@ -308,6 +308,8 @@ def test_an_abandoned_read_only_run_does_not_eat_the_next(
 ) -> None:
     """Workers that only read (the device='cuda' split): an epoch abandoned while a worker is
     stopped leaves a reader behind; it must end, not drop the next run's batches."""
+    import threading
+
     from mmload.pipeline import iter_epoch
     from mmload.stats import EpochStats
 
@@ -315,17 +317,19 @@ def test_an_abandoned_read_only_run_does_not_eat_the_next(
         pipe, world = ld._pipe, ld.world
         pool = WorkerPool(pipe, 2, decode=False)
         try:
+            os.kill(pool.pids[1], signal.SIGSTOP)  # worker 1 falls behind (sends nothing yet)
             sched = pipe.schedule(1, 0)
             st = EpochStats(ld._stats, 100)
             gen = iter_epoch(pipe, 0, sched, world, st, pool.epoch(0, sched, world, st))
-            next(gen)
-            os.kill(pool.pids[1], signal.SIGSTOP)  # worker 1 falls behind
+            next(gen)  # batch 0, from worker 0
+            wake = threading.Timer(1.0, os.kill, (pool.pids[1], signal.SIGCONT))
+            wake.start()
             try:
                 t0 = time.perf_counter()
-                gen.close()
+                gen.close()  # abandoned while its reader waits on worker 1
                 assert time.perf_counter() - t0 < 10
             finally:
-                os.kill(pool.pids[1], signal.SIGCONT)
+                wake.join()
             st2 = EpochStats(ld._stats, 100)
             run = iter_epoch(pipe, 1, sched, world, st2, pool.epoch(1, sched, world, st2))
             assert sum(1 for _ in run) == sched.num_batches
