@@ -96,9 +96,8 @@ def mmload_loader(paths: list[str], args: argparse.Namespace, workers: int, cach
 def baseline_loader(paths: list[str], args: argparse.Namespace) -> Any:
     import soundfile as sf
     import torch
-    import webdataset as wds
 
-    from mmload.bench import pil_transform
+    from mmload.bench import pil_transform, webdataset_loader
     from mmload.kernels.logmel import mel_filterbank
 
     fb = torch.from_numpy(mel_filterbank(RATE, N_FFT, N_MELS, 0.0, RATE / 2))
@@ -121,21 +120,7 @@ def baseline_loader(paths: list[str], args: argparse.Namespace) -> Any:
         tok = torch.tensor(ids + [0] * (TOKENS - len(ids)), dtype=torch.int64)
         return img, mel, tok, int(sample["cls"])
 
-    ds = (
-        wds.WebDataset(
-            paths,
-            shardshuffle=len(paths),
-            nodesplitter=wds.split_by_node,
-            workersplitter=wds.split_by_worker,
-            empty_check=False,
-        )
-        .shuffle(256)
-        .map(transform)
-        .batched(args.batch, partial=True)
-    )
-    return torch.utils.data.DataLoader(
-        ds, batch_size=None, num_workers=args.workers, persistent_workers=True
-    )
+    return webdataset_loader(paths, args.batch, args.workers, transform, shuffle=256)
 
 
 def builders(paths: list[str], args: argparse.Namespace, cache: Path) -> dict[str, Any]:

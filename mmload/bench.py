@@ -32,7 +32,13 @@ import numpy as np
 
 from mmload.errors import ConfigError, MissingDependencyError
 
-__all__ = ["BenchRow", "dali_reader_epoch", "dataloader_baseline", "run_bench"]
+__all__ = [
+    "BenchRow",
+    "dali_reader_epoch",
+    "dataloader_baseline",
+    "run_bench",
+    "webdataset_loader",
+]
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -86,12 +92,26 @@ def dataloader_baseline(
 ) -> Any:
     """``torch.utils.data.DataLoader`` over ``webdataset.WebDataset(...).shuffle(1000)`` with
     :func:`pil_transform`, batched; persistent workers. Yields ``(images, labels)``."""
-    import torch
-    import webdataset as wds
 
     def transform(sample: dict[str, Any]) -> tuple[Any, int]:
         y = int(sample[label]) if label is not None else 0
         return pil_transform(sample[image], size), y
+
+    return webdataset_loader(paths, batch, workers, transform)
+
+
+def webdataset_loader(
+    paths: Sequence[str],
+    batch: int,
+    workers: int,
+    transform: Callable[[dict[str, Any]], Any],
+    shuffle: int = 1000,
+) -> Any:
+    """The standard recipe around ``transform``: ``DataLoader(num_workers=workers,
+    persistent_workers)`` over ``webdataset.WebDataset(paths)`` split by node and worker,
+    shuffled in a ``shuffle``-sample buffer, mapped, batched (the last batch partial)."""
+    import torch
+    import webdataset as wds
 
     ds = (
         wds.WebDataset(
@@ -101,7 +121,7 @@ def dataloader_baseline(
             workersplitter=wds.split_by_worker,
             empty_check=False,
         )
-        .shuffle(1000)
+        .shuffle(shuffle)
         .map(transform)
         .batched(batch, partial=True)
     )
