@@ -33,6 +33,7 @@ from mmload.config import (
 )
 from mmload.decode.dali import import_in_background
 from mmload.device import parse_device
+from mmload.distributed.integrations import refuse_resharding
 from mmload.distributed.world import resolve_world
 from mmload.errors import BadEntry, ConfigError
 from mmload.pipeline import (
@@ -169,8 +170,8 @@ class _Base:
             self._epoch = epoch
             self._start = 0
 
-    def _state(self, consumed: int) -> dict[str, int]:
-        epoch = self._epoch
+    def _state(self, consumed: int, epoch: int | None = None) -> dict[str, int]:
+        epoch = self._epoch if epoch is None else epoch
         if consumed >= self.num_samples:
             epoch, consumed = epoch + 1, 0
         return LoaderState(
@@ -403,10 +404,17 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
 
     Use ``DataLoader(ds, batch_size=None, num_workers=N)``: worker ``w`` produces the rank's
     batches ``w, w + N, ...``, which DataLoader returns in round-robin order, so the batch
-    sequence is the same for any ``N`` and no sample is duplicated or missing. Call
-    ``set_epoch(e)`` before each epoch (worker processes cannot advance it), and checkpoint with
-    ``state_dict(batches_consumed)``. ``stats()`` merges the statistics that workers spool to disk.
-    ``device="cuda"`` works with ``num_workers=0`` only (CUDA cannot be used in forked workers).
+    sequence is the same for any ``N`` and no sample is duplicated or missing. Checkpoint with
+    ``state_dict(batches_consumed)`` (counted from where the current iteration began).
+    ``stats()`` merges the statistics that workers spool to disk. ``device="cuda"`` works with
+    ``num_workers=0`` only (CUDA cannot be used in forked workers).
+
+    Epochs: each ``iter()`` runs epoch ``epoch`` from the resume cursor. With ``num_workers=0``
+    the data set advances itself as ``Loader`` does: taking an epoch's last batch completes it
+    (the next ``iter()`` is the next epoch), and a new ``iter()`` in the middle of an epoch
+    resumes after the last batch taken. DataLoader worker processes run on copies that cannot
+    report back: call ``set_epoch(e)`` before each epoch (Lightning does), or every epoch
+    repeats the first one's order (a worker warns when it starts an epoch it already ran).
     """
 
     def __init__(self, source: Source, **kwargs: Any) -> None:
@@ -415,8 +423,37 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
         # Removed when this object is collected, by the process that made it (never by a forked
         # DataLoader worker that inherited a copy).
         self._finalizer = weakref.finalize(self, _remove_spool, self._spool, os.getpid())
+        # The in-process iteration (num_workers=0), and where the current iteration began
+        # (epoch, cursor): what state_dict(batches_consumed) counts from.
+        self._active: Iterator[dict[str, Any]] | None = None
+        self._began = (self._epoch, self._start)
+        # Bumped by set_epoch/load_state_dict: a worker that starts an (epoch, generation) it
+        # already started knows the trainer iterated again without choosing the epoch.
+        self._generation = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._chose_epoch()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._chose_epoch()
+
+    def _chose_epoch(self) -> None:
+        self._began = (self._epoch, self._start)
+        self._generation += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        refuse_resharding("mmload.IterableDataset")
+        if torch.utils.data.get_worker_info() is None:
+            if self._active is not None:  # a new iteration replaces an unfinished one
+                self._active.close()  # type: ignore[attr-defined]
+            self._began = (self._epoch, self._start)
+            self._active = self._iterate()
+            return self._active
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         world = self.world if info is None else self.world.with_worker(info.id, info.num_workers)
         if info is not None and self.opts.features is not None:
@@ -434,16 +471,24 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
             self._pipe.opts = replace(self.opts, threads=default_threads(info.num_workers))
         stats = self._stats if info is None else self._worker_stats()
         stats.start_epoch(self._pipe.process_budget(world))
+        epoch = self._epoch
         sched = self._schedule()
+        if info is not None:
+            self._note_start(info.id)
+        elif sched.num_batches == 0:
+            self._epoch, self._start = epoch + 1, 0
         spooled_bad = -1
         try:
-            for i, (_k, batch) in enumerate(
-                iter_epoch(self._pipe, self._epoch, sched, world, stats)
-            ):
+            for i, (k, batch) in enumerate(iter_epoch(self._pipe, epoch, sched, world, stats)):
                 bad = stats.counters["bad_samples"]
                 if info is not None and (i % 50 == 0 or bad != spooled_bad):
                     self._spool_write(stats, info.id)
                     spooled_bad = bad
+                if info is None:  # the cursor moves with the batches taken (as in Loader)
+                    if k + 1 >= sched.num_batches:
+                        self._epoch, self._start = epoch + 1, 0
+                    else:
+                        self._start = sched.consumed_after(k + 1)
                 yield batch
         finally:
             if info is not None:
@@ -467,16 +512,37 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
             json.dump({"counters": counters, "bad": snap["bad"]}, f)
         os.replace(tmp, path)
 
+    def _note_start(self, worker: int) -> None:
+        """In a DataLoader worker: record that this worker starts (epoch, cursor, generation);
+        warn if it did before (the trainer iterates again without set_epoch/load_state_dict,
+        so the same batches come again)."""
+        mark = os.path.join(
+            self._spool, f"started-{self._epoch}-{self._start}-{self._generation}-w{worker}"
+        )
+        if os.path.exists(mark):
+            log.warning(
+                "mmload.IterableDataset: epoch %d is iterated again from the same point, in "
+                "DataLoader worker %d: worker processes cannot advance the epoch, so call "
+                "set_epoch(epoch) before each epoch (or load_state_dict to resume)",
+                self._epoch,
+                worker,
+            )
+        else:
+            with open(mark, "w", encoding="utf-8"):
+                pass
+
     def state_dict(self, batches_consumed: int) -> dict[str, int]:
         """The resume cursor after the trainer consumed ``batches_consumed`` batches of the
-        current iteration (counted from where this epoch started or resumed)."""
-        sched = self._schedule()
+        current iteration (counted from where this iteration began: the epoch's start, or the
+        cursor it resumed from)."""
+        epoch, start = self._began
+        sched = self._schedule(start)
         if not 0 <= batches_consumed <= sched.num_batches:
             raise ConfigError(
                 f"batches_consumed={batches_consumed}: "
                 f"this iteration has {sched.num_batches} batches"
             )
-        return self._state(sched.consumed_after(batches_consumed))
+        return self._state(sched.consumed_after(batches_consumed), epoch)
 
     def stats(self) -> dict[str, Any]:
         """In-process statistics merged with what every worker process spooled."""
@@ -497,12 +563,16 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
         return self._stats_dict(merged)
 
     def close(self) -> None:
+        if self._active is not None:
+            self._active.close()  # type: ignore[attr-defined]
+            self._active = None
         super().close()
         self._finalizer()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_finalizer", None)  # a worker's copy must not remove the spool
+        state["_active"] = None  # the parent's own iteration stays with the parent
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
