@@ -8,7 +8,9 @@ takes the model and optimizer, and the ``mmload.Loader`` is passed through it un
 not a DataLoader; each rank already reads its own batches, rank and world size from the launcher's
 environment). ``--wrap`` instead passes ``DataLoader(mmload.IterableDataset(...))`` to
 ``prepare()``, which mmload refuses with a clear error (Accelerate would dispatch or shard the
-batches a second time); ``--wrap-workers N`` gives that DataLoader N workers.
+batches a second time); ``--wrap-workers N`` gives that DataLoader N workers;
+``--no-dispatch`` sets ``dispatch_batches=False`` (Accelerate then fails on its own, see
+docs/integrations.md).
 
 With ``--report`` process 0 writes the keys each process saw and its step count to a JSON file
 (the test reads it).
@@ -21,7 +23,7 @@ import json
 import os
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object
 from torch import nn
 
@@ -36,9 +38,11 @@ def main() -> None:
     ap.add_argument("--report", help="process 0 writes a JSON report here")
     ap.add_argument("--wrap", action="store_true", help="prepare() a DataLoader (refused)")
     ap.add_argument("--wrap-workers", type=int, default=0)
+    ap.add_argument("--no-dispatch", action="store_true", help="dispatch_batches=False")
     args = ap.parse_args()
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    config = DataLoaderConfiguration(dispatch_batches=False if args.no_dispatch else None)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=config)
     world = acc.num_processes
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by {world}")

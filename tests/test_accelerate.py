@@ -73,3 +73,13 @@ def test_prepared_dataloader_is_refused_not_hung(make_shards, tmp_path: Path, wo
     out = proc.stdout + proc.stderr
     assert "mmload.errors.ConfigError" in out
     assert "wrapped by Accelerate's DataLoaderDispatcher" in out
+
+
+@pytest.mark.dist
+def test_prepared_without_dispatch_fails_not_hangs(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """dispatch_batches=False: Accelerate's IterableDatasetShard fails on batch_size=None before
+    it asks mmload for anything; the launch still ends (no rank waits forever)."""
+    paths, _ = make_shards([6, 6])
+    proc = _launch(29615, "--shards", *paths, "--wrap", "--no-dispatch", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "IterableDatasetShard" in proc.stdout + proc.stderr or "NoneType" in proc.stderr
