@@ -12,7 +12,8 @@ the plan's, for any N. What a worker does depends on the device:
   kernels), joins on the device and copies, as with ``workers=0``.
 
 Tensors travel through shared memory (``torch.multiprocessing``: the worker's tensor storage
-moves to a shared segment and only its handle is pickled); bytes and lists are pickled. Each
+moves to a shared segment and only its handle is pickled); so do a read batch's media (gathered
+into one segment per batch), and the rest (lists, strings) is pickled. Each
 worker has a bounded result queue (``prefetch`` batches), so memory stays bounded.
 
 Accounting is the main process's: a worker records what it counts (timings, replaced
@@ -187,9 +188,11 @@ class _Job:
             cache = pipe.ds.cache.stats
             before = cache.snapshot()
             for k, raw in stream:
-                out = raw
+                out: Any
                 if decoder is not None:
                     out = _shared(decoder.finish(decoder.prepare(raw, epoch, submit=False)))
+                else:
+                    out = _pack_raw(raw)
                 now = cache.snapshot()
                 stats.cache(now, before)
                 before = now
@@ -227,6 +230,41 @@ def _shared(batch: dict[str, Any]) -> dict[str, Any]:
             v = shared
         out[name] = v
     return out
+
+
+def _pack_raw(raw: list[Any]) -> tuple[torch.Tensor, list[Any], list[tuple[int, str, int, int]]]:
+    """A batch as read, for the queue: every bytes-like member (the reader's views of its batch
+    buffer, Parquet's ``bytes``) copied into one shared-memory segment, so only its handle and
+    ``(sample, field, start, stop)`` spans are pickled, not the media."""
+    spans: list[tuple[int, str, int, int]] = []
+    total = 0
+    for j, smp in enumerate(raw):
+        if isinstance(smp, dict):
+            for name, v in smp.items():
+                if isinstance(v, (memoryview, bytes)):
+                    spans.append((j, name, total, total + len(v)))
+                    total += len(v)
+    storage = torch.UntypedStorage._new_shared(max(total, 1))
+    buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (total,), (1,))
+    dst = buf.numpy().data
+    samples = [dict(s) if isinstance(s, dict) else s for s in raw]
+    for j, name, a, b in spans:
+        dst[a:b] = samples[j][name]
+        samples[j][name] = None
+    dst.release()
+    return buf, samples, spans
+
+
+def _unpack_raw(
+    packed: tuple[torch.Tensor, list[Any], list[tuple[int, str, int, int]]],
+) -> list[Any]:
+    """The batch as read, its members read-only views of the shared segment (which lives as
+    long as they do)."""
+    buf, samples, spans = packed
+    view = buf.numpy().data.toreadonly()
+    for j, name, a, b in spans:
+        samples[j][name] = view[a:b]
+    return samples
 
 
 def _strides(shape: torch.Size) -> list[int]:
@@ -469,7 +507,7 @@ class _Stream:
                     raise item.rebuild()
                 if got != k:
                     raise WorkerError(f"worker {w} sent batch {got} where batch {k} was due")
-                yield k, item
+                yield k, (item if self.decoded else _unpack_raw(item))
             for w in range(n):  # each worker's end: what it counted after its last batch
                 _, _, item, events = pool._get(w, self.gen, None)
                 replay(self.stats, events)

@@ -8,6 +8,7 @@ statistics), the processes themselves (gone after close, an exception or a kill)
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 from collections.abc import Iterator
@@ -360,3 +361,31 @@ def test_a_dropped_loader_is_collected_and_its_threads_end(
         time.sleep(0.1)
     assert ref() is None
     assert not [t.name for t in threading.enumerate() if t.name.startswith("mmload-")]
+
+
+def test_read_batch_packs_media_into_one_segment() -> None:
+    """A read batch crosses the queue with its media in one shared segment: only spans are
+    pickled, values come back as read-only views, errors and other values as they were."""
+    from mmload.errors import ShardError
+    from mmload.workers import _pack_raw, _unpack_raw
+
+    buf = bytearray(b"abcdefgh")
+    raw: list[object] = [
+        {"__key__": "a", "jpg": memoryview(buf)[2:5], "cls": b"7", "n": 3},
+        ShardError("cut", shard="s.tar", key="b"),
+        {"__key__": "c", "jpg": memoryview(buf)[0:0], "txt": "x"},
+    ]
+    packed = _pack_raw(raw)
+    seg, samples, spans = packed
+    assert seg.is_shared() and seg.numel() == 4
+    assert samples[0]["jpg"] is None and samples[0]["cls"] is None and len(spans) == 3
+    blob = pickle.dumps(samples)
+    assert b"cde" not in blob  # the media are not in the pickle
+    buf[2:5] = b"XYZ"  # the reader's buffer may be reused once packed
+    got = _unpack_raw(packed)
+    assert isinstance(got[1], ShardError) and got[1].key == "b"
+    a, c = got[0], got[2]
+    assert isinstance(a, dict) and isinstance(c, dict)
+    assert bytes(a["jpg"]) == b"cde" and bytes(a["cls"]) == b"7" and a["n"] == 3
+    assert a["jpg"].readonly and bytes(c["jpg"]) == b"" and c["txt"] == "x"
+    assert isinstance(raw[0], dict) and isinstance(raw[0]["jpg"], memoryview)  # input unchanged

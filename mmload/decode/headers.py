@@ -25,7 +25,7 @@ class ImageHeader:
     width: int
 
 
-def _jpeg(data: bytes) -> tuple[int, int]:
+def _jpeg(data: bytes | memoryview) -> tuple[int, int]:
     pos, n = 2, len(data)
     while pos + 4 <= n:
         if data[pos] != 0xFF:
@@ -45,23 +45,26 @@ def _jpeg(data: bytes) -> tuple[int, int]:
                 break
             h, w = struct.unpack_from(">HH", data, pos + 5)
             # A file cut inside the entropy-coded data has no end-of-image marker.
-            if data.rfind(b"\xff\xd9", max(0, n - 4096)) < 0:
+            if bytes(data[max(0, n - 4096) :]).find(b"\xff\xd9") < 0:
                 raise ValueError("JPEG is truncated (no end-of-image marker)")
             return h, w
         pos += 2 + length
     raise ValueError("JPEG ends before its frame header")
 
 
-def _png(data: bytes) -> tuple[int, int]:
+def _png(data: bytes | memoryview) -> tuple[int, int]:
     if len(data) < 33 or data[12:16] != b"IHDR":
         raise ValueError("PNG without IHDR chunk")
     w, h = struct.unpack_from(">II", data, 16)
-    if not data.rstrip(b"\0").endswith(b"IEND\xaeB`\x82"):
+    tail = bytes(data[-4096:]).rstrip(b"\0")
+    if len(tail) < 8:  # the padding reaches into the last 4 KiB: strip it all
+        tail = bytes(data).rstrip(b"\0")
+    if not tail.endswith(b"IEND\xaeB`\x82"):
         raise ValueError("PNG is truncated (no IEND chunk)")
     return h, w
 
 
-def _webp(data: bytes) -> tuple[int, int]:
+def _webp(data: bytes | memoryview) -> tuple[int, int]:
     chunk = data[12:16]
     if chunk == b"VP8 " and len(data) >= 30:
         w, h = struct.unpack_from("<HH", data, 26)
@@ -78,7 +81,7 @@ def _webp(data: bytes) -> tuple[int, int]:
     raise ValueError("WebP without a known VP8 chunk")
 
 
-def _sniff(data: bytes) -> str:
+def _sniff(data: bytes | memoryview) -> str:
     if data[:3] == b"\xff\xd8\xff":
         return "jpeg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -93,9 +96,10 @@ def _sniff(data: bytes) -> str:
 
 
 def read_header(
-    data: bytes, *, shard: str, key: str, max_pixels: int, max_side: int
+    data: bytes | memoryview, *, shard: str, key: str, max_pixels: int, max_side: int
 ) -> ImageHeader:
-    """Format and size of an encoded image, checked against the caps; raises DecodeError."""
+    """Format and size of an encoded image (any bytes-like object: the reader hands on views),
+    checked against the caps; raises DecodeError."""
     try:
         fmt = _sniff(data[:16])
         if fmt == "jpeg":

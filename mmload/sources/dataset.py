@@ -3,7 +3,8 @@
 Only the manifest is loaded at start-up (O(shards)); a shard's member table is loaded when the
 shard is first read (:class:`~mmload.sources.index.IndexStore`, bounded), and a remote shard's
 bytes come from the node's shard cache (:class:`~mmload.sources.cache.ShardCache`), fetched in
-plan order ahead of the reads. Local shards are read in place with ``pread``.
+plan order ahead of the reads. Tar members are copied from the shard's read-only mapping into
+one buffer per batch (:mod:`mmload.sources.gather`); Parquet/Arrow rows come from pyarrow.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from mmload.sources.arrow import ChunkCache, TableIndex, TableReader
 from mmload.sources.cache import Need, ShardCache
 from mmload.sources.catalog import in_cache, resolve
 from mmload.sources.fetch import default_cache_dir
+from mmload.sources.gather import BatchBuffers, Copier, OpenShard, TarPart, gather_tar
 from mmload.sources.index import IndexStore, ShardIndex, index_digest
 from mmload.sources.manifest import FieldInfo, Manifest, ShardRecord
 from mmload.sources.spec import ShardSpec, local_path
-from mmload.sources.tar import TarIndex, pread_members
+from mmload.sources.tar import TarIndex
 
 __all__ = ["Dataset", "FieldInfo", "RawSample"]
 
@@ -39,20 +41,6 @@ RawSample = dict[str, Any]
 """One sample as read: ``__key__``, ``__shard__``, ``__id__`` and one entry per field."""
 
 _MAX_OPEN_FILES = 256
-# A sample whose members span at most this many bytes is read in one `pread` and sliced: a
-# syscall costs about as much as copying a few KiB, and slicing copies the members again.
-_JOINT_READ = 16384
-# From this many samples of one shard in a batch on, their members are found with NumPy and
-# neighbouring samples share reads (below it, NumPy's fixed cost per call dominates).
-_VECTOR_ROWS = 32
-
-
-def _short(fld: str, got: int, size: int, url: str, key: str) -> ShardError:
-    return ShardError(
-        f"short read of field {fld!r}: {got} of {size} bytes (shard truncated after indexing?)",
-        shard=url,
-        key=key,
-    )
 
 
 class Dataset:
@@ -109,9 +97,11 @@ class Dataset:
         # Descriptors, readers, pins and the lock belong to one process: a forked DataLoader
         # worker must not inherit a lock another thread held at fork time.
         self._pid = os.getpid()
-        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._fds: OrderedDict[int, OpenShard] = OrderedDict()
         self._tables: OrderedDict[int, TableReader] = OrderedDict()
         self._chunk_cache: ChunkCache = OrderedDict()
+        self._buffers = BatchBuffers()  # one buffer per batch, reused when no view is left
+        self._copier = Copier()
         self._pinned: dict[int, str] = {}
         self._lock = threading.Lock()
 
@@ -241,9 +231,9 @@ class Dataset:
 
     def _unpin(self, s: int) -> None:
         with self._lock:
-            fd = self._fds.pop(s, None)
-            if fd is not None:
-                os.close(fd)
+            f = self._fds.pop(s, None)
+            if f is not None:
+                f.close()
             r = self._tables.pop(s, None)
             if r is not None:
                 r.close()
@@ -289,23 +279,23 @@ class Dataset:
         row = ids - self.chunk_start[chunk] + self.chunk_first_row[chunk]
         return chunk, self.chunk_shard[chunk], row
 
-    def _fd(self, s: int) -> int:
+    def _open_tar(self, s: int) -> OpenShard:
         path = self._path(s)
         with self._lock:
-            fd = self._fds.get(s)
-            if fd is not None:
+            f = self._fds.get(s)
+            if f is not None:
                 self._fds.move_to_end(s)
-                return fd
+                return f
             try:
-                fd = os.open(path, os.O_RDONLY)
+                f = OpenShard(os.open(path, os.O_RDONLY))
             except OSError as e:
                 raise ShardError(
                     f"cannot open shard: {e.strerror}", shard=self.specs[s].url
                 ) from None
-            self._fds[s] = fd
+            self._fds[s] = f
             if len(self._fds) > _MAX_OPEN_FILES:
-                os.close(self._fds.popitem(last=False)[1])
-            return fd
+                self._fds.popitem(last=False)[1].close()
+            return f
 
     def _table(self, s: int) -> TableReader:
         self._own()
@@ -331,103 +321,16 @@ class Dataset:
                 self._tables.popitem(last=False)[1].close()
             return r
 
-    def _read_tar(
-        self,
-        s: int,
-        js: list[int],
-        ids: list[int],
-        rows: list[int],
-        fields: set[str] | None,
-        out: list[RawSample | ShardError],
-    ) -> None:
-        """Read the batch's samples ``js`` of tar shard ``s`` into ``out[js]``: the index and
-        descriptor are looked up once, and a sample's members are read in one ``pread`` when
-        they lie close together."""
+    def _tar_part(self, s: int, js: list[int], ids: list[int], rows: list[int]) -> TarPart:
         url = self.specs[s].url
+        r, i = [rows[j] for j in js], [ids[j] for j in js]
         try:
             idx = self.index(s)
-            fd = self._fd(s)
+            f: OpenShard | ShardError = self._open_tar(s)
         except ShardError as e:
-            for j in js:
-                out[j] = e
-            return
+            return TarPart(e, None, url, js, r, i)
         assert isinstance(idx, TarIndex)
-        if len(js) >= _VECTOR_ROWS:
-            self._read_tar_vector(idx, fd, url, js, ids, rows, fields, out)
-            return
-        # A few samples of this shard (the usual case in a shuffled batch): NumPy's cost per
-        # call would outweigh its gain per sample, so this is plain Python over scalars.
-        every = fields is None or fields.issuperset(idx.field_names())
-        start, off, size = idx.starts.item, idx.offsets.item, idx.sizes.item
-        names, keys = idx.fields, idx.keys
-        pread = os.pread
-        for j in js:
-            row = rows[j]
-            key = keys[row]
-            sample: RawSample = {"__key__": key}
-            a, b = start(row), start(row + 1)
-            base = off(a) if b > a else 0
-            n = off(b - 1) + size(b - 1) - base if b > a else 0
-            buf = pread(fd, n, base) if n <= _JOINT_READ else None
-            if every and buf is not None and len(buf) == n:
-                for m in range(a, b):
-                    o = off(m) - base
-                    sample[names[m]] = buf[o : o + size(m)]
-            else:
-                for m in range(a, b):
-                    fld = names[m]
-                    if fields is not None and fld not in fields:
-                        continue
-                    z = size(m)
-                    if buf is not None:
-                        o = off(m) - base
-                        data = buf[o : o + z]
-                    else:
-                        data = pread(fd, z, off(m))
-                    if len(data) != z:
-                        out[j] = _short(fld, len(data), z, url, key)
-                        break
-                    sample[fld] = data
-                else:
-                    sample["__shard__"] = url
-                    sample["__id__"] = ids[j]
-                    out[j] = sample
-                continue
-            sample["__shard__"] = url
-            sample["__id__"] = ids[j]
-            out[j] = sample
-
-    def _read_tar_vector(
-        self,
-        idx: TarIndex,
-        fd: int,
-        url: str,
-        js: list[int],
-        ids: list[int],
-        rows: list[int],
-        fields: set[str] | None,
-        out: list[RawSample | ShardError],
-    ) -> None:
-        """Many samples of one shard: members found with NumPy, neighbours read together."""
-        r = [rows[j] for j in js]
-        members, bounds = idx.select(np.array(r, dtype=np.int64), fields)
-        sizes = idx.sizes[members]
-        datas = pread_members(fd, idx.offsets[members], sizes)
-        names, keys = idx.fields, idx.keys
-        ml, bl, zl = members.tolist(), bounds.tolist(), sizes.tolist()
-        for i, (j, row) in enumerate(zip(js, r, strict=True)):
-            key = keys[row]
-            sample: RawSample = {"__key__": key}
-            for p in range(bl[i], bl[i + 1]):
-                data = datas[p]
-                if len(data) != zl[p]:
-                    out[j] = _short(names[ml[p]], len(data), zl[p], url, key)
-                    break
-                sample[names[ml[p]]] = data
-            else:
-                sample["__shard__"] = url
-                sample["__id__"] = ids[j]
-                out[j] = sample
+        return TarPart(f, idx, url, js, r, i)
 
     def read(self, ids: np.ndarray, fields: set[str] | None = None) -> list[RawSample | ShardError]:
         """Read samples by global id, in order; a sample that cannot be read is its ShardError.
@@ -454,10 +357,15 @@ class Dataset:
                     table_rows.setdefault((s, c), []).append(j)
         if by_shard:
             # Tar samples by shard, in batch order within one: an index and descriptor lookup
-            # per shard per batch, not per sample.
+            # per shard per batch, not per sample; the members gathered into one buffer.
             id_l, row_l = ids.tolist(), row.tolist()
-            for s, js in by_shard.items():
-                self._read_tar(s, js, id_l, row_l, fields, out)
+            gather_tar(
+                [self._tar_part(s, js, id_l, row_l) for s, js in by_shard.items()],
+                fields,
+                out,
+                self._buffers,
+                self._copier,
+            )
         for (s, c), js in table_rows.items():
             local = row[js] - self.chunk_first_row[c]
             try:
@@ -477,7 +385,7 @@ class Dataset:
     def private_copy(self) -> Dataset:
         """The same data set with its own file descriptors, readers, pins and chunk cache, for a
         second thread (descriptors are recycled by the LRU: one thread may close what another
-        is about to ``pread``). ``close()`` it after use."""
+        is about to read). ``close()`` it after use."""
         other = copy.copy(self)
         other._reset_handles()
         return other
@@ -489,13 +397,14 @@ class Dataset:
         for s in list(self._pinned):
             self._unpin(s)
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for f in self._fds.values():
+                f.close()
             self._fds.clear()
             for r in self._tables.values():
                 r.close()
             self._tables.clear()
             self._chunk_cache.clear()
+        self._copier.close()
 
     def close_cache(self) -> None:
         """Stop the fetchers (the owner of the data set calls this once, at the end)."""
@@ -504,7 +413,16 @@ class Dataset:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for k in ("_pid", "_fds", "_tables", "_chunk_cache", "_lock", "_pinned"):
+        for k in (
+            "_pid",
+            "_fds",
+            "_tables",
+            "_chunk_cache",
+            "_buffers",
+            "_copier",
+            "_lock",
+            "_pinned",
+        ):
             del state[k]
         return state
 

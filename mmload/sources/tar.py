@@ -1,10 +1,9 @@
-"""WebDataset tar shards: header-only index scan, DALI ``.idx`` files, and ``pread`` reads.
+"""WebDataset tar shards: header-only index scan and DALI ``.idx`` files.
 
 A sample is the run of consecutive members sharing a basename up to the first dot of the file
 name (the directory is part of the key); ``__key__`` is that basename, the field name is the rest,
 lower-cased, as in webdataset. The index records, per sample, each member's field, data offset
-and size. A batch's members of one shard are read by :func:`pread_members`: small members
-close together in the file share one ``os.pread``, large ones get their own.
+and size; :mod:`mmload.sources.gather` reads a batch's members with it.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from mmload.errors import BadEntry, ShardError
 
 __all__ = [
     "TarIndex",
-    "pread_members",
     "read_dali_idx",
     "scan_tar",
     "split_name",
@@ -109,49 +107,6 @@ class TarIndex:
             sizes=np.asarray(d["sizes"], dtype=np.int64),
             bad=[BadEntry(**b) for b in d.get("bad", [])],  # type: ignore[attr-defined]
         )
-
-
-# A syscall costs about as much as copying a few KiB: members at most _GAP bytes apart (a tar
-# header and padding are 512-1023) are read in one call and sliced out. A member over _SMALL
-# gets a call of its own, since slicing it out of a joint read would copy it twice; one joint
-# read stays within a _SPAN-aligned window, so it never grows without bound.
-_GAP = 4096
-_SMALL = 16384
-_SPAN = 1 << 20
-
-
-def pread_members(fd: int, offsets: np.ndarray, sizes: np.ndarray) -> list[bytes]:
-    """The bytes of each member (``offsets``/``sizes``: int64, any order, repeats allowed) of
-    the file open as ``fd``, in the order given; a member cut short by the end of the file is
-    shorter than its size (the caller checks)."""
-    n = len(offsets)
-    if n == 0:
-        return []
-    order = np.argsort(offsets, kind="stable")
-    o = offsets[order]
-    z = sizes[order]
-    end = o + z
-    small = z <= _SMALL
-    joins = (
-        small[1:] & small[:-1] & (o[1:] - end[:-1] <= _GAP) & (o[1:] // _SPAN == o[:-1] // _SPAN)
-    )
-    first = np.flatnonzero(np.concatenate([[True], ~joins]))
-    lo = o[first].tolist()
-    hi = np.maximum.reduceat(end, first).tolist()
-    cuts = [*first.tolist(), n]
-    ol, zl, where = o.tolist(), z.tolist(), order.tolist()
-    out: list[bytes] = [b""] * n
-    pread = os.pread
-    for g in range(len(lo)):
-        a, b, base = cuts[g], cuts[g + 1], lo[g]
-        buf = pread(fd, hi[g] - base, base)
-        if b - a == 1:
-            out[where[a]] = buf  # the read is the member: no second copy
-            continue
-        for p in range(a, b):
-            r = ol[p] - base
-            out[where[p]] = buf[r : r + zl[p]]
-    return out
 
 
 def split_name(name: str) -> tuple[str, str] | None:

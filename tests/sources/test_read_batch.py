@@ -1,4 +1,4 @@
-"""Batch reads of tar shards: grouped ``pread`` returns what one ``pread`` per member returns."""
+"""Batch reads of tar shards: the gathered views hold what one ``pread`` per member returns."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 
 from mmload.errors import ShardError
 from mmload.sources import Dataset
-from mmload.sources import dataset as dataset_mod
-from mmload.sources.tar import TarIndex, pread_members
+from mmload.sources import gather as gather_mod
+from mmload.sources.gather import BatchBuffers, OpenShard
+from mmload.sources.tar import TarIndex
 from mmload.sources.write import write_parquet, write_tar_shards
 
 
@@ -69,13 +70,22 @@ def _same(got: list[object], want: list[object]) -> None:
         assert isinstance(g, dict) and isinstance(w, dict)
         assert list(g) == list(w)  # keys, fields and their order
         for k, v in w.items():
-            assert g[k] == v and type(g[k]) is type(v), k
+            if isinstance(v, bytes):  # a tar member: a read-only view of the batch's buffer
+                got = g[k]
+                assert type(got) is bytes or (isinstance(got, memoryview) and got.readonly), k
+                assert bytes(got) == v, k
+            else:
+                assert g[k] == v and type(g[k]) is type(v), k
 
 
-@pytest.fixture(params=["per-sample", "vector"])
+@pytest.fixture(params=["mmap", "mmap-thread", "preadv"])
 def path_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both read paths: plain Python per sample, and NumPy with neighbours read together."""
-    monkeypatch.setattr(dataset_mod, "_VECTOR_ROWS", 10**9 if request.param == "per-sample" else 1)
+    """Every copy path: from the shard's mapping on the calling thread, from it on the copy
+    thread (compiled, without the GIL), and ``os.preadv`` where a file cannot be mapped."""
+    if request.param == "preadv":
+        monkeypatch.setattr(OpenShard, "mapping", lambda self, size: None)
+    threshold = 0 if request.param == "mmap-thread" else 1 << 62
+    monkeypatch.setattr(gather_mod, "_COPY_THREAD_BYTES", threshold)
     return str(request.param)
 
 
@@ -160,27 +170,45 @@ def test_mixed_tar_and_parquet(tmp_path: Path, path_kind: str) -> None:
     ds.close()
 
 
-def test_pread_members_any_order_with_repeats(tmp_path: Path) -> None:
-    rng = np.random.default_rng(4)
-    data = rng.bytes(3 << 20)
-    f = tmp_path / "blob"
-    f.write_bytes(data)
-    # small members close together, some far apart, some large, across _SPAN windows
-    sizes = np.concatenate(
-        [rng.integers(0, 2_000, 300), rng.integers(17_000, 90_000, 20), [0, 1]]
-    ).astype(np.int64)
-    offsets = rng.integers(0, len(data) - 100_000, len(sizes)).astype(np.int64)
-    offsets[:100] = np.sort(rng.integers(1_000_000, 1_100_000, 100))  # neighbours
-    pick = np.concatenate([rng.permutation(len(sizes)), rng.integers(0, len(sizes), 50)])
-    # a member that runs past the end of the file comes back short
-    offsets = np.concatenate([offsets[pick], [len(data) - 10]])
-    sizes = np.concatenate([sizes[pick], [500]])
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        got = pread_members(fd, offsets, sizes)
-    finally:
-        os.close(fd)
-    want = [data[o : o + z] for o, z in zip(offsets.tolist(), sizes.tolist(), strict=True)]
-    assert got == want
-    assert all(type(g) is bytes for g in got)
-    assert len(got[-1]) == 10
+def test_views_outlive_later_batches_and_close(tmp_path: Path, path_kind: str) -> None:
+    ds = Dataset.open(_shards(tmp_path, [20, 20]), index_cache=False)
+    ids = np.random.default_rng(5).permutation(ds.num_samples)
+    first = ds.read(ids[:16])
+    want = _reference(ds, ids[:16], None)
+    for _ in range(3):
+        ds.read(ids)  # later batches get buffers of their own
+    ds.close()  # the shards unmapped and closed: the views hold copies
+    _same(first, want)
+    sample = first[0]
+    assert isinstance(sample, dict) and isinstance(sample["jpg"], memoryview)
+    with pytest.raises(TypeError):
+        sample["jpg"][0] = 1  # read-only
+
+
+def test_rewritten_shard_is_mapped_again(tmp_path: Path, path_kind: str) -> None:
+    """A shard whose file grows after it was mapped is mapped again at its new size."""
+    paths = _shards(tmp_path, [10])
+    ds = Dataset.open(paths, index_cache=False)
+    before = ds.read(np.arange(10))
+    with open(paths[0], "ab") as f:
+        f.write(b"\0" * 10240)  # tar padding: the members are where they were
+    _same(ds.read(np.arange(10)), before)
+    _same(ds.read(np.arange(10)), _reference(ds, np.arange(10), None))
+    ds.close()
+
+
+def test_batch_buffers_reused_only_when_no_view_is_left() -> None:
+    bufs = BatchBuffers(keep=2)
+    a = bufs.get(1000)
+    view = a.data.toreadonly()[10:20]
+    del a
+    b = bufs.get(900)  # the first is still viewed: a buffer of its own
+    assert b.base is not view.obj.base  # type: ignore[union-attr]
+    first = id(view.obj.base)  # type: ignore[union-attr]  (an id: a reference would hold it)
+    del view
+    c = bufs.get(1000)  # no view of the first is left: reused
+    assert id(c.base) == first
+    del b, c
+    big = bufs.get(5000)  # larger than any kept buffer: a free one is replaced
+    assert len(big.base) >= 5000 and len(bufs._bufs) <= 2
+    assert BatchBuffers(keep_bytes=100).get(1000).base is not None  # over the cap: not kept
