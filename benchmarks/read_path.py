@@ -77,7 +77,9 @@ def mmload_read_stage(loader: Any) -> tuple[Callable[[], int], Callable[[], list
     (rank 0 of a world of 1, epoch 0), and the batches' ids."""
     pipe = loader._pipe
     world = loader.world
-    ds = pipe.ds
+    # Its own handles and batch buffers, as the loader's read thread has: the Loader row's
+    # threads (read-ahead, the next epoch prepared) hold buffers of ``pipe.ds`` meanwhile.
+    ds = pipe.ds.private_copy()
     fields = pipe._read_fields
     sched = pipe.schedule(world.world_size, 0)
     order = pipe.order(0)
