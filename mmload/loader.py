@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import weakref
@@ -395,8 +396,15 @@ class Loader(_Base):
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        if getattr(self, "_closed", True):
+            return
+        try:
             self.close()
+        except Exception:
+            # At interpreter exit the modules close() uses may already be torn down (``os``
+            # is None); the processes and segments have exit handlers of their own then.
+            if not sys.is_finalizing():
+                raise
 
 
 class IterableDataset(_Base, torch.utils.data.IterableDataset):
