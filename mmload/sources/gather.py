@@ -31,6 +31,7 @@ same buffer.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import sys
@@ -46,6 +47,8 @@ from mmload.errors import ShardError
 from mmload.sources.tar import TarIndex
 
 __all__ = ["BatchBuffers", "Copier", "OpenShard", "TarPart", "gather_tar"]
+
+log = logging.getLogger(__name__)
 
 
 class BatchBuffers:
@@ -138,8 +141,9 @@ def _short(fld: str, got: int, size: int, url: str, key: str) -> ShardError:
     )
 
 
-# Below this many bytes a batch is copied on the calling thread (a hand-over costs ~50 us).
-_COPY_THREAD_BYTES = 1 << 20
+# Below this many bytes a batch is copied on the calling thread: the hand-over (~20-50 us) and,
+# once per process, loading the compiled copy (~0.2 s) cost more than the copy.
+_COPY_THREAD_BYTES = 64 << 10
 
 
 def _copy(ops: list[tuple[int, int, int]], dst: int, keep: Any) -> None:
@@ -151,34 +155,65 @@ def _copy(ops: list[tuple[int, int, int]], dst: int, keep: Any) -> None:
     del keep
 
 
-def _copy_free(ops: list[tuple[int, int, int]], dst: int, keep: Any) -> None:
+def _copy_free(ops: np.ndarray, dst: int, keep: Any, started: threading.Event) -> None:
     """The same in one compiled call without the GIL (the copy thread's; a loop of
     ``ctypes.memmove`` there would wait for the GIL after every copy while the calling thread
-    builds the samples)."""
-    from mmload.sources.memcopy import copy_ranges
-
-    copy_ranges(np.array(ops, dtype=np.int64).reshape(-1, 3), dst)
+    builds the samples). ``started`` is set just before the call lets the GIL go."""
+    started.set()
+    _compiled(ops, dst)
     del keep
 
 
+_compiled: Any = None  # memcopy.copy_ranges once loaded in this process
+
+
+def _load_compiled() -> None:
+    """Import and load the compiled copy (~0.5 s: Numba, then the cached machine code)."""
+    global _compiled
+    try:
+        from mmload.sources.memcopy import copy_ranges
+
+        copy_ranges(np.zeros((0, 3), dtype=np.int64), 0)
+    except Exception as e:  # noqa: BLE001 - the inline copy serves; said once per process
+        log.warning("mmload: compiled batch copy unavailable, copying inline (%r)", e)
+        return
+    _compiled = copy_ranges
+
+
 class Copier:
-    """The copy thread of one reader (started on first use, per process)."""
+    """The copy thread of one reader (started on first use, per process). Until the compiled
+    copy is loaded, which the thread does first, batches are copied on the calling thread:
+    the first batch does not wait for Numba."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
 
     def submit(self, ops: list[tuple[int, int, int]], dst: int, keep: Any) -> Future[None] | None:
-        """The copy started on the thread; None when it ran here (the reader is closing)."""
+        """The copy started on the thread; None when it ran here (not loaded yet, or the
+        reader is closing).
+
+        Returns once the thread has begun: a thread woken while this one runs Python would get
+        the GIL only at the next forced switch (5 ms by default, longer than building a batch's
+        samples takes), so the copy would run after the samples are built rather than while."""
         pool = self._pool
-        if pool is None or self._pid != os.getpid():
-            pool = self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmload-copy")
-            self._pid = os.getpid()
         try:
-            return pool.submit(_copy_free, ops, dst, keep)
+            if pool is None or self._pid != os.getpid():
+                pool = self._pool = ThreadPoolExecutor(1, thread_name_prefix="mmload-copy")
+                self._pid = os.getpid()
+                if _compiled is None:
+                    pool.submit(_load_compiled)
+            if _compiled is None:
+                _copy(ops, dst, keep)
+                return None
+            arr = np.array(ops, dtype=np.int64).reshape(-1, 3)
+            started = threading.Event()
+            fut = pool.submit(_copy_free, arr, dst, keep, started)
         except RuntimeError:  # shut down by close() from another thread just now
             _copy(ops, dst, keep)
             return None
+        started.wait()  # lets the GIL go to the thread, which lets it go in the copy
+        return fut
 
     def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,7 +89,48 @@ def path_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(OpenShard, "mapping", lambda self, size: None)
     threshold = 0 if request.param == "mmap-thread" else 1 << 62
     monkeypatch.setattr(gather_mod, "_COPY_THREAD_BYTES", threshold)
+    if request.param == "mmap-thread":
+        gather_mod._load_compiled()  # else the first batches copy inline while it loads
     return str(request.param)
+
+
+def test_first_large_batch_does_not_wait_for_the_compiled_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the copy thread has loaded the compiled copy, batches are copied inline; then
+    they go to the thread."""
+    monkeypatch.setattr(gather_mod, "_COPY_THREAD_BYTES", 0)
+    monkeypatch.setattr(gather_mod, "_compiled", None)
+    loaded = threading.Event()
+    real = gather_mod._load_compiled
+
+    def slow_load() -> None:
+        loaded.wait(10)
+        real()
+
+    monkeypatch.setattr(gather_mod, "_load_compiled", slow_load)
+    ds = Dataset.open(_shards(tmp_path, [40, 25]), index_cache=False)
+    want = _reference(ds, np.arange(30), None)
+    copier = ds._copier
+    assert copier is not None
+    used: list[bool] = []
+    submit = copier.submit
+
+    def spy(*a: Any) -> Any:
+        fut = submit(*a)
+        used.append(fut is not None)
+        return fut
+
+    monkeypatch.setattr(copier, "submit", spy)
+    _same(ds.read(np.arange(30)), want)  # the load is still blocked: copied inline
+    assert used == [False]
+    loaded.set()
+    deadline = time.monotonic() + 30
+    while gather_mod._compiled is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _same(ds.read(np.arange(30)), want)
+    assert used == [False, True]
+    ds.close()
 
 
 @pytest.mark.parametrize("fields", [None, {"jpg", "cls", "txt"}, {"cls"}, {"txt", "jpg"}, set()])
