@@ -9,7 +9,9 @@ as bytes (nothing decoded). Rows, all in one run:
 - DALI ``fn.readers.webdataset`` (CPU, ``device_id=None``) outputting the jpg and cls bytes
   undecoded: the baseline;
 - mmload read stage: ``Dataset.read`` over the epoch plan's batches, called exactly as
-  ``Pipeline.run`` calls it;
+  ``Pipeline.run`` calls it, twice: members as read-only views of the batch buffer (how media
+  that mmload decodes are read), and with the jpg read into ``bytes`` of its own (how a field
+  handed on to the user as ``bytes`` is read, e.g. with ``image_fields=[]``);
 - mmload ``Loader(..., image_fields=[], device="cpu")``: the whole loader over an epoch.
 
 Every row is built once; each round runs one epoch of each in turn (round 0 is a warm-up);
@@ -72,9 +74,13 @@ def warm(paths: list[str]) -> None:
                 pass
 
 
-def mmload_read_stage(loader: Any) -> tuple[Callable[[], int], Callable[[], list[np.ndarray]]]:
+def mmload_read_stage(
+    loader: Any, as_bytes: frozenset[str] = frozenset()
+) -> tuple[Callable[[], int], Callable[[], list[np.ndarray]]]:
     """One epoch of ``Dataset.read`` over the plan's batches, as ``Pipeline.run`` calls it
-    (rank 0 of a world of 1, epoch 0), and the batches' ids."""
+    (rank 0 of a world of 1, epoch 0), and the batches' ids. ``as_bytes``: the fields read into
+    ``bytes`` of their own (``Pipeline.run`` passes the fields the user gets as ``bytes``; media
+    it decodes are read as views of the batch buffer)."""
     pipe = loader._pipe
     world = loader.world
     # Its own handles and batch buffers, as the loader's read thread has: the Loader row's
@@ -92,7 +98,7 @@ def mmload_read_stage(loader: Any) -> tuple[Callable[[], int], Callable[[], list
         for k in sched.worker_batches(world):
             ds.advance(k)
             ids = order[sched.positions(world.rank, k)]
-            n += len(ds.read(ids, fields))
+            n += len(ds.read(ids, fields, as_bytes))
         return n
 
     return epoch, batches
@@ -221,7 +227,9 @@ def main() -> None:
     ids = np.concatenate(batches())
     pread_epoch, pread_kept, pread_two, pread_close = raw_pread(loader, ids, args.batch_size)
     base = f"DALI fn.readers.webdataset, bytes out ({cores} threads)"
-    read_name = "mmload read stage: Dataset.read per batch"
+    read_name = "mmload read stage: Dataset.read per batch, members as views (media to decode)"
+    bytes_name = "mmload read stage, jpg read as bytes (media passed on to the user)"
+    bytes_epoch, _ = mmload_read_stage(loader, frozenset({"jpg"}))
     loader_name = "mmload Loader(image_fields=[], device='cpu')"
     runs: dict[str, Callable[[], int]] = {
         "raw os.pread, 1 thread, 1 call per member": pread_epoch,
@@ -229,6 +237,7 @@ def main() -> None:
         "raw os.pread, as above, kept, batch split over 2 threads": pread_two,
         base: dali_reader(paths, args.batch_size, cores, args.samples),
         read_name: read_epoch,
+        bytes_name: bytes_epoch,
         loader_name: lambda: sum(len(b["__key__"]) for b in loader),
     }
     rates: dict[str, list[float]] = {k: [] for k in runs}

@@ -109,6 +109,10 @@ class Pipeline:
         self.opts = opts
         self.fields, self._extract = field_plan(ds, opts)
         self._read_fields = set(self.fields.names)
+        # Handed to the user as bytes: read into bytes of their own, not into the batch buffer.
+        self._bytes_fields = frozenset(
+            n for n in self.fields.names if self.fields.kinds[n] == "bytes"
+        )
         self._media: dict[str, FieldDecoder] | None = None
         self._media_pid = os.getpid()
         self._order: EpochOrder | None = None
@@ -216,7 +220,9 @@ class Pipeline:
         ``ShardError``."""
         t0 = time.perf_counter()
         self.ds.advance(k)
-        raw = self.ds.read(order[schedule.positions(world.rank, k)], self._read_fields)
+        raw = self.ds.read(
+            order[schedule.positions(world.rank, k)], self._read_fields, self._bytes_fields
+        )
         stats.time("read", time.perf_counter() - t0)
         return raw
 
@@ -267,7 +273,7 @@ class Pipeline:
             self.opts.text,
             self._extract,
         )
-        read_fields = self._read_fields
+        read_fields, bytes_fields = self._read_fields, self._bytes_fields
 
         def spare_reads() -> Iterator[list[Any]]:
             # The rank's batches from the start of the epoch (not from a resume point, the same
@@ -277,7 +283,7 @@ class Pipeline:
             ds = self.ds.private_copy()
             try:
                 for k in range(min(whole.num_batches, _SPARE_BATCHES)):
-                    yield ds.read(order[whole.positions(world.rank, k)], read_fields)
+                    yield ds.read(order[whole.positions(world.rank, k)], read_fields, bytes_fields)
             finally:
                 ds.close()
 

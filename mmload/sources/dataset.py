@@ -332,10 +332,17 @@ class Dataset:
         assert isinstance(idx, TarIndex)
         return TarPart(f, idx, url, js, r, i)
 
-    def read(self, ids: np.ndarray, fields: set[str] | None = None) -> list[RawSample | ShardError]:
+    def read(
+        self,
+        ids: np.ndarray,
+        fields: set[str] | None = None,
+        as_bytes: frozenset[str] = frozenset(),
+    ) -> list[RawSample | ShardError]:
         """Read samples by global id, in order; a sample that cannot be read is its ShardError.
 
-        ``fields`` limits which members/columns are read (None: all).
+        ``fields`` limits which members/columns are read (None: all). A tar member's value is a
+        read-only ``memoryview`` of the batch's buffer, or ``bytes`` for a field in
+        ``as_bytes`` (one the caller hands on as ``bytes``: read into its own, not copied twice).
         """
         ids = np.asarray(ids, dtype=np.int64)
         chunk, shard, row = self.locate(ids)
@@ -365,6 +372,7 @@ class Dataset:
                 out,
                 self._buffers,
                 self._copier,
+                as_bytes,
             )
         for (s, c), js in table_rows.items():
             local = row[js] - self.chunk_first_row[c]

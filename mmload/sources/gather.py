@@ -7,8 +7,9 @@ read-only and copies the batch's members from the mapping into one buffer per ba
 once no view of it is left: :class:`BatchBuffers`); a member's value is a read-only
 ``memoryview`` of that buffer, which lives as long as any value of the batch does. Media
 decoders take the views as they are (``np.frombuffer`` for DALI, a file object for
-PIL/PyAV/soundfile); fields passed to the user as ``bytes`` are copied then
-(:func:`mmload.decode.fields.decode_value`).
+PIL/PyAV/soundfile). Fields the user receives as ``bytes`` (``as_bytes``) are read into their
+own ``bytes`` by ``os.pread`` instead: a view would be copied to ``bytes`` downstream anyway,
+after the buffer's copy.
 
 A sample whose members lie together is copied with one copy of its span (the tar headers
 between them included); when only some fields are read, each wanted member is copied alone.
@@ -227,9 +228,11 @@ def gather_tar(
     out: list[Any],
     buffers: BatchBuffers,
     copier: Copier | None = None,
+    as_bytes: frozenset[str] = frozenset(),
 ) -> None:
     """Read each part's samples into ``out[js]``: a dict per sample whose members are read-only
-    views of one buffer for the whole batch, or the sample's ``ShardError``.
+    views of one buffer for the whole batch (members of ``as_bytes`` fields: ``bytes`` of their
+    own), or the sample's ``ShardError``.
 
     Plain Python over scalars: a shuffled batch holds a few samples of each shard, where NumPy's
     cost per call outweighs its gain per sample. A first pass lays the batch out (where each
@@ -256,7 +259,9 @@ def gather_tar(
             addr = src.ctypes.data
         start, off, size = idx.starts.data, idx.offsets.data, idx.sizes.data
         units: list[Any] = []
-        every = fields is None or fields.issuperset(idx.field_names())
+        every = (fields is None or fields.issuperset(idx.field_names())) and as_bytes.isdisjoint(
+            idx.field_names()
+        )
         if every:  # one copy per sample: its span, the tar headers between members included
             for row in part.rows:
                 a, b = start[row], start[row + 1]
@@ -271,11 +276,16 @@ def gather_tar(
                 at += n
         else:  # one copy per wanted member
             names = idx.fields
-            assert fields is not None
             for row in part.rows:
-                ms = [m for m in range(start[row], start[row + 1]) if names[m] in fields]
+                ms = [
+                    m
+                    for m in range(start[row], start[row + 1])
+                    if fields is None or names[m] in fields
+                ]
                 units.append((ms, at))
                 for m in ms:
+                    if names[m] in as_bytes:
+                        continue  # read into its own bytes in the second pass
                     o, z = off[m], size[m]
                     if z and o + z <= fsize:
                         if src is not None:
@@ -301,7 +311,7 @@ def gather_tar(
     r = w.toreadonly()
     try:
         for (part, idx, every, units), fsize in zip(plans, fsizes, strict=True):
-            _build(part, idx, fsize, every, units, r, out)
+            _build(part, idx, fsize, every, units, r, out, as_bytes)
     finally:
         if pending is not None:
             pending.result()
@@ -315,10 +325,12 @@ def _build(
     units: list[Any],
     r: memoryview,
     out: list[Any],
+    as_bytes: frozenset[str],
 ) -> None:
     """Put one part's samples in ``out``: views of ``r`` where the first pass placed them."""
     off, size = idx.offsets.data, idx.sizes.data
     names, keys, url = idx.fields, idx.keys, part.url
+    fd = part.shard.fd if isinstance(part.shard, OpenShard) else -1
     for j, row, gid, unit in zip(part.js, part.rows, part.ids, units, strict=True):
         key = keys[row]
         sample: dict[str, Any] = {"__key__": key}
@@ -342,6 +354,13 @@ def _build(
                 if o + z > fsize:
                     out[j] = _short(names[m], max(0, min(z, fsize - o)), z, url, key)
                     break
+                if names[m] in as_bytes:
+                    v = os.pread(fd, z, o)
+                    if len(v) < z:  # cut after the fstat
+                        out[j] = _short(names[m], len(v), z, url, key)
+                        break
+                    sample[names[m]] = v
+                    continue
                 sample[names[m]] = r[p : p + z]
                 p += z
             else:

@@ -152,6 +152,17 @@ def test_batches_match_per_member_reads(
         _same(got, _reference(ds, np.asarray(ids, dtype=np.int64), fields))
         # a repeated id is a sample of its own, not the same dict twice
         assert len({id(x) for x in got}) == len(got)
+        # fields handed on as bytes are bytes of their own; the others stay views
+        for own in (frozenset({"jpg"}), frozenset({"jpg", "txt", "absent"})):
+            got = ds.read(ids, fields, own)
+            _same(got, _reference(ds, np.asarray(ids, dtype=np.int64), fields))
+            for g in got:
+                assert isinstance(g, dict)
+                for k, v in g.items():
+                    if k in own:
+                        assert type(v) is bytes, k
+                    elif k in ("jpg", "cls", "txt"):
+                        assert isinstance(v, memoryview), k
     ds.close()
 
 
@@ -166,7 +177,8 @@ def test_truncated_shard_fails_only_the_cut_samples(tmp_path: Path, path_kind: s
     os.truncate(paths[1], int(idx.offsets[first]) + int(idx.sizes[first]) // 2)
     ids = np.random.default_rng(2).permutation(ds.num_samples)
     got = ds.read(ids)
-    for gid, g in zip(ids.tolist(), got, strict=True):
+    for gid, g, o in zip(ids.tolist(), got, ds.read(ids, None, frozenset({"jpg"})), strict=True):
+        assert type(g) is type(o) and (not isinstance(g, ShardError) or str(g) == str(o)), gid
         if gid < 30 + cut_row:
             assert isinstance(g, dict), gid
             continue
