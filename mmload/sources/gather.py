@@ -142,6 +142,9 @@ def _short(fld: str, got: int, size: int, url: str, key: str) -> ShardError:
     )
 
 
+# ``as_bytes`` members up to this size are copied from the mapping, larger ones read by pread.
+_BYTES_FROM_MAP = 16 << 10
+
 # Below this many bytes a batch is copied on the calling thread: the hand-over (~20-50 us) and,
 # once per process, loading the compiled copy (~0.2 s) cost more than the copy.
 _COPY_THREAD_BYTES = 64 << 10
@@ -238,7 +241,7 @@ def gather_tar(
     cost per call outweighs its gain per sample. A first pass lays the batch out (where each
     sample's bytes go, what to copy), then the copy runs (on ``copier``'s thread when large)
     while the second pass builds the samples."""
-    plans: list[tuple[TarPart, TarIndex, bool, list[Any]]] = []
+    plans: list[tuple[TarPart, TarIndex, bool, list[Any], memoryview | None]] = []
     fsizes: list[int] = []  # each plan's file size
     ops: list[tuple[int, int, int]] = []  # (place in the buffer, source address, length)
     reads: list[tuple[int, int, int, int, int]] = []  # unmapped: (place, fd, offset, n, plan)
@@ -293,7 +296,7 @@ def gather_tar(
                         else:
                             reads.append((at, fd, o, z, len(plans)))
                     at += z
-        plans.append((part, idx, every, units))
+        plans.append((part, idx, every, units, None if src is None else src.data))
         fsizes.append(fsize)
     buf = buffers.get(at)
     w = buf.data
@@ -310,8 +313,8 @@ def gather_tar(
             _copy(ops, dst, None)
     r = w.toreadonly()
     try:
-        for (part, idx, every, units), fsize in zip(plans, fsizes, strict=True):
-            _build(part, idx, fsize, every, units, r, out, as_bytes)
+        for (part, idx, every, units, mapped), fsize in zip(plans, fsizes, strict=True):
+            _build(part, idx, fsize, every, units, r, out, as_bytes, mapped)
     finally:
         if pending is not None:
             pending.result()
@@ -326,6 +329,7 @@ def _build(
     r: memoryview,
     out: list[Any],
     as_bytes: frozenset[str],
+    mapped: memoryview | None,
 ) -> None:
     """Put one part's samples in ``out``: views of ``r`` where the first pass placed them."""
     off, size = idx.offsets.data, idx.sizes.data
@@ -355,6 +359,10 @@ def _build(
                     out[j] = _short(names[m], max(0, min(z, fsize - o)), z, url, key)
                     break
                 if names[m] in as_bytes:
+                    # small: from the mapping (no syscall); large: pread, without the GIL
+                    if mapped is not None and z <= _BYTES_FROM_MAP:
+                        sample[names[m]] = mapped[o : o + z].tobytes()
+                        continue
                     v = os.pread(fd, z, o)
                     if len(v) < z:  # cut after the fstat
                         out[j] = _short(names[m], len(v), z, url, key)
