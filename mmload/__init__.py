@@ -27,6 +27,8 @@ __all__ = [
     "RemoteConfig",
     "ShardError",
     "ShuffleConfig",
+    "StreamIdle",
+    "StreamLoader",
     "TextConfig",
     "VideoConfig",
     "WorkerError",
@@ -42,6 +44,8 @@ _WHERE = {
     "MmloadError": "mmload.errors",
     "ShardError": "mmload.errors",
     "WorkerError": "mmload.errors",
+    "StreamIdle": "mmload.errors",
+    "StreamLoader": "mmload.stream",
     "AudioConfig": "mmload.config",
     "ErrorPolicy": "mmload.config",
     "RemoteConfig": "mmload.config",
@@ -73,11 +77,13 @@ if TYPE_CHECKING:
         JoinError,
         MmloadError,
         ShardError,
+        StreamIdle,
         WorkerError,
     )
     from mmload.features import FeatureTable
     from mmload.loader import IterableDataset, Loader
     from mmload.plan import World
+    from mmload.stream import StreamLoader
 
 
 def __getattr__(name: str) -> Any:

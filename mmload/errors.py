@@ -17,6 +17,7 @@ __all__ = [
     "MissingDependencyError",
     "MmloadError",
     "ShardError",
+    "StreamIdle",
     "WorkerError",
 ]
 
@@ -77,6 +78,24 @@ class JoinError(MmloadError):
 
 class DeviceError(MmloadError):
     """A device is unavailable or a transfer to it failed."""
+
+
+class StreamIdle(MmloadError):
+    """A growing source produced no new data within the wait allowed (``max_wait_s``): the
+    trainer decides (checkpoint, keep waiting by iterating again, stop). ``window`` is the
+    window waited for, ``waited_s`` how long."""
+
+    def __init__(self, message: str, *, window: int, waited_s: float) -> None:
+        super().__init__(message)
+        self.window = window
+        self.waited_s = waited_s
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return _rebuild_idle, (str(self), self.window, self.waited_s)
+
+
+def _rebuild_idle(message: str, window: int, waited_s: float) -> StreamIdle:
+    return StreamIdle(message, window=window, waited_s=waited_s)
 
 
 class WorkerError(MmloadError):

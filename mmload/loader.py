@@ -285,6 +285,9 @@ class Loader(_Base):
         self._workers = workers
         self._pool: WorkerPool | None = None
         self._closed = False
+        # Prepare the next epoch once this one is decoded (off for a StreamLoader's windows,
+        # whose next epoch never comes).
+        self._epochs_ahead = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._closed:
@@ -319,7 +322,8 @@ class Loader(_Base):
             # The next epoch is prepared ahead only over local shards: over remote ones it
             # would fetch the next epoch's first shuffle group even when no next epoch comes
             # (a one-epoch reader would fetch up to twice its share).
-            ahead = None if self._pipe.ds.remote.any() else _prepare_later(self, epoch + 1)
+            later = self._epochs_ahead and not self._pipe.ds.remote.any()
+            ahead = _prepare_later(self, epoch + 1) if later else None
             run = self._pipe.run(epoch, sched, world, stats, on_decoded=ahead)
         if sched.num_batches == 0:
             self._epoch, self._start = epoch + 1, 0

@@ -1,0 +1,219 @@
+"""A growing source: a directory to which a stream processor commits part files, cut into
+windows that every rank and every restart see alike.
+
+Flink's FileSink (like Spark's and most others) writes a part file under a hidden in-progress
+name (``.part-<uuid>-0.inprogress.<uuid>``) and commits it with a rename at a checkpoint; a
+committed file never changes afterwards. Here a file is *committed* when it is a regular file
+whose name, and every directory on its path below the root (Flink's bucket directories), starts
+with neither ``.`` nor ``_``, does not end in ``.inprogress``/``.tmp``/``.pending``, and ends in
+one of the accepted suffixes (``.parquet`` and ``.tar`` by default).
+
+**Windows.** One process, the sequencer (rank 0), lists the source, takes the committed files
+that no window holds yet in ``(mtime, path)`` order, and appends them as the next window to the
+ledger: a directory of JSON manifests ``window-000000123.json``, each written once (a temporary
+file hard-linked into place, which fails if the name exists) and never changed. Every rank reads
+the windows from the ledger, so all ranks agree on which files window ``w`` holds however their
+polls interleave, and a restart reads the same windows back: the resume cursor is a window index
+plus a position inside it, a few integers, and files committed during a restart go to later
+windows. The ledger must be on a file system every rank sees (for one node: any local path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mmload.errors import ConfigError
+
+__all__ = ["CommittedFile", "Ledger", "Sequencer", "Window", "list_committed"]
+
+DEFAULT_SUFFIXES = (".parquet", ".tar")
+_UNCOMMITTED = (".inprogress", ".tmp", ".pending")
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CommittedFile:
+    """A committed file: its path below the root (``/``-separated), size and mtime."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """Window ``index``: the files it holds, in the order they are read, and when it was cut."""
+
+    index: int
+    files: tuple[CommittedFile, ...]
+    cut_at: float
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "_"))
+
+
+def list_committed(root: str, suffixes: Sequence[str] = DEFAULT_SUFFIXES) -> list[CommittedFile]:
+    """The committed files below ``root`` (see the module docstring), in ``(mtime, path)``
+    order. A file that vanishes while listed (renamed, expired) is left out."""
+    out: list[CommittedFile] = []
+    root = os.path.abspath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if _hidden(name) or name.endswith(_UNCOMMITTED) or not name.endswith(tuple(suffixes)):
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not _is_regular(st.st_mode):
+                continue
+            path = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+            out.append(CommittedFile(path, st.st_size, st.st_mtime_ns))
+    out.sort(key=lambda f: (f.mtime_ns, f.path))
+    return out
+
+
+def _is_regular(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(mode)
+
+
+class Ledger:
+    """The append-only run of windows of one source (see the module docstring).
+
+    ``directory`` holds ``ledger.json`` (the source it belongs to: a ledger is never used for
+    another) and the window manifests. Reading is safe from any number of processes; only the
+    sequencer appends."""
+
+    def __init__(self, directory: str, source: str) -> None:
+        self.directory = os.path.abspath(directory)
+        self.source = os.path.abspath(source)
+        os.makedirs(self.directory, exist_ok=True)
+        meta = os.path.join(self.directory, "ledger.json")
+        want = {"version": _VERSION, "source": self.source}
+        if not os.path.exists(meta):
+            _write_once(meta, want)  # another rank may win the race: then it is read below
+        try:
+            with open(meta, encoding="utf-8") as f:
+                have = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"stream ledger {meta!r} cannot be read: {e}") from e
+        if have != want:
+            raise ConfigError(
+                f"stream ledger {self.directory!r} belongs to source {have.get('source')!r} "
+                f"(version {have.get('version')}), not {self.source!r}: pass another ledger="
+            )
+        self._windows: list[Window] = []  # windows 0..n-1, read so far
+        self._assigned: set[str] = set()
+
+    def _path(self, w: int) -> str:
+        return os.path.join(self.directory, f"window-{w:09d}.json")
+
+    def window(self, w: int) -> Window | None:
+        """Window ``w``, or None while it is not cut yet."""
+        while len(self._windows) <= w:
+            if not self._read_next():
+                return None
+        return self._windows[w]
+
+    def _read_next(self) -> bool:
+        w = len(self._windows)
+        try:
+            with open(self._path(w), encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"stream ledger window {self._path(w)!r} is unreadable: {e}") from e
+        if doc.get("index") != w:
+            raise ConfigError(
+                f"stream ledger window {self._path(w)!r} holds index {doc.get('index')}"
+            )
+        files = tuple(CommittedFile(p, int(s), int(t)) for p, s, t in doc["files"])
+        self._windows.append(Window(w, files, float(doc["cut_at"])))
+        self._assigned.update(f.path for f in files)
+        return True
+
+    def count(self) -> int:
+        """Windows cut so far."""
+        while self._read_next():
+            pass
+        return len(self._windows)
+
+    def assigned(self) -> set[str]:
+        """Paths of every file some window holds."""
+        self.count()
+        return self._assigned
+
+    def append(self, files: Iterable[CommittedFile]) -> Window:
+        """Cut the next window holding ``files``."""
+        n = self.count()
+        win = Window(n, tuple(files), time.time())
+        doc = {
+            "index": n,
+            "cut_at": win.cut_at,
+            "files": [[f.path, f.size, f.mtime_ns] for f in win.files],
+        }
+        if not _write_once(self._path(n), doc):
+            raise ConfigError(
+                f"stream ledger {self.directory!r}: window {n} was cut by another process; "
+                "only rank 0 cuts windows (two jobs share this ledger? pass ledger=)"
+            )
+        self._windows.append(win)
+        self._assigned.update(f.path for f in win.files)
+        return win
+
+
+def _write_once(path: str, doc: object) -> bool:
+    """Write ``doc`` as JSON to ``path`` unless it exists (atomic: a complete file or none)."""
+    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+class Sequencer:
+    """Cuts windows from the committed files of ``root`` no window holds yet (rank 0's job).
+
+    ``window_files``: at most this many files per window (None: every new file). Files are taken
+    oldest first, so a backlog is cut into windows in commit order."""
+
+    def __init__(
+        self,
+        root: str,
+        ledger: Ledger,
+        suffixes: Sequence[str] = DEFAULT_SUFFIXES,
+        window_files: int | None = None,
+    ) -> None:
+        if window_files is not None and window_files < 1:
+            raise ConfigError(f"window_files={window_files!r}: must be >= 1 or None")
+        self.root = os.path.abspath(root)
+        self.ledger = ledger
+        self.suffixes = tuple(suffixes)
+        self.window_files = window_files
+
+    def cut(self) -> Window | None:
+        """The next window from the files committed since the last one; None if there are none."""
+        assigned = self.ledger.assigned()
+        new = [f for f in list_committed(self.root, self.suffixes) if f.path not in assigned]
+        if not new:
+            return None
+        if self.window_files is not None:
+            new = new[: self.window_files]
+        return self.ledger.append(new)

@@ -1,0 +1,267 @@
+"""Batches from a growing source, window after window: online training on files a stream
+processor keeps committing (:mod:`mmload.sources.growing`).
+
+Each window is a fixed set of committed files, read as one epoch of a :class:`~mmload.Loader`
+over those files (epoch number = window index, so a shuffled window has an order of its own):
+every contract of the fixed data set holds per window. Exactly once: each committed file is in
+exactly one window, each window is read once. Equal steps: every rank gets the same number of
+batches from a window (its last global batch padded, counted in ``stats()``), so ranks enter
+and leave each window at the same step. Exact resume: ``state_dict()`` is the window index and
+the Loader's cursor inside it; windows are in the ledger, so a restart reads the same files in
+the same order and files committed meanwhile go to later windows.
+
+A rank that needs the next window and finds none waits, polling every ``poll_s``; after
+``max_wait_s`` without one it raises :class:`~mmload.errors.StreamIdle` (the loader stays
+usable: iterate again to keep waiting). Rank 0 cuts windows (it is the ledger's only writer);
+the other ranks only read the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from mmload.distributed.world import resolve_world
+from mmload.errors import ConfigError, StreamIdle
+from mmload.loader import Loader
+from mmload.sources.growing import DEFAULT_SUFFIXES, Ledger, Sequencer, Window
+
+__all__ = ["StreamLoader"]
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+# Counters summed over windows in stats(); the rest is the current window's.
+_SUMMED = (
+    "samples",
+    "batches",
+    "samples_padded",
+    "samples_dropped",
+    "samples_replaced",
+    "bad_samples",
+)
+
+
+class StreamLoader:
+    """Iterates batches from a directory that keeps growing; resumable; a context manager.
+
+    ``source``: the directory a stream processor commits part files to (Parquet or tar, see
+    :mod:`mmload.sources.growing` for what counts as committed). ``ledger``: where the windows
+    are recorded (default ``<source>/_mmload/ledger``; every rank must see the same one).
+    ``window_files``: at most this many files per window (None: all new ones at each cut).
+    Every other keyword (``batch_size``, ``shuffle``, ``seed``, ``fields``, ``features``,
+    ``device``, ``on_error``, ...) is :class:`~mmload.Loader`'s, applied to each window.
+
+    Iteration never ends by itself: it yields the batches of window after window, waiting for
+    new files in between; ``StreamIdle`` after ``max_wait_s`` without a new window.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        batch_size: int,
+        ledger: str | os.PathLike[str] | None = None,
+        window_files: int | None = None,
+        suffixes: Sequence[str] = DEFAULT_SUFFIXES,
+        poll_s: float = 1.0,
+        max_wait_s: float = 300.0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        **loader_kwargs: Any,
+    ) -> None:
+        root = os.fspath(source)
+        if "://" in root:
+            raise ConfigError(
+                f"StreamLoader source {root!r}: only a local (or mounted) directory is supported"
+            )
+        if not os.path.isdir(root):
+            raise ConfigError(f"StreamLoader source {root!r} is not a directory")
+        if not poll_s > 0:
+            raise ConfigError(f"poll_s={poll_s!r}: must be > 0")
+        if not max_wait_s >= 0:
+            raise ConfigError(f"max_wait_s={max_wait_s!r}: must be >= 0")
+        for k in ("epoch", "partitions"):
+            if k in loader_kwargs:
+                raise ConfigError(f"StreamLoader sets {k} per window: do not pass {k}=")
+        self.root = os.path.abspath(root)
+        self.world = resolve_world(rank, world_size)
+        where = (
+            os.fspath(ledger)
+            if ledger is not None
+            else os.path.join(self.root, "_mmload", "ledger")
+        )
+        self.ledger = Ledger(where, self.root)
+        self._sequencer = (
+            Sequencer(self.root, self.ledger, suffixes, window_files)
+            if self.world.rank == 0
+            else None
+        )
+        self.batch_size = batch_size
+        self.seed = seed
+        self.poll_s = float(poll_s)
+        self.max_wait_s = float(max_wait_s)
+        self._kwargs = loader_kwargs
+        self._window = 0  # the window being read (or next to read)
+        self._inner: dict[str, int] | None = None  # a cursor inside it, from load_state_dict
+        self._loader: Loader | None = None  # window self._window's loader, once opened
+        self._active: Iterator[dict[str, Any]] | None = None
+        self._totals: dict[str, int] = dict.fromkeys(_SUMMED, 0)
+        self._bad: list[Any] = []
+        self._waited_s = 0.0
+        self._closed = False
+
+    # -- windows ------------------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """The window being read, or the next one once a window is finished."""
+        return self._window
+
+    def _wait_for(self, w: int) -> Window:
+        """Window ``w``: read from the ledger, cut by rank 0 when due; ``StreamIdle`` after
+        ``max_wait_s`` without it."""
+        t0 = time.monotonic()
+        while True:
+            win = self.ledger.window(w)
+            if win is None and self._sequencer is not None and self.ledger.count() == w:
+                win = self._sequencer.cut()
+            if win is not None:
+                self._waited_s += time.monotonic() - t0
+                return win
+            waited = time.monotonic() - t0
+            if waited >= self.max_wait_s:
+                self._waited_s += waited
+                who = "no new committed file" if self._sequencer else "rank 0 cut no window"
+                raise StreamIdle(
+                    f"{who} for {waited:.1f} s: waiting for window {w} of {self.root!r} "
+                    f"(ledger {self.ledger.directory!r}); iterate again to keep waiting",
+                    window=w,
+                    waited_s=waited,
+                )
+            time.sleep(min(self.poll_s, max(0.0, self.max_wait_s - waited)))
+
+    def _open(self, win: Window) -> Loader:
+        paths = [os.path.join(self.root, f.path) for f in win.files]
+        ld = Loader(
+            paths,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            epoch=win.index,
+            rank=self.world.rank,
+            world_size=self.world.world_size,
+            **self._kwargs,
+        )
+        ld._epochs_ahead = False  # its next epoch never comes
+        if self._inner is not None:
+            ld.load_state_dict({**self._inner, "epoch": win.index})
+            self._inner = None
+        return ld
+
+    def _finish(self) -> None:
+        ld, self._loader = self._loader, None
+        if ld is None:
+            return
+        st = ld.stats()
+        for k in _SUMMED:
+            v = st.get(k)
+            if isinstance(v, int):
+                self._totals[k] += v
+        self._bad += st.get("bad", [])
+        ld.close()
+
+    # -- iteration ----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._closed:
+            raise ConfigError("this StreamLoader is closed")
+        if self._active is not None:
+            self._active.close()  # type: ignore[attr-defined]
+        self._active = self._iterate()
+        return self._active
+
+    def _iterate(self) -> Iterator[dict[str, Any]]:
+        while True:
+            w = self._window
+            if self._loader is None:
+                self._loader = self._open(self._wait_for(w))
+            ld = self._loader
+            if ld.epoch == w:  # else its last batch was taken before this iteration began
+                for batch in ld:  # the rest of window w (the Loader's epoch w)
+                    if ld.epoch != w:  # taking its last batch finished the window
+                        self._window = w + 1
+                    yield batch
+            self._window = w + 1  # also a window that gave this rank no batch at all
+            self._finish()
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        """The resume cursor: the window and the position inside it (a few ints)."""
+        ld = self._loader
+        if ld is not None and ld.epoch == self._window:  # inside the window
+            inner = ld.state_dict()
+            inner.pop("epoch")
+            return {"stream_version": _STATE_VERSION, "window": self._window, **inner}
+        if self._inner is not None:
+            return {"stream_version": _STATE_VERSION, "window": self._window, **self._inner}
+        return {"stream_version": _STATE_VERSION, "window": self._window, "samples_consumed": 0}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume where ``state`` was taken: the rest of its window, then the windows after."""
+        st = dict(state)
+        if st.pop("stream_version", None) != _STATE_VERSION:
+            raise ConfigError(f"not a StreamLoader state_dict (stream_version {_STATE_VERSION})")
+        w = st.pop("window", None)
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError(f"state_dict window={w!r}: must be an int >= 0")
+        if w > self.ledger.count():
+            raise ConfigError(
+                f"state_dict is at window {w}, but ledger {self.ledger.directory!r} has only "
+                f"{self.ledger.count()} windows: the ledger of that run is needed to resume"
+            )
+        if self._active is not None:
+            self._active.close()  # type: ignore[attr-defined]
+            self._active = None
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+        self._window = w
+        self._inner = st if st.get("samples_consumed", 0) else None
+
+    # -- stats and lifetime -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Counters summed over the windows read, the current window's own statistics, and
+        where the stream stands (windows cut, seconds spent waiting for new files)."""
+        cur = self._loader.stats() if self._loader is not None else {}
+        out = dict(cur)
+        for k in _SUMMED:
+            v = cur.get(k, 0)
+            out[k] = self._totals[k] + (v if isinstance(v, int) else 0)
+        out["bad"] = self._bad + list(cur.get("bad", []))
+        out["window"] = self._window
+        out["windows_cut"] = self.ledger.count()
+        out["stream_wait_seconds"] = round(self._waited_s, 3)
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._active is not None:
+            self._active.close()  # type: ignore[attr-defined]
+            self._active = None
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
+
+    def __enter__(self) -> StreamLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
