@@ -12,8 +12,11 @@ the same order and files committed meanwhile go to later windows.
 
 A rank that needs the next window and finds none waits, polling every ``poll_s``; after
 ``max_wait_s`` without one it raises :class:`~mmload.errors.StreamIdle` (the loader stays
-usable: iterate again to keep waiting). Rank 0 cuts windows (it is the ledger's only writer);
-the other ranks only read the ledger.
+usable: iterate again to keep waiting). Rank 0 cuts windows (it is the ledger's only writer)
+and decides when a wait ends: it leaves an idle marker in the ledger, and the other ranks raise
+``StreamIdle`` on seeing it, so all ranks raise at the same step and none goes on alone into a
+collective the others never reach. A rank whose rank 0 sends nothing for ``2 * max_wait_s +
+30`` s raises on its own.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from typing import Any
 from mmload.distributed.world import resolve_world
 from mmload.errors import ConfigError, StreamIdle
 from mmload.loader import Loader
-from mmload.sources.growing import DEFAULT_SUFFIXES, Ledger, Sequencer, Window
+from mmload.sources.growing import DEFAULT_SUFFIXES, IdleMarkers, Ledger, Sequencer, Window
 
 __all__ = ["StreamLoader"]
 
 log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
+# How much longer than rank 0 the other ranks wait for its decision before deciding alone.
+_GRACE_S = 30.0
 # Counters summed over windows in stats(); the rest is the current window's.
 _SUMMED = (
     "samples",
@@ -113,6 +118,11 @@ class StreamLoader:
         self._totals: dict[str, int] = dict.fromkeys(_SUMMED, 0)
         self._bad: list[Any] = []
         self._waited_s = 0.0
+        self._attempts: dict[int, int] = {}  # per window, waits begun (ranks begin in step)
+        session = os.environ.get("TORCHELASTIC_RUN_ID")
+        if session is not None:
+            session += "-" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._idle = IdleMarkers(self.ledger, session, since=time.time() - 30.0)
         self._closed = False
 
     # -- windows ------------------------------------------------------------------------------
@@ -124,26 +134,40 @@ class StreamLoader:
 
     def _wait_for(self, w: int) -> Window:
         """Window ``w``: read from the ledger, cut by rank 0 when due; ``StreamIdle`` after
-        ``max_wait_s`` without it."""
+        ``max_wait_s`` without it, on every rank at the same attempt (rank 0 decides)."""
+        k = self._attempts[w] = self._attempts.get(w, -1) + 1
         t0 = time.monotonic()
+        # Rank 0 decides; the others follow its marker, and decide alone only if it sends
+        # nothing for a while longer (rank 0 gone).
+        limit = self.max_wait_s if self._sequencer is not None else 2 * self.max_wait_s + _GRACE_S
         while True:
-            win = self.ledger.window(w)
-            if win is None and self._sequencer is not None and self.ledger.count() == w:
-                win = self._sequencer.cut()
-            if win is not None:
-                self._waited_s += time.monotonic() - t0
-                return win
-            waited = time.monotonic() - t0
-            if waited >= self.max_wait_s:
-                self._waited_s += waited
-                who = "no new committed file" if self._sequencer else "rank 0 cut no window"
-                raise StreamIdle(
-                    f"{who} for {waited:.1f} s: waiting for window {w} of {self.root!r} "
-                    f"(ledger {self.ledger.directory!r}); iterate again to keep waiting",
-                    window=w,
-                    waited_s=waited,
-                )
-            time.sleep(min(self.poll_s, max(0.0, self.max_wait_s - waited)))
+            if self._sequencer is None and self._idle.marked(w, k):
+                win = None
+                waited = time.monotonic() - t0
+                who = "rank 0 found no new committed file"
+            else:
+                win = self.ledger.window(w)
+                if win is None and self._sequencer is not None and self.ledger.count() == w:
+                    win = self._sequencer.cut()
+                if win is not None:
+                    self._waited_s += time.monotonic() - t0
+                    return win
+                waited = time.monotonic() - t0
+                if waited < limit:
+                    time.sleep(min(self.poll_s, max(0.0, limit - waited)))
+                    continue
+                if self._sequencer is not None:
+                    self._idle.mark(w, k)
+                    who = "no new committed file"
+                else:
+                    who = "rank 0 cut no window and sent no idle signal"
+            self._waited_s += waited
+            raise StreamIdle(
+                f"{who} for {waited:.1f} s: waiting for window {w} of {self.root!r} "
+                f"(ledger {self.ledger.directory!r}); iterate again to keep waiting",
+                window=w,
+                waited_s=waited,
+            )
 
     def _open(self, win: Window) -> Loader:
         paths = [os.path.join(self.root, f.path) for f in win.files]

@@ -256,3 +256,35 @@ def test_bad_arguments_and_states(tmp_path: Path) -> None:
             sl.load_state_dict({"window": 0})
         with pytest.raises(ConfigError, match="has only 0 windows"):
             sl.load_state_dict({"stream_version": 1, "window": 5, "samples_consumed": 0})
+
+
+def test_other_ranks_follow_rank0s_idle_marker_not_a_stale_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mmload.stream as stream_mod
+    from mmload.sources.growing import IdleMarkers
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setattr(stream_mod, "_GRACE_S", 0.6)
+    led = Ledger(str(tmp_path / "_mmload" / "ledger"), str(tmp_path))
+    # an earlier run's marker for (window 0, attempt 0): not this run's decision
+    (tmp_path / "_mmload" / "ledger" / "idle-000000000-000000.json").write_text(
+        json.dumps({"window": 0, "attempt": 0, "written_at": time.time() - 3600})
+    )
+    sl = mmload.StreamLoader(
+        tmp_path, batch_size=2, rank=1, world_size=2, poll_s=0.02, max_wait_s=0.1
+    )
+    t0 = time.monotonic()
+    with pytest.raises(StreamIdle, match="sent no idle signal"):
+        next(iter(sl))
+    assert time.monotonic() - t0 >= 0.8  # waited for rank 0 (2 x 0.1 + 0.6 s), then alone
+    IdleMarkers(led, None, since=0.0).mark(0, 1)  # rank 0 gives up on attempt 1
+    t0 = time.monotonic()
+    with pytest.raises(StreamIdle, match="rank 0 found no new committed file"):
+        next(iter(sl))
+    assert time.monotonic() - t0 < 0.5
+    commit(tmp_path, 0, 4)
+    Sequencer(str(tmp_path), led).cut()  # rank 0 cuts window 0 at attempt 2
+    got = _keys(next(iter(sl)))
+    assert len(got) == 2 and set(got) <= {r["__key__"] for r in _rows(0, 4)}
+    sl.close()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from mmload.errors import ConfigError
 
-__all__ = ["CommittedFile", "Ledger", "Sequencer", "Window", "list_committed"]
+__all__ = ["CommittedFile", "IdleMarkers", "Ledger", "Sequencer", "Window", "list_committed"]
 
 DEFAULT_SUFFIXES = (".parquet", ".tar")
 _UNCOMMITTED = (".inprogress", ".tmp", ".pending")
@@ -170,6 +170,39 @@ class Ledger:
         self._windows.append(win)
         self._assigned.update(f.path for f in win.files)
         return win
+
+
+class IdleMarkers:
+    """Rank 0's decision that a wait for a window ended without one, shared through the ledger
+    directory so that every rank raises ``StreamIdle`` at the same step (a rank that went on
+    alone would hang the others in the next collective).
+
+    Attempt ``k`` of the wait for window ``w`` is the ``k``-th time the trainer asks for it
+    (ranks ask in step). ``session`` tells a run's markers from an earlier run's on the same
+    ledger: torchrun's run id and restart count when present; otherwise a marker counts only if
+    written after ``since`` (the reader's start, less a margin for clocks and start-up)."""
+
+    def __init__(self, ledger: Ledger, session: str | None, since: float) -> None:
+        self.directory = ledger.directory
+        self.session = session
+        self.since = since
+
+    def _path(self, w: int, k: int) -> str:
+        tag = f"-{self.session}" if self.session else ""
+        return os.path.join(self.directory, f"idle-{w:09d}-{k:06d}{tag}.json")
+
+    def mark(self, w: int, k: int) -> None:
+        _write_once(self._path(w, k), {"window": w, "attempt": k, "written_at": time.time()})
+
+    def marked(self, w: int, k: int) -> bool:
+        try:
+            with open(self._path(w, k), encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"stream ledger idle marker {self._path(w, k)!r}: {e}") from e
+        return self.session is not None or float(doc.get("written_at", 0)) >= self.since
 
 
 def _write_once(path: str, doc: object) -> bool:
