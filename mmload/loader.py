@@ -304,9 +304,6 @@ class Loader(_Base):
         run, stats = self._take_ahead(epoch, sched)
         if stats is None:
             stats = EpochStats(self._stats, self._pipe.process_budget(world))
-        # Counted for the part of the epoch this iteration runs (all of it, or after a resume).
-        self._stats.add("samples_padded", sched.padded)
-        self._stats.add("samples_dropped", sched.dropped)
         upstream = None
         if self._workers:
             if self._pool is None:  # started on first use, kept across epochs
@@ -327,14 +324,23 @@ class Loader(_Base):
             run = self._pipe.run(epoch, sched, world, stats, on_decoded=ahead)
         if sched.num_batches == 0:
             self._epoch, self._start = epoch + 1, 0
+            self._count_tail(sched)
         for k, batch in iter_epoch(self._pipe, epoch, sched, world, stats, upstream, run):
             if k + 1 >= sched.num_batches:
                 # Taking the last batch completes the epoch, whether or not the generator is
                 # ever exhausted (a loop of exactly len() steps, as Lightning runs, never is).
                 self._epoch, self._start = epoch + 1, 0
+                self._count_tail(sched)
             else:
                 self._start = sched.consumed_after(k + 1)
             yield batch
+
+    def _count_tail(self, sched: Schedule) -> None:
+        """Padding and dropped samples, counted when the epoch's last batch (the padded one;
+        the dropped tail follows it) is taken: a run stopped before it, and resumed, counts
+        them once, in the run that gets there."""
+        self._stats.add("samples_padded", sched.padded)
+        self._stats.add("samples_dropped", sched.dropped)
 
     def _prepare(self, epoch: int) -> None:
         """Build and start ``epoch``'s stage chain from its start, ahead of time: called by the
