@@ -260,11 +260,22 @@ class FeatureJoin:
     ints in the table's unit. The batch gains one tensor per feature column and
     ``"__features_found__"`` (bool [B]), on the batch device; a sample whose key or timestamp is
     missing or not an int is a bad sample (``DecodeError``, or skipped within the budget).
+
+    ``late``: what to do with a sample newer than the table's watermark (the feature time up to
+    which the table is complete: ``FeatureTable.watermark``, or a ``StreamLoader`` window's
+    recorded one), whose features may still arrive. None (default): no watermark logic.
+    ``"join"``: join what is there; ``"skip"``: join nothing for it (found False, defaults);
+    ``"wait"``: wait up to ``max_wait_s`` for the watermark to pass the batch's newest sample,
+    then join what is there. With a policy the batch also has ``"__features_early__"`` (bool
+    [B]: joined before the watermark), and ``stats()`` counts ``joins_before_watermark`` and
+    the seconds waited (``seconds["join_wait"]``).
     """
 
     table: Any
     key: str
     timestamp: str
+    late: Literal["join", "skip", "wait"] | None = None
+    max_wait_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not callable(getattr(self.table, "join", None)):
@@ -273,6 +284,11 @@ class FeatureJoin:
             v = getattr(self, name)
             if not isinstance(v, str) or not v:
                 raise _fail(name, v, "must name a field or a json path like 'json.ts'")
+        if self.late not in (None, "join", "skip", "wait"):
+            raise _fail("late", self.late, "must be None, 'join', 'skip' or 'wait'")
+        w = self.max_wait_s
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+            raise _fail("max_wait_s", w, "must be a number >= 0 (seconds)")
 
 
 @dataclass(frozen=True)

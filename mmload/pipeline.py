@@ -250,7 +250,18 @@ class Pipeline:
         t0 = time.perf_counter()
         keys = batch.pop(FEATURE_KEY)
         ts = np.asarray(batch.pop(FEATURE_TS), dtype=np.int64)
-        for name, t in features.table.join(keys, ts).items():
+        if features.late is None:
+            joined = features.table.join(keys, ts)
+        else:
+            from mmload.features.watermark import join_with_watermark
+
+            joined, early, waited = join_with_watermark(
+                features.table, keys, ts, features.late, features.max_wait_s
+            )
+            stats.add("joins_before_watermark", early)
+            if waited:
+                stats.time("join_wait", waited)
+        for name, t in joined.items():
             on_cpu = self.opts.device.type != "cuda" and t.device.type != "cpu"
             batch[name] = t.cpu() if on_cpu else t
         stats.time("join", time.perf_counter() - t0)

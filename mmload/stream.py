@@ -25,10 +25,14 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from mmload.config import FeatureJoin
 from mmload.distributed.world import resolve_world
 from mmload.errors import ConfigError, StreamIdle
+from mmload.features.ledger import LedgerSource
+from mmload.features.watermark import PinnedTable
 from mmload.loader import Loader
 from mmload.sources.growing import DEFAULT_SUFFIXES, IdleMarkers, Ledger, Sequencer, Window
 
@@ -47,6 +51,7 @@ _SUMMED = (
     "samples_dropped",
     "samples_replaced",
     "bad_samples",
+    "joins_before_watermark",
 )
 
 
@@ -77,6 +82,7 @@ class StreamLoader:
         rank: int | None = None,
         world_size: int | None = None,
         seed: int = 0,
+        feature_source: LedgerSource | None = None,
         **loader_kwargs: Any,
     ) -> None:
         root = os.fspath(source)
@@ -93,6 +99,16 @@ class StreamLoader:
         for k in ("epoch", "partitions"):
             if k in loader_kwargs:
                 raise ConfigError(f"StreamLoader sets {k} per window: do not pass {k}=")
+        features = loader_kwargs.get("features")
+        if feature_source is not None and (
+            not isinstance(features, FeatureJoin) or features.table is not feature_source.table
+        ):
+            raise ConfigError(
+                "feature_source= needs features=mmload.FeatureJoin(table, ...) over the table "
+                "that source feeds"
+            )
+        self._features: FeatureJoin | None = features
+        self._feature_source = feature_source
         self.root = os.path.abspath(root)
         self.world = resolve_world(rank, world_size)
         where = (
@@ -148,7 +164,7 @@ class StreamLoader:
             else:
                 win = self.ledger.window(w)
                 if win is None and self._sequencer is not None and self.ledger.count() == w:
-                    win = self._sequencer.cut()
+                    win = self._cut()
                 if win is not None:
                     self._waited_s += time.monotonic() - t0
                     return win
@@ -169,8 +185,48 @@ class StreamLoader:
                 waited_s=waited,
             )
 
+    def _cut(self) -> Window | None:
+        """Rank 0: the next window from the files committed since the last one, with the
+        feature version every rank will join it against (after waiting, under
+        ``late="wait"``, for the features' watermark to pass its newest sample)."""
+        assert self._sequencer is not None
+        files = self._sequencer.pending()
+        if not files:
+            return None
+        meta: dict[str, Any] = {}
+        fs, fj = self._feature_source, self._features
+        if fs is not None and fj is not None:
+            fs.check()
+            if fj.late == "wait":
+                paths = [os.path.join(self.root, f.path) for f in files]
+                newest = newest_ts(paths, fj.timestamp)
+                if newest is not None:
+                    fs.wait_for_watermark(newest, fj.max_wait_s)
+            version, watermark = fs.current()
+            meta = {"feature_version": version, "feature_watermark": watermark}
+        return self._sequencer.cut(files, meta)
+
+    def _window_features(self, win: Window) -> FeatureJoin | None:
+        """The FeatureJoin of window ``win``: the table as of the window's feature version."""
+        fs, fj = self._feature_source, self._features
+        if fs is None or fj is None:
+            return fj
+        if "feature_version" not in win.meta:
+            raise ConfigError(
+                f"window {win.index} of ledger {self.ledger.directory!r} was cut without a "
+                "feature version (by a StreamLoader without feature_source=)"
+            )
+        version = int(win.meta["feature_version"])
+        fs.pin(version)
+        snap, _ = fs.at(version, timeout=max(fj.max_wait_s, 60.0))
+        wm = win.meta.get("feature_watermark")
+        return replace(fj, table=PinnedTable(fs.table, snap, None if wm is None else int(wm)))
+
     def _open(self, win: Window) -> Loader:
         paths = [os.path.join(self.root, f.path) for f in win.files]
+        kwargs = dict(self._kwargs)
+        if self._features is not None:
+            kwargs["features"] = self._window_features(win)
         ld = Loader(
             paths,
             batch_size=self.batch_size,
@@ -178,7 +234,7 @@ class StreamLoader:
             epoch=win.index,
             rank=self.world.rank,
             world_size=self.world.world_size,
-            **self._kwargs,
+            **kwargs,
         )
         ld._epochs_ahead = False  # its next epoch never comes
         if self._inner is not None:
@@ -226,14 +282,18 @@ class StreamLoader:
 
     def state_dict(self) -> dict[str, int]:
         """The resume cursor: the window and the position inside it (a few ints)."""
+        head = {"stream_version": _STATE_VERSION, "window": self._window}
+        win = self.ledger.window(self._window)
+        if win is not None and "feature_version" in win.meta:
+            head["feature_version"] = int(win.meta["feature_version"])  # what it joins against
         ld = self._loader
         if ld is not None and ld.epoch == self._window:  # inside the window
             inner = ld.state_dict()
             inner.pop("epoch")
-            return {"stream_version": _STATE_VERSION, "window": self._window, **inner}
+            return {**head, **inner}
         if self._inner is not None:
-            return {"stream_version": _STATE_VERSION, "window": self._window, **self._inner}
-        return {"stream_version": _STATE_VERSION, "window": self._window, "samples_consumed": 0}
+            return {**head, **self._inner}
+        return {**head, "samples_consumed": 0}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume where ``state`` was taken: the rest of its window, then the windows after."""
@@ -247,6 +307,13 @@ class StreamLoader:
             raise ConfigError(
                 f"state_dict is at window {w}, but ledger {self.ledger.directory!r} has only "
                 f"{self.ledger.count()} windows: the ledger of that run is needed to resume"
+            )
+        fv = st.pop("feature_version", None)
+        win = self.ledger.window(w)
+        if fv is not None and (win is None or win.meta.get("feature_version") != fv):
+            raise ConfigError(
+                f"state_dict joined window {w} against feature version {fv}, the ledger says "
+                f"{None if win is None else win.meta.get('feature_version')}: another ledger?"
             )
         if self._active is not None:
             self._active.close()  # type: ignore[attr-defined]
@@ -289,3 +356,28 @@ class StreamLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def newest_ts(paths: Sequence[str], column: str) -> int | None:
+    """The newest value of ``column`` in these Parquet files, from their row-group statistics
+    (no data read); None when a file is not Parquet or has no such statistics."""
+    import pyarrow.parquet as pq
+
+    newest: int | None = None
+    for p in paths:
+        if not p.endswith(".parquet"):
+            return None
+        try:
+            meta = pq.ParquetFile(p).metadata
+        except (OSError, ValueError):
+            return None
+        names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+        if column not in names:
+            return None
+        i = names.index(column)
+        for g in range(meta.num_row_groups):
+            st = meta.row_group(g).column(i).statistics
+            if st is None or not st.has_min_max or not isinstance(st.max, int):
+                return None
+            newest = st.max if newest is None else max(newest, st.max)
+    return newest

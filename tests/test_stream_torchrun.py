@@ -97,4 +97,4 @@ def test_online_training_restarts_mid_stream_exactly_once(tmp_path: Path) -> Non
     assert set(got) == set(want)  # none lost
     assert sum(got.values()) == sum(want.values()) + padded  # none twice beyond counted padding
     assert padded < 32 * second["ranks"][0]["stats"]["windows_cut"]  # < a global batch a window
-    print(f"online restart test: {time.monotonic() - t0:.1f} s, {sum(want.values())} events")
+    assert time.monotonic() - t0 < 200

@@ -108,6 +108,7 @@ class FeatureTable:
         self._stat_lock = threading.Lock()
         self._log = UpdateLog()
         self._sources: list[Source] = []
+        self._watermark: int | None = None
         self._merges = self._dropped = self._joins = self._rows_joined = 0
         self._newest_sample: int | None = None
         self._snap = Snapshot((), 0, 0, None, None, None, None, None, None, None)
@@ -275,13 +276,29 @@ class FeatureTable:
 
     # -- readers ------------------------------------------------------------------------------
 
-    def join(self, keys: Any, timestamps: Any) -> dict[str, torch.Tensor]:
+    @property
+    def watermark(self) -> int | None:
+        """The feature time up to which the table is complete (no row with an older or equal
+        ts will still arrive), as its sources or ``advance_watermark`` declared; None: unknown."""
+        return self._watermark
+
+    def advance_watermark(self, ts: int) -> None:
+        """Declare the table complete up to feature time ``ts`` (it never moves back)."""
+        with self._stat_lock:
+            if self._watermark is None or ts > self._watermark:
+                self._watermark = int(ts)
+
+    def join(
+        self, keys: Any, timestamps: Any, *, snapshot: Snapshot | None = None
+    ) -> dict[str, torch.Tensor]:
         """As-of join of B queries: for each (key, ts) the newest row with feature ts <= ts
         (and within ``ttl``). Returns one tensor per feature column on ``self.device``, sorted by
         name: scalars [B] (float32 or int64), vectors [B, D]; then ``"__features_found__"``
         (bool [B]); rows not found hold the defaults. ``keys``: list of str/int, int64 NumPy
-        array, pyarrow array or int tensor; ``timestamps``: int64 [B] (or datetime64)."""
-        snap = self._snap
+        array, pyarrow array or int tensor; ``timestamps``: int64 [B] (or datetime64).
+        ``snapshot``: join against that earlier state of the table (``snapshot()``) instead of
+        the current one."""
+        snap = self._snap if snapshot is None else snapshot
         layout, codec = snap.layout, snap.codec
         if layout is None or codec is None or snap.defaults_f is None or snap.defaults_i is None:
             raise JoinError(

@@ -24,7 +24,8 @@ import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from mmload.errors import ConfigError
 
@@ -51,6 +52,7 @@ class Window:
     index: int
     files: tuple[CommittedFile, ...]
     cut_at: float
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the feature version joined against
 
 
 def _hidden(name: str) -> bool:
@@ -138,7 +140,7 @@ class Ledger:
                 f"stream ledger window {self._path(w)!r} holds index {doc.get('index')}"
             )
         files = tuple(CommittedFile(p, int(s), int(t)) for p, s, t in doc["files"])
-        self._windows.append(Window(w, files, float(doc["cut_at"])))
+        self._windows.append(Window(w, files, float(doc["cut_at"]), dict(doc.get("meta", {}))))
         self._assigned.update(f.path for f in files)
         return True
 
@@ -153,14 +155,15 @@ class Ledger:
         self.count()
         return self._assigned
 
-    def append(self, files: Iterable[CommittedFile]) -> Window:
-        """Cut the next window holding ``files``."""
+    def append(self, files: Iterable[CommittedFile], meta: dict[str, Any] | None = None) -> Window:
+        """Cut the next window holding ``files`` (and ``meta``, JSON-safe, recorded with it)."""
         n = self.count()
-        win = Window(n, tuple(files), time.time())
+        win = Window(n, tuple(files), time.time(), dict(meta or {}))
         doc = {
             "index": n,
             "cut_at": win.cut_at,
             "files": [[f.path, f.size, f.mtime_ns] for f in win.files],
+            "meta": win.meta,
         }
         if not _write_once(self._path(n), doc):
             raise ConfigError(
@@ -241,12 +244,15 @@ class Sequencer:
         self.suffixes = tuple(suffixes)
         self.window_files = window_files
 
-    def cut(self) -> Window | None:
-        """The next window from the files committed since the last one; None if there are none."""
+    def pending(self) -> list[CommittedFile]:
+        """The files the next window would hold (committed since the last one, oldest first)."""
         assigned = self.ledger.assigned()
         new = [f for f in list_committed(self.root, self.suffixes) if f.path not in assigned]
-        if not new:
-            return None
-        if self.window_files is not None:
-            new = new[: self.window_files]
-        return self.ledger.append(new)
+        return new if self.window_files is None else new[: self.window_files]
+
+    def cut(
+        self, files: list[CommittedFile] | None = None, meta: dict[str, Any] | None = None
+    ) -> Window | None:
+        """The next window: ``files`` (by default ``pending()``); None if there are none."""
+        new = self.pending() if files is None else files
+        return self.ledger.append(new, meta) if new else None
