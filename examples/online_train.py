@@ -6,9 +6,12 @@
 
 Each rank reads the growing events directory through ``mmload.StreamLoader`` (windows of
 committed part files, cut by rank 0, recorded in a ledger) and joins the users' features as of
-each event's time from a ``FeatureTable`` that a ``DirectorySource`` fills from the features
-directory. When no new file arrives for ``--max-wait`` seconds every rank gets ``StreamIdle`` at
-the same step; ``--idle-limit`` such waits in a row end the run. ``--stop-after`` steps writes a
+each event's time from a ``FeatureTable`` that a ``LedgerSource`` fills from the features
+directory, in the order of a ledger rank 0 writes, so every rank and a restarted run join a
+window against the same feature version; ``--late wait`` (default) cuts a window only once the
+features' watermark has passed its events (or ``--max-wait`` has gone by). When no new file
+arrives for ``--max-wait`` seconds every rank gets ``StreamIdle`` at the same step;
+``--idle-limit`` such waits in a row end the run. ``--stop-after`` steps writes a
 checkpoint (model + stream cursor) and stops; ``--resume`` continues from it, exactly after the
 last batch trained on. ``--report``: rank 0 writes every rank's keys, times and joined feature
 timestamps to a JSON file (the tests check exactly-once and no future feature values with it).
@@ -29,7 +32,7 @@ from torch import nn
 
 import mmload
 from mmload.features import FeatureTable
-from mmload.features.directory import DirectorySource
+from mmload.features.ledger import LedgerSource
 
 USERS, ITEMS = 64, 128
 
@@ -59,6 +62,13 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int, help="checkpoint after this many steps and stop")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--report")
+    ap.add_argument(
+        "--late",
+        choices=["join", "skip", "wait"],
+        default="wait",
+        help="events newer than the features' watermark: join what is there, join nothing, or "
+        "wait (up to --max-wait) for the features before cutting the window",
+    )
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -79,7 +89,9 @@ def main() -> None:
     # With the whole schema, a batch that comes before the first feature file joins nothing
     # (found = False, defaults) instead of failing.
     table = FeatureTable(key="user_id", timestamp="ts", columns=schema)
-    source = DirectorySource(args.features, table, poll_interval=0.05)
+    # Feature files are applied in the order of a ledger rank 0 writes: every rank, and a
+    # restarted run, joins a window against the same feature version (recorded with it).
+    source = LedgerSource(args.features, table, sequencer=rank == 0, poll_interval=0.05)
     stream = mmload.StreamLoader(
         args.events,
         batch_size=args.global_batch // world,
@@ -88,7 +100,10 @@ def main() -> None:
         poll_s=0.05,
         shuffle=True,
         fields=["user_id", "item_id", "event_ts", "label"],
-        features=mmload.FeatureJoin(table, key="user_id", timestamp="event_ts"),
+        features=mmload.FeatureJoin(
+            table, key="user_id", timestamp="event_ts", late=args.late, max_wait_s=args.max_wait
+        ),
+        feature_source=source,
     )
     if args.resume:
         ckpt = torch.load(args.checkpoint, weights_only=True)
@@ -118,6 +133,8 @@ def main() -> None:
                             "event_ts": batch["event_ts"].tolist(),
                             "feat_ts": batch["feat_ts"].tolist(),
                             "found": batch["__features_found__"].tolist(),
+                            "early": batch["__features_early__"].tolist(),
+                            "feature_version": stream.state_dict().get("feature_version"),
                         }
                     )
                     steps += 1

@@ -88,6 +88,9 @@ def test_online_training_restarts_mid_stream_exactly_once(tmp_path: Path) -> Non
         steps = [r["steps"] for r in run["ranks"]]
         assert steps[0] == steps[1] and steps[0] > 0  # equal steps
         padded += run["ranks"][0]["stats"]["samples_padded"]
+        r0, r1 = (r["seen"] for r in run["ranks"])
+        # step by step, both ranks joined against the same feature version (from the ledger)
+        assert [s["feature_version"] for s in r0] == [s["feature_version"] for s in r1]
         for r in run["ranks"]:
             for s in r["seen"]:
                 got.update(s["keys"])
@@ -97,4 +100,10 @@ def test_online_training_restarts_mid_stream_exactly_once(tmp_path: Path) -> Non
     assert set(got) == set(want)  # none lost
     assert sum(got.values()) == sum(want.values()) + padded  # none twice beyond counted padding
     assert padded < 32 * second["ranks"][0]["stats"]["windows_cut"]  # < a global batch a window
+    # late="wait": a window is cut once the features' watermark passed its events, so only the
+    # last window (no feature file after it) may join early
+    early = [
+        e for run in (first, second) for r in run["ranks"] for s in r["seen"] for e in s["early"]
+    ]
+    assert sum(early) <= 2 * 50 + 32
     assert time.monotonic() - t0 < 200
