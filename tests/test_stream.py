@@ -32,6 +32,8 @@ def commit(root: Path, part: int, n: int, *, kind: str = "parquet", bucket: str 
     tmp = d / f".part-{part:05d}.{kind}.inprogress.1234"
     if kind == "parquet":
         write_parquet(_rows(part, n), str(tmp))
+    elif kind == "jsonl":
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in _rows(part, n)))
     else:
         rows = [{"__key__": r["__key__"], "cls": str(r["x"]).encode()} for r in _rows(part, n)]
         (w,) = write_tar_shards(rows, str(d / f".tmp-{part}-%03d.tar"), maxcount=n)
@@ -232,15 +234,19 @@ def test_idle_source_raises_stream_idle_then_continues(tmp_path: Path) -> None:
         assert sl.stats()["stream_wait_seconds"] >= 0.2
 
 
-def test_tar_part_files(tmp_path: Path) -> None:
+def test_tar_and_jsonl_part_files(tmp_path: Path) -> None:
     commit(tmp_path, 0, 5, kind="tar")
     commit(tmp_path, 1, 5, kind="parquet")
+    commit(tmp_path, 2, 5, kind="jsonl")
     with mmload.StreamLoader(
         tmp_path, batch_size=5, poll_s=0.02, max_wait_s=0.2, window_files=1
     ) as sl:
         batches = _drain(sl)
     assert [b["cls"].tolist() for b in batches[:1]] == [[0, 1, 2, 3, 4]]
-    assert [b["x"].tolist() for b in batches[1:]] == [[1000, 1001, 1002, 1003, 1004]]
+    assert [b["x"].tolist() for b in batches[1:]] == [
+        [1000, 1001, 1002, 1003, 1004],
+        [2000, 2001, 2002, 2003, 2004],
+    ]
 
 
 def test_bad_arguments_and_states(tmp_path: Path) -> None:

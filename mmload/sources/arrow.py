@@ -1,4 +1,5 @@
-"""Arrow IPC and Parquet shards: one row is one sample, read by record batch / row group.
+"""Arrow IPC, Parquet and JSON-lines shards: one row is one sample, read by record batch / row
+group (a JSON-lines file, as Flink's row-format FileSink writes them, is one chunk).
 
 A *chunk* is a Parquet row group or an Arrow record batch; the plan shuffles chunks, then
 samples within groups of chunks, so a reader keeps only a few decoded chunks in memory.
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from mmload.errors import ShardError
@@ -99,6 +101,11 @@ def _open_arrow(
     return None, batches, schema
 
 
+def _read_json(path: str) -> pa.Table:
+    """A JSON-lines file, whole (types inferred; one chunk)."""
+    return pajson.read_json(path, read_options=pajson.ReadOptions(block_size=1 << 24))
+
+
 def _has_strings(t: pa.DataType) -> bool:
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return True
@@ -136,6 +143,10 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
             md = pq.ParquetFile(path).metadata
             rows = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)], np.int64)
             schema = md.schema.to_arrow_schema()
+        elif kind == "json":
+            whole = _read_json(path)
+            rows = np.array([whole.num_rows], np.int64)
+            schema = whole.schema
         else:
             reader, batches, schema = _open_arrow(path, shard)
             if reader is not None:
@@ -151,7 +162,7 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
         raise ShardError("shard file not found", shard=shard) from None
     except (pa.ArrowException, OSError, ValueError) as e:
         # ValueError covers UnicodeDecodeError in footer metadata; OSError a damaged footer.
-        what = "Parquet" if kind == "parquet" else "Arrow IPC"
+        what = {"parquet": "Parquet", "json": "JSON-lines"}.get(kind, "Arrow IPC")
         msg = f"not a readable {what} file: {type(e).__name__}: {e}"
         raise ShardError(msg, shard=shard) from None
     if (rows < 0).any():
@@ -232,6 +243,8 @@ class TableReader:
                 if self._pf is None:
                     self._pf = pq.ParquetFile(self.path)
                 data: pa.RecordBatch | pa.Table = self._pf.read_row_group(c, columns=list(columns))
+            elif self.index.kind == "json":
+                data = _read_json(self.path).select(list(columns))
             else:
                 if self._arrow is None:
                     self._arrow = _open_arrow(self.path, self.shard)
@@ -242,7 +255,7 @@ class TableReader:
             raise ShardError(
                 f"cannot read chunk {c}: {type(e).__name__}: {e}", shard=self.shard
             ) from None
-        data = _validated(data, c, self.shard, decoded=self.index.kind == "parquet")
+        data = _validated(data, c, self.shard, decoded=self.index.kind in ("parquet", "json"))
         self._check_schema(data, c, columns)
         if data.num_rows != int(self.index.chunk_rows[c]):
             raise ShardError(

@@ -6,7 +6,7 @@ name (``.part-<uuid>-0.inprogress.<uuid>``) and commits it with a rename at a ch
 committed file never changes afterwards. Here a file is *committed* when it is a regular file
 whose name, and every directory on its path below the root (Flink's bucket directories), starts
 with neither ``.`` nor ``_``, does not end in ``.inprogress``/``.tmp``/``.pending``, and ends in
-one of the accepted suffixes (``.parquet`` and ``.tar`` by default).
+one of the accepted suffixes (``.parquet``, ``.tar`` and ``.jsonl`` by default).
 
 **Windows.** One process, the sequencer (rank 0), lists the source, takes the committed files
 that no window holds yet in ``(mtime, path)`` order, and appends them as the next window to the
@@ -31,7 +31,7 @@ from mmload.errors import ConfigError
 
 __all__ = ["CommittedFile", "IdleMarkers", "Ledger", "Sequencer", "Window", "list_committed"]
 
-DEFAULT_SUFFIXES = (".parquet", ".tar")
+DEFAULT_SUFFIXES = (".parquet", ".tar", ".jsonl")
 _UNCOMMITTED = (".inprogress", ".tmp", ".pending")
 _VERSION = 1
 

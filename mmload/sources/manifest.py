@@ -195,7 +195,7 @@ class Manifest:
                     fields=dict(s["fields"][i]),
                     digest=s["digest"][i] if "digest" in s else None,
                 )
-                if rec.kind not in ("tar", "parquet", "arrow") or rec.num_samples < 0:
+                if rec.kind not in ("tar", "parquet", "arrow", "json") or rec.num_samples < 0:
                     raise ValueError(f"shard {i}: bad kind or sample count")
                 if rec.chunk_rows is not None and sum(rec.chunk_rows) != rec.num_samples:
                     raise ValueError(f"shard {i}: chunk rows do not add up to its samples")

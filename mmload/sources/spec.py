@@ -13,7 +13,7 @@ from mmload.errors import ConfigError, ShardError
 
 __all__ = ["ShardSpec", "expand", "is_local", "kind_of", "local_path"]
 
-Kind = Literal["tar", "parquet", "arrow"]
+Kind = Literal["tar", "parquet", "arrow", "json"]
 
 _KINDS: dict[str, Kind] = {
     ".tar": "tar",
@@ -22,6 +22,8 @@ _KINDS: dict[str, Kind] = {
     ".parquet": "parquet",
     ".pq": "parquet",
     ".arrow": "arrow",
+    ".jsonl": "json",
+    ".ndjson": "json",
     ".feather": "arrow",
     ".ipc": "arrow",
 }
@@ -65,7 +67,7 @@ def kind_of(url: str, *, sniff: bool = True) -> Kind:
         if len(head) == 512 and head[257:262] == b"ustar":
             return "tar"
     raise ShardError(
-        "unknown shard format: expected .tar, .tar.gz, .parquet or .arrow "
+        "unknown shard format: expected .tar, .tar.gz, .parquet, .arrow or .jsonl "
         "(or a file with their magic bytes)",
         shard=url,
     )
@@ -133,7 +135,9 @@ def _expand_one(url: str, allow_pipe: bool) -> list[str]:
                     if not f.startswith((".", "_")) and f.lower().endswith(tuple(_KINDS))
                 )
                 if not hits:
-                    raise ShardError("directory holds no .tar/.parquet/.arrow shards", shard=u)
+                    raise ShardError(
+                        "directory holds no .tar/.parquet/.arrow/.jsonl shards", shard=u
+                    )
                 out += hits
             else:
                 out.append(path)
