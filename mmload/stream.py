@@ -359,17 +359,29 @@ class StreamLoader:
 
 
 def newest_ts(paths: Sequence[str], column: str) -> int | None:
-    """The newest value of ``column`` in these Parquet files, from their row-group statistics
-    (no data read); None when a file is not Parquet or has no such statistics."""
+    """The newest value of ``column`` in these files: from the row-group statistics of Parquet
+    files (no data read), by reading the column of JSON-lines files; None when a file is of
+    another kind or has no such integer column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
     newest: int | None = None
     for p in paths:
-        if not p.endswith(".parquet"):
-            return None
         try:
+            if p.endswith((".jsonl", ".ndjson")):
+                col = pajson.read_json(p).column(column)
+                if not pa.types.is_integer(col.type):
+                    return None
+                m = pc.max(col).as_py()
+                if m is not None:
+                    newest = m if newest is None else max(newest, m)
+                continue
+            if not p.endswith(".parquet"):
+                return None
             meta = pq.ParquetFile(p).metadata
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError, pa.ArrowException):
             return None
         names = [meta.schema.column(i).path for i in range(meta.num_columns)]
         if column not in names:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from mmload.errors import ConfigError
@@ -20,12 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def read_part_file(path: str) -> pa.Table:
-    """A whole part file, by its magic bytes: Parquet ("PAR1"), Arrow IPC file ("ARROW1") or
-    Arrow IPC stream. Raises pyarrow.ArrowInvalid (or OSError) when it is none of them."""
+    """A whole part file, by its magic bytes: Parquet ("PAR1"), Arrow IPC file ("ARROW1"),
+    JSON lines (``.jsonl``/``.ndjson``, as Flink's row-format FileSink writes) or Arrow IPC
+    stream. Raises pyarrow.ArrowInvalid (or OSError) when it is none of them."""
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic[:4] == b"PAR1":
         return pq.read_table(path)
+    if path.endswith((".jsonl", ".ndjson")):
+        return pajson.read_json(path)
     with pa.OSFile(path, "rb") as src:
         if magic == b"ARROW1":
             return ipc.open_file(src).read_all()

@@ -31,7 +31,7 @@ from mmload.sources.growing import Ledger, Sequencer
 
 __all__ = ["LedgerSource"]
 
-_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
+_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc", ".jsonl", ".ndjson")
 
 
 class LedgerSource(Source):
