@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+import pyarrow as pa
+
 from mmload.config import FeatureJoin
 from mmload.distributed.world import resolve_world
-from mmload.errors import ConfigError, StreamIdle
+from mmload.errors import ConfigError, ShardError, StreamIdle
 from mmload.features.ledger import LedgerSource
 from mmload.features.watermark import PinnedTable
 from mmload.loader import Loader
+from mmload.sources.flightlog import FlightLogClient, is_flight_url
 from mmload.sources.growing import DEFAULT_SUFFIXES, IdleMarkers, Ledger, Sequencer, Window
 
 __all__ = ["StreamLoader"]
@@ -86,11 +91,20 @@ class StreamLoader:
         **loader_kwargs: Any,
     ) -> None:
         root = os.fspath(source)
-        if "://" in root:
+        self._flight: FlightLogClient | None = None
+        if is_flight_url(root):
+            if ledger is None:
+                raise ConfigError(
+                    f"StreamLoader over the Flight log {root!r} needs ledger= (a directory every "
+                    "rank sees)"
+                )
+            self._flight = FlightLogClient(root)
+        elif "://" in root:
             raise ConfigError(
-                f"StreamLoader source {root!r}: only a local (or mounted) directory is supported"
+                f"StreamLoader source {root!r}: a local (or mounted) directory, or an Arrow "
+                "Flight log (grpc://host:port/name)"
             )
-        if not os.path.isdir(root):
+        elif not os.path.isdir(root):
             raise ConfigError(f"StreamLoader source {root!r} is not a directory")
         if not poll_s > 0:
             raise ConfigError(f"poll_s={poll_s!r}: must be > 0")
@@ -109,7 +123,7 @@ class StreamLoader:
             )
         self._features: FeatureJoin | None = features
         self._feature_source = feature_source
-        self.root = os.path.abspath(root)
+        self.root = root if self._flight is not None else os.path.abspath(root)
         self.world = resolve_world(rank, world_size)
         where = (
             os.fspath(ledger)
@@ -117,11 +131,14 @@ class StreamLoader:
             else os.path.join(self.root, "_mmload", "ledger")
         )
         self.ledger = Ledger(where, self.root)
+        self._cuts = self.world.rank == 0  # rank 0 cuts windows and decides when waits end
         self._sequencer = (
             Sequencer(self.root, self.ledger, suffixes, window_files)
-            if self.world.rank == 0
+            if self._cuts and self._flight is None
             else None
         )
+        self._window_rows = window_files  # for a Flight log: rows per window at most
+        self._spill = tempfile.mkdtemp(prefix="mmload-stream-") if self._flight else None
         self.batch_size = batch_size
         self.seed = seed
         self.poll_s = float(poll_s)
@@ -155,15 +172,15 @@ class StreamLoader:
         t0 = time.monotonic()
         # Rank 0 decides; the others follow its marker, and decide alone only if it sends
         # nothing for a while longer (rank 0 gone).
-        limit = self.max_wait_s if self._sequencer is not None else 2 * self.max_wait_s + _GRACE_S
+        limit = self.max_wait_s if self._cuts else 2 * self.max_wait_s + _GRACE_S
         while True:
-            if self._sequencer is None and self._idle.marked(w, k):
+            if not self._cuts and self._idle.marked(w, k):
                 win = None
                 waited = time.monotonic() - t0
                 who = "rank 0 found no new committed file"
             else:
                 win = self.ledger.window(w)
-                if win is None and self._sequencer is not None and self.ledger.count() == w:
+                if win is None and self._cuts and self.ledger.count() == w:
                     win = self._cut()
                 if win is not None:
                     self._waited_s += time.monotonic() - t0
@@ -172,7 +189,7 @@ class StreamLoader:
                 if waited < limit:
                     time.sleep(min(self.poll_s, max(0.0, limit - waited)))
                     continue
-                if self._sequencer is not None:
+                if self._cuts:
                     self._idle.mark(w, k)
                     who = "no new committed file"
                 else:
@@ -189,22 +206,55 @@ class StreamLoader:
         """Rank 0: the next window from the files committed since the last one, with the
         feature version every rank will join it against (after waiting, under
         ``late="wait"``, for the features' watermark to pass its newest sample)."""
-        assert self._sequencer is not None
-        files = self._sequencer.pending()
-        if not files:
-            return None
         meta: dict[str, Any] = {}
+        if self._flight is not None:
+            n = self._flight.length()
+            last = self.ledger.window(self.ledger.count() - 1) if self.ledger.count() else None
+            start = int(last.meta["rows"][1]) if last is not None else 0
+            if n < start:
+                raise ShardError(
+                    f"Flight log has {n} rows, fewer than the {start} already read (not an "
+                    "append-only log, or another log under this name?)",
+                    shard=self.root,
+                )
+            if n == start:
+                return None
+            end = n if self._window_rows is None else min(n, start + self._window_rows)
+            meta["rows"] = [start, end]
+            files: list[Any] = []
+        else:
+            assert self._sequencer is not None
+            files = self._sequencer.pending()
+            if not files:
+                return None
         fs, fj = self._feature_source, self._features
         if fs is not None and fj is not None:
             fs.check()
-            if fj.late == "wait":
+            if fj.late == "wait" and files:
                 paths = [os.path.join(self.root, f.path) for f in files]
                 newest = newest_ts(paths, fj.timestamp)
                 if newest is not None:
                     fs.wait_for_watermark(newest, fj.max_wait_s)
             version, watermark = fs.current()
-            meta = {"feature_version": version, "feature_watermark": watermark}
+            meta.update(feature_version=version, feature_watermark=watermark)
+        if self._flight is not None:
+            return self.ledger.append([], meta)
+        assert self._sequencer is not None
         return self._sequencer.cut(files, meta)
+
+    def _spill_window(self, win: Window) -> str:
+        """A Flight window's rows, fetched into a local Arrow IPC file (this rank's own)."""
+        assert self._flight is not None
+        assert self._spill is not None
+        start, end = (int(x) for x in win.meta["rows"])
+        table = self._flight.read(start, end)
+        key = self._kwargs.get("key_column", "__key__")
+        if key is not None and key not in table.column_names:  # unique across windows
+            table = table.append_column(key, pa.array([str(i) for i in range(start, end)]))
+        path = os.path.join(self._spill, f"window-{win.index:09d}.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        return path
 
     def _window_features(self, win: Window) -> FeatureJoin | None:
         """The FeatureJoin of window ``win``: the table as of the window's feature version."""
@@ -223,7 +273,10 @@ class StreamLoader:
         return replace(fj, table=PinnedTable(fs.table, snap, None if wm is None else int(wm)))
 
     def _open(self, win: Window) -> Loader:
-        paths = [os.path.join(self.root, f.path) for f in win.files]
+        if self._flight is not None:
+            paths = [self._spill_window(win)]
+        else:
+            paths = [os.path.join(self.root, f.path) for f in win.files]
         kwargs = dict(self._kwargs)
         if self._features is not None:
             kwargs["features"] = self._window_features(win)
@@ -253,6 +306,9 @@ class StreamLoader:
                 self._totals[k] += v
         self._bad += st.get("bad", [])
         ld.close()
+        if self._spill is not None:
+            for name in os.listdir(self._spill):  # the finished window's rows
+                os.unlink(os.path.join(self._spill, name))
 
     # -- iteration ----------------------------------------------------------------------------
 
@@ -350,6 +406,10 @@ class StreamLoader:
         if self._loader is not None:
             self._loader.close()
             self._loader = None
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+        if self._flight is not None:
+            self._flight.close()
 
     def __enter__(self) -> StreamLoader:
         return self

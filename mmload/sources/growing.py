@@ -97,7 +97,7 @@ class Ledger:
 
     def __init__(self, directory: str, source: str) -> None:
         self.directory = os.path.abspath(directory)
-        self.source = os.path.abspath(source)
+        self.source = source if "://" in source else os.path.abspath(source)
         os.makedirs(self.directory, exist_ok=True)
         meta = os.path.join(self.directory, "ledger.json")
         want = {"version": _VERSION, "source": self.source}
