@@ -100,10 +100,20 @@ class StreamLoader:
                 )
             self._flight = FlightLogClient(root)
         elif "://" in root:
-            raise ConfigError(
-                f"StreamLoader source {root!r}: a local (or mounted) directory, or an Arrow "
-                "Flight log (grpc://host:port/name)"
-            )
+            if ledger is None:
+                raise ConfigError(
+                    f"StreamLoader over the object-store prefix {root!r} needs ledger= (a "
+                    "directory every rank sees)"
+                )
+            import fsspec
+
+            try:
+                fsspec.core.url_to_fs(root)
+            except (ImportError, ValueError) as e:
+                raise ConfigError(
+                    f"StreamLoader source {root!r}: not a directory, an fsspec URL this "
+                    f"process can open, or an Arrow Flight log (grpc://host:port/name): {e}"
+                ) from None
         elif not os.path.isdir(root):
             raise ConfigError(f"StreamLoader source {root!r} is not a directory")
         if not poll_s > 0:
@@ -123,7 +133,7 @@ class StreamLoader:
             )
         self._features: FeatureJoin | None = features
         self._feature_source = feature_source
-        self.root = root if self._flight is not None else os.path.abspath(root)
+        self.root = root if "://" in root else os.path.abspath(root)
         self.world = resolve_world(rank, world_size)
         where = (
             os.fspath(ledger)
@@ -231,7 +241,7 @@ class StreamLoader:
         if fs is not None and fj is not None:
             fs.check()
             if fj.late == "wait" and files:
-                paths = [os.path.join(self.root, f.path) for f in files]
+                paths = [_join(self.root, f.path) for f in files]
                 newest = newest_ts(paths, fj.timestamp)
                 if newest is not None:
                     fs.wait_for_watermark(newest, fj.max_wait_s)
@@ -276,7 +286,7 @@ class StreamLoader:
         if self._flight is not None:
             paths = [self._spill_window(win)]
         else:
-            paths = [os.path.join(self.root, f.path) for f in win.files]
+            paths = [_join(self.root, f.path) for f in win.files]
         kwargs = dict(self._kwargs)
         if self._features is not None:
             kwargs["features"] = self._window_features(win)
@@ -416,6 +426,10 @@ class StreamLoader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _join(root: str, rel: str) -> str:
+    return f"{root.rstrip('/')}/{rel}" if "://" in root else os.path.join(root, rel)
 
 
 def newest_ts(paths: Sequence[str], column: str) -> int | None:

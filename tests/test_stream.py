@@ -252,7 +252,7 @@ def test_tar_and_jsonl_part_files(tmp_path: Path) -> None:
 def test_bad_arguments_and_states(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a directory"):
         mmload.StreamLoader(tmp_path / "nope", batch_size=2)
-    with pytest.raises(ConfigError, match="directory, or an Arrow Flight log"):
+    with pytest.raises(ConfigError, match="needs ledger="):
         mmload.StreamLoader("s3://bucket/prefix", batch_size=2)
     with pytest.raises(ConfigError, match="epoch"):
         mmload.StreamLoader(tmp_path, batch_size=2, epoch=3)

@@ -18,6 +18,7 @@ reads.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ from mmload.errors import ConfigError, ShardError
 __all__ = ["FlightLogClient", "FlightLogServer", "is_flight_url", "split_flight_url"]
 
 _SCHEMES = ("grpc://", "grpc+tcp://", "grpc+tls://")
+_RETRIES = (0.1, 0.3, 1.0)  # seconds before each retry of an unavailable service
 
 
 def is_flight_url(url: str) -> bool:
@@ -57,15 +59,30 @@ class FlightLogClient:
             self._client = flight.FlightClient(self.location)
         return self._client
 
-    def length(self) -> int:
-        """Rows committed to the log so far."""
+    def _call(self, what: str, fn: Any) -> Any:
+        """``fn(client)``, retried with a fresh connection when the service is unavailable
+        (a restarting service, or gRPC's back-off on an address that failed before)."""
+        for delay in _RETRIES:
+            try:
+                return fn(self._conn())
+            except flight.FlightUnavailableError:
+                self.close()
+                time.sleep(delay)
+            except (flight.FlightError, OSError) as e:
+                self.close()
+                raise ShardError(f"{what}: {e}", shard=self.url) from None
         try:
-            info = self._conn().get_flight_info(
-                flight.FlightDescriptor.for_path(self.name), self._options
-            )
+            return fn(self._conn())
         except (flight.FlightError, OSError) as e:
             self.close()
-            raise ShardError(f"Flight log unreachable: {e}", shard=self.url) from None
+            raise ShardError(f"{what}: {e}", shard=self.url) from None
+
+    def length(self) -> int:
+        """Rows committed to the log so far."""
+        desc = flight.FlightDescriptor.for_path(self.name)
+        info = self._call(
+            "Flight log unreachable", lambda c: c.get_flight_info(desc, self._options)
+        )
         n = int(info.total_records)
         if n < 0:
             raise ShardError(f"Flight log reports {n} rows", shard=self.url)
@@ -75,11 +92,10 @@ class FlightLogClient:
         """Rows ``start`` to ``end`` (exclusive); a ShardError if the service returns another
         number of rows (the log is not append-only, or was cut)."""
         ticket = flight.Ticket(f"{self.name}:{start}:{end}".encode())
-        try:
-            table = self._conn().do_get(ticket, self._options).read_all()
-        except (flight.FlightError, OSError) as e:
-            self.close()
-            raise ShardError(f"Flight log rows {start}:{end}: {e}", shard=self.url) from None
+        table = self._call(
+            f"Flight log rows {start}:{end}",
+            lambda c: c.do_get(ticket, self._options).read_all(),
+        )
         if table.num_rows != end - start:
             raise ShardError(
                 f"Flight log returned {table.num_rows} rows for {start}:{end} (not an append-only "

@@ -59,9 +59,51 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
+def _committed_name(rel: str, suffixes: Sequence[str]) -> bool:
+    parts = rel.split("/")
+    name = parts[-1]
+    return (
+        not any(_hidden(p) for p in parts)
+        and not name.endswith(_UNCOMMITTED)
+        and name.endswith(tuple(suffixes))
+    )
+
+
+def _list_remote(root: str, suffixes: Sequence[str]) -> list[CommittedFile]:
+    """The committed objects below an object-store prefix (any fsspec URL that can list). An
+    object store has no in-progress files: an object appears whole when its upload completes
+    (Flink's S3 FileSink commits a multipart upload)."""
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    try:
+        found = fs.find(base, detail=True, withdirs=False)
+    except FileNotFoundError:
+        return []
+    out: list[CommittedFile] = []
+    for name, info in found.items():
+        rel = name[len(base) :].lstrip("/") if name.startswith(base) else name
+        if not rel or not _committed_name(rel, suffixes):
+            continue
+        mod = info.get("LastModified", info.get("mtime", info.get("last_modified")))
+        if hasattr(mod, "timestamp"):
+            mtime_ns = int(mod.timestamp() * 1e9)
+        elif isinstance(mod, (int, float)):
+            mtime_ns = int(mod * 1e9)
+        else:
+            mtime_ns = 0
+        out.append(CommittedFile(rel, int(info.get("size", 0)), mtime_ns))
+    out.sort(key=lambda f: (f.mtime_ns, f.path))
+    return out
+
+
 def list_committed(root: str, suffixes: Sequence[str] = DEFAULT_SUFFIXES) -> list[CommittedFile]:
     """The committed files below ``root`` (see the module docstring), in ``(mtime, path)``
-    order. A file that vanishes while listed (renamed, expired) is left out."""
+    order; ``root`` may be an object-store prefix (an fsspec URL). A file that vanishes while
+    listed (renamed, expired) is left out."""
+    if "://" in root:
+        return _list_remote(root, suffixes)
     out: list[CommittedFile] = []
     root = os.path.abspath(root)
     for dirpath, dirnames, filenames in os.walk(root):
@@ -239,7 +281,7 @@ class Sequencer:
     ) -> None:
         if window_files is not None and window_files < 1:
             raise ConfigError(f"window_files={window_files!r}: must be >= 1 or None")
-        self.root = os.path.abspath(root)
+        self.root = root if "://" in root else os.path.abspath(root)
         self.ledger = ledger
         self.suffixes = tuple(suffixes)
         self.window_files = window_files
