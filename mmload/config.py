@@ -267,8 +267,9 @@ class FeatureJoin:
     ``"join"``: join what is there; ``"skip"``: join nothing for it (found False, defaults);
     ``"wait"``: wait up to ``max_wait_s`` for the watermark to pass the batch's newest sample,
     then join what is there. With a policy the batch also has ``"__features_early__"`` (bool
-    [B]: joined before the watermark), and ``stats()`` counts ``joins_before_watermark`` and
-    the seconds waited (``seconds["join_wait"]``).
+    [B]: joined before the watermark), and ``stats()`` counts ``joins_before_watermark`` (in
+    all, and per batch for the latest batches in ``stats()["per_batch"]``) and the seconds
+    waited (``seconds["join_wait"]``).
     """
 
     table: Any

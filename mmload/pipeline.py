@@ -259,6 +259,7 @@ class Pipeline:
                 features.table, keys, ts, features.late, features.max_wait_s
             )
             stats.add("joins_before_watermark", early)
+            stats.per_batch("joins_before_watermark", early)
             if waited:
                 stats.time("join_wait", waited)
         for name, t in joined.items():

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 from mmload.errors import BadEntry, DecodeError, MmloadError, ShardError
+
+PER_BATCH = 64  # per-batch values kept in stats()["per_batch"]
 
 __all__ = ["EpochStats", "Stats"]
 
@@ -38,6 +41,7 @@ class Stats:
         # Per stage, how long its consumer waited for its items (``wait_on``).
         self.waits: dict[str, float] = {}
         self.bad: list[BadEntry] = []
+        self.batches: dict[str, deque[int]] = {}  # per-batch values of the latest batches
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -60,6 +64,13 @@ class Stats:
     def time(self, name: str, seconds: float) -> None:
         with self._lock:
             self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def per_batch(self, name: str, value: int) -> None:
+        """Record ``value`` for the batch just made under ``name`` (the last ``PER_BATCH``
+        batches are kept; ``snapshot()["per_batch"]``)."""
+        with self._lock:
+            q = self.batches.setdefault(name, deque(maxlen=PER_BATCH))
+            q.append(value)
 
     def peak(self, name: str, value: float) -> None:
         """Keep the largest ``value`` seen under counter ``name`` (e.g. another process's
@@ -115,6 +126,7 @@ class Stats:
                 "seconds": {**self.seconds, "elapsed": elapsed},
                 "samples_per_second": self.counters["samples"] / elapsed if elapsed > 0 else 0.0,
                 "stage_wait": dict(self.waits),
+                "per_batch": {k: list(v) for k, v in self.batches.items()},
                 "bottleneck": bottleneck(self.seconds.get("wait", 0.0), self.waits, elapsed),
             }
 
@@ -155,6 +167,9 @@ class EpochStats(Stats):
 
     def peak(self, name: str, value: float) -> None:
         self._forward("peak", name, value)
+
+    def per_batch(self, name: str, value: int) -> None:
+        self._forward("per_batch", name, value)
 
     def wait_on(self, stage: str, seconds: float) -> None:
         self._forward("wait_on", stage, seconds)

@@ -401,6 +401,7 @@ class StreamLoader:
             v = cur.get(k, 0)
             out[k] = self._totals[k] + (v if isinstance(v, int) else 0)
         out["bad"] = self._bad + list(cur.get("bad", []))
+        out["per_batch"] = cur.get("per_batch", {})  # the current window's latest batches
         out["window"] = self._window
         out["windows_cut"] = self.ledger.count()
         out["stream_wait_seconds"] = round(self._waited_s, 3)

@@ -123,6 +123,7 @@ def test_loader_counts_joins_before_the_watermark(tmp_path: Path) -> None:
     assert b[EARLY].tolist() == [ts > 99 for ts in range(90, 110)]
     assert b["__features_found__"].tolist() == [ts <= 99 for ts in range(90, 110)]
     assert st["joins_before_watermark"] == 10
+    assert st["per_batch"]["joins_before_watermark"] == [10]  # one batch, 10 joined early
     with pytest.raises(ConfigError, match="late"):
         mmload.FeatureJoin(t, key="user", timestamp="ts", late="later")  # type: ignore[arg-type]
 
