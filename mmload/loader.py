@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.utils.data
@@ -55,6 +55,15 @@ __all__ = ["IterableDataset", "Loader"]
 log = logging.getLogger(__name__)
 
 Source = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+class WorkerBackend(Protocol):
+    """Where a Loader's CPU stages run when not in local processes (``workers=``): an object
+    whose ``pool(pipe, threads=, ahead=)`` returns a pool with ``epoch(epoch, schedule, world,
+    stats)`` (an upstream of batches in plan order) and ``close()``, as ``WorkerPool`` has
+    (e.g. :class:`mmload.distributed.ray.RayWorkers`)."""
+
+    def pool(self, pipe: Any, *, threads: int | None, ahead: bool) -> Any: ...
 
 
 class _Base:
@@ -274,16 +283,21 @@ class Loader(_Base):
     and statistics are those of ``workers=0``.
     """
 
-    def __init__(self, source: Source, *, workers: int = 0, **kwargs: Any) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ConfigError(f"workers={workers!r}: must be an int >= 0")
+    def __init__(self, source: Source, *, workers: int | WorkerBackend = 0, **kwargs: Any) -> None:
+        if isinstance(workers, bool) or not (
+            (isinstance(workers, int) and workers >= 0) or callable(getattr(workers, "pool", None))
+        ):
+            raise ConfigError(
+                f"workers={workers!r}: must be an int >= 0 or a worker backend such as "
+                "mmload.distributed.ray.RayWorkers(n)"
+            )
         super().__init__(source, **kwargs)
         self._active: Iterator[Any] | None = None
         # The next epoch's chain, started ahead: (epoch, schedule, partitions, chain, its stats).
         self._ahead: tuple[int, Schedule, int, Any, EpochStats] | None = None
         self._ahead_lock = threading.Lock()
         self._workers = workers
-        self._pool: WorkerPool | None = None
+        self._pool: Any = None  # a WorkerPool, or a backend's pool
         self._closed = False
         # Prepare the next epoch once this one is decoded (off for a StreamLoader's windows,
         # whose next epoch never comes).
@@ -308,12 +322,11 @@ class Loader(_Base):
         if self._workers:
             if self._pool is None:  # started on first use, kept across epochs
                 threads = self.opts.threads if self._threads_given else None
-                self._pool = WorkerPool(
-                    self._pipe,
-                    self._workers,
-                    threads=threads,
-                    ahead=not self._pipe.ds.remote.any(),  # as in process, below
-                )
+                local = not self._pipe.ds.remote.any()  # runs ahead as in process, below
+                if isinstance(self._workers, int):
+                    self._pool = WorkerPool(self._pipe, self._workers, threads=threads, ahead=local)
+                else:  # a backend (RayWorkers): its own pool with the same interface
+                    self._pool = self._workers.pool(self._pipe, threads=threads, ahead=local)
             upstream = self._pool.epoch(epoch, sched, world, stats)
         elif run is None:
             # The next epoch is prepared ahead only over local shards: over remote ones it

@@ -1,0 +1,114 @@
+"""mmload's CPU stages on Ray actors (a local Ray cluster, ``ray.init(num_cpus=2)``): the batch
+sequence, resume and accounting of ``workers=0``, bytes or decoded batches over Ray, and an
+actor killed mid-epoch costing no sample and repeating none."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import mmload
+from mmload.demo import demo_samples
+from mmload.sources.write import write_tar_shards
+
+ray = pytest.importorskip("ray", reason="ray is a dev dependency; install mmload[ray]")
+from mmload.distributed.ray import RayWorkers  # noqa: E402
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    d = tmp_path_factory.mktemp("ray-shards")
+    return write_tar_shards(demo_samples(90, size=(64, 48)), str(d / "s-%04d.tar"), maxcount=12)
+
+
+def _kw(tmp: Path) -> dict[str, Any]:
+    return dict(
+        batch_size=8,
+        shuffle=True,
+        seed=3,
+        fields=["jpg", "cls"],
+        image=mmload.ImageConfig(size=16, backend="pil"),
+        cache_dir=str(tmp / "cache"),
+    )
+
+
+def _same(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
+    assert [x["__key__"] for x in a] == [x["__key__"] for x in b]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["jpg"], y["jpg"]) and torch.equal(x["cls"], y["cls"])
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_same_batches_as_in_process(
+    cluster: Any, shards: list[str], tmp_path: Path, decode: bool
+) -> None:
+    with mmload.Loader(shards, **_kw(tmp_path)) as ld:
+        ref = [list(ld), list(ld)]  # two epochs
+        ref_stats = ld.stats()
+    with mmload.Loader(shards, workers=RayWorkers(2, decode=decode), **_kw(tmp_path)) as ld:
+        got = [list(ld), list(ld)]
+        st = ld.stats()
+    for a, b in zip(ref, got, strict=True):
+        _same(a, b)
+    for k in ("samples", "batches", "samples_padded", "bad_samples"):
+        assert st[k] == ref_stats[k], k
+
+
+def test_resume_on_ray_matches_in_process(cluster: Any, shards: list[str], tmp_path: Path) -> None:
+    with mmload.Loader(shards, **_kw(tmp_path)) as ld:
+        ref = list(ld)
+    with mmload.Loader(shards, workers=RayWorkers(2), **_kw(tmp_path)) as ld:
+        it = iter(ld)
+        head = [next(it) for _ in range(5)]
+        state = ld.state_dict()
+    with mmload.Loader(shards, workers=RayWorkers(2), **_kw(tmp_path)) as ld:
+        ld.load_state_dict(state)
+        tail = list(ld)
+    _same(head + tail, ref)
+
+
+def test_killed_actor_loses_and_repeats_nothing(
+    cluster: Any, shards: list[str], tmp_path: Path
+) -> None:
+    with mmload.Loader(shards, **_kw(tmp_path)) as ld:
+        ref = list(ld)
+    with mmload.Loader(shards, workers=RayWorkers(2, max_restarts=2), **_kw(tmp_path)) as ld:
+        it = iter(ld)
+        got = [next(it) for _ in range(4)]
+        pool = ld._pool
+        victim = pool._actors[1]
+        pid = ray.get(victim.pid.remote())
+        os.kill(pid, 9)  # the actor's process dies mid-epoch
+        got += list(it)
+        assert pool.restarts >= 1
+        assert ray.get(victim.pid.remote()) != pid  # Ray restarted it
+    _same(got, ref)
+
+
+def test_too_many_deaths_is_a_worker_error(cluster: Any, shards: list[str], tmp_path: Path) -> None:
+    with mmload.Loader(shards, workers=RayWorkers(2, max_restarts=0), **_kw(tmp_path)) as ld:
+        it = iter(ld)
+        next(it)
+        os.kill(ray.get(ld._pool._actors[0].pid.remote()), 9)
+        with pytest.raises(mmload.WorkerError, match="restarts"):
+            list(it)
+
+
+def test_bad_backend_arguments() -> None:
+    with pytest.raises(mmload.ConfigError, match="num_workers"):
+        RayWorkers(0)
+    with pytest.raises(mmload.ConfigError, match="worker backend"):
+        mmload.Loader([], batch_size=1, workers="ray")  # type: ignore[arg-type]
