@@ -112,3 +112,40 @@ def test_bad_backend_arguments() -> None:
         RayWorkers(0)
     with pytest.raises(mmload.ConfigError, match="worker backend"):
         mmload.Loader([], batch_size=1, workers="ray")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_ray_train_example(tmp_path: Path) -> None:
+    """examples/train_ray.py: a TorchTrainer of 2 workers, each reading through a Ray actor."""
+    import json
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "train_ray.py"
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(example),
+            "--trainers",
+            "2",
+            "--readers",
+            "1",
+            "--num-cpus",
+            "2",
+            "--batch",
+            "7",
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads(report.read_text())["ranks"]
+    assert len(ranks) == 2 and ranks[0]["steps"] == ranks[1]["steps"] > 0  # equal steps
+    keys = [k for r in ranks for k in r["keys"]]
+    padded = ranks[0]["padded"]
+    assert len(set(keys)) == 96 and len(keys) == 96 + padded  # each sample once, padding counted
+    assert padded == 2 * 7 * ranks[0]["steps"] - 96

@@ -40,7 +40,15 @@ from mmload.plan import Schedule, World
 from mmload.stats import Stats
 from mmload.workers import _Failed, _Recorder, _worker_copy, replay
 
-__all__ = ["RayWorkers"]
+__all__ = ["RayWorkers", "train_world"]
+
+
+def train_world() -> tuple[int, int]:
+    """(rank, world size) of this Ray Train worker (pass them to the Loader)."""
+    from ray import train
+
+    ctx = train.get_context()
+    return int(ctx.get_world_rank()), int(ctx.get_world_size())
 
 
 class RayWorkers:
