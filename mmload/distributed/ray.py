@@ -14,7 +14,7 @@ actor reads, which actors running mmload's own stages do. See ``docs/architectur
 
 **Bytes, not pixels.** By default the actors only read (``decode=False``): encoded samples
 travel to the trainer, which decodes them (on its GPU when it has one). ``decode=True`` decodes
-on the actors (for trainers short of CPU), shipping decoded tensors.
+on the actors (for CPU-bound trainers), shipping decoded tensors.
 
 **An actor that dies** is restarted by Ray (``max_restarts``); the pool then restarts the
 epoch's remaining batches on every actor from the first batch the trainer has not taken (the
@@ -54,7 +54,8 @@ def train_world() -> tuple[int, int]:
 class RayWorkers:
     """A Loader's CPU stages on ``num_workers`` Ray actors (see the module docstring).
 
-    ``decode``: decode on the actors (default: only when the loader's device is the CPU).
+    ``decode``: decode on the actors and ship tensors (default False: ship the encoded bytes
+    and decode on the trainer, on its GPU when it has one; see ``docs/scaling.md``).
     ``num_cpus``: CPUs Ray reserves per actor. ``prefetch``: batches in flight per actor.
     ``max_restarts``: restarts of a dead actor before the loader gives up. ``init``: keyword
     arguments for ``ray.init`` when Ray is not initialised yet (e.g. ``address="auto"``)."""
@@ -63,7 +64,7 @@ class RayWorkers:
         self,
         num_workers: int,
         *,
-        decode: bool | None = None,
+        decode: bool = False,
         num_cpus: float = 1.0,
         prefetch: int = 2,
         max_restarts: int = 3,
@@ -163,7 +164,7 @@ class RayPool:
     def __init__(self, pipe: Pipeline, cfg: RayWorkers, *, threads: int | None) -> None:
         self.cfg = cfg
         self.num_workers = cfg.num_workers
-        self.decoded = pipe.opts.device.type != "cuda" if cfg.decode is None else cfg.decode
+        self.decoded = bool(cfg.decode)
         self._pipe = pipe
         payload = pickle.dumps(_worker_copy(pipe, threads or 1))
         self._actors = [
