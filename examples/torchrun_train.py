@@ -40,6 +40,12 @@ def main() -> None:
         default=6,
         help="order partitions: every world size you resume on must divide it (6: 1, 2, 3, 6)",
     )
+    ap.add_argument(
+        "--ray-readers",
+        type=int,
+        default=0,
+        help="read on this many Ray actors per rank, on the running Ray cluster (ray start)",
+    )
     args = ap.parse_args()
 
     dist.init_process_group("gloo")
@@ -51,6 +57,12 @@ def main() -> None:
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
 
+    workers: object = 0
+    if args.ray_readers:  # this rank's reading on Ray actors of the running cluster
+        from mmload.distributed.ray import RayWorkers
+
+        # RAY_ADDRESS names the cluster (``ray start --head`` prints it)
+        workers = RayWorkers(args.ray_readers, num_cpus=0)
     loader = mmload.Loader(
         args.shards,
         batch_size=args.global_batch // world,
@@ -60,6 +72,7 @@ def main() -> None:
         image=mmload.ImageConfig(size=args.image_size, dtype="float32"),
         cache_dir=args.cache_dir,
         partitions=args.partitions,
+        workers=workers,  # type: ignore[arg-type]
     )
     if args.resume:
         ckpt = torch.load(args.checkpoint, weights_only=True)

@@ -149,3 +149,52 @@ def test_ray_train_example(tmp_path: Path) -> None:
     padded = ranks[0]["padded"]
     assert len(set(keys)) == 96 and len(keys) == 96 + padded  # each sample once, padding counted
     assert padded == 2 * 7 * ranks[0]["steps"] - 96
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_read_on_a_ray_cluster(make_shards: Any, tmp_path: Path) -> None:
+    """Two torchrun ranks, each reading through a Ray actor of a cluster started with
+    ``ray start``: equal steps, every sample once, padding counted (as without Ray)."""
+    import json
+    import re
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from collections import Counter
+
+    paths, keys = make_shards([11, 3, 8, 5])  # 27 samples
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    assert shutil.which(ray_cli), "the ray CLI comes with the ray package"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # A cluster of its own (token auth off: the ranks are separate drivers on this host).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.run(
+        [ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert head.returncode == 0, head.stdout[-2000:] + head.stderr[-2000:]
+    found = re.search(r"ray start --address='([^']+)'", head.stdout + head.stderr)
+    assert found, head.stdout[-2000:] + head.stderr[-2000:]
+    env["RAY_ADDRESS"] = found.group(1)
+    try:
+        report = tmp_path / "report.json"
+        example = Path(__file__).resolve().parents[1] / "examples" / "torchrun_train.py"
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(example), "--shards", *paths, "--global-batch", "8", "--report", str(report),
+             "--cache-dir", str(tmp_path / "cache"), "--ray-readers", "1"],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    ranks = json.loads(report.read_text())["ranks"]
+    assert [x["steps"] for x in ranks] == [4, 4]
+    seen = Counter(k for x in ranks for k in x["keys"])
+    assert set(seen) == set(keys) and sum(seen.values()) == 32
+    assert ranks[0]["stats"]["samples_padded"] == 32 - 27

@@ -24,6 +24,7 @@ cannot restart it, the loader raises ``WorkerError``.
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from collections import deque
@@ -58,7 +59,8 @@ class RayWorkers:
     and decode on the trainer, on its GPU when it has one; see ``docs/scaling.md``).
     ``num_cpus``: CPUs Ray reserves per actor. ``prefetch``: batches in flight per actor.
     ``max_restarts``: restarts of a dead actor before the loader gives up. ``init``: keyword
-    arguments for ``ray.init`` when Ray is not initialised yet (e.g. ``address="auto"``)."""
+    arguments for ``ray.init`` when Ray is not initialised yet; without an ``address`` (and
+    without ``RAY_ADDRESS`` in the environment) a local Ray instance is started."""
 
     def __init__(
         self,
@@ -90,7 +92,10 @@ class RayWorkers:
         """The pool a Loader uses (called on its first iteration)."""
         del ahead  # the next epoch starts when asked: actors hold no queue to run ahead into
         if not ray.is_initialized():
-            ray.init(**{"include_dashboard": False, "log_to_driver": False, **self.init})
+            if "address" in self.init or os.environ.get("RAY_ADDRESS"):
+                ray.init(**self.init)  # connect to the running cluster
+            else:  # start a local one
+                ray.init(**{"include_dashboard": False, "log_to_driver": False, **self.init})
         return RayPool(pipe, self, threads=threads)
 
 
