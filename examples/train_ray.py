@@ -4,7 +4,8 @@ asked, the decoding) on Ray actors.
     python examples/train_ray.py --shards 'data/train-*.tar' --trainers 2 --readers 1
 
 Each Ray Train worker is one rank: it builds its own ``mmload.Loader`` with the rank and world
-size Ray Train gives it (``mmload.distributed.ray.train_world()``) and
+size Ray Train gives it (``mmload.distributed.ray.dataset_shard(...)``, as
+``ray.train.get_dataset_shard`` is for Ray Data) and
 ``workers=RayWorkers(--readers)``, so its share of the plan is read by actors anywhere in the
 cluster and handed to it in plan order: every sample once per epoch, equal steps per rank
 (padding counted), and ``state_dict()`` resumes exactly. Encoded bytes travel to the trainer,
@@ -28,20 +29,19 @@ def train_loop(config: dict[str, Any]) -> None:
     from torch import nn
 
     import mmload
-    from mmload.distributed.ray import RayWorkers, train_world
+    from mmload.distributed.ray import RayWorkers, dataset_shard, train_world
 
-    rank, world = train_world()
+    rank, _ = train_world()
     torch.manual_seed(0)
     model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 10))
     model = train.torch.prepare_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loader = mmload.Loader(
+    # This worker's shard of the plan (as ray.train.get_dataset_shard is for Ray Data).
+    loader = dataset_shard(
         config["shards"],
         batch_size=config["batch"],
         shuffle=True,
         seed=0,
-        rank=rank,
-        world_size=world,
         fields=["jpg", "cls"],
         image=mmload.ImageConfig(size=32, dtype="float32", backend="pil"),
         workers=RayWorkers(config["readers"], decode=config["decode"], num_cpus=0),

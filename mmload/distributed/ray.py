@@ -41,7 +41,7 @@ from mmload.plan import Schedule, World
 from mmload.stats import Stats
 from mmload.workers import _Failed, _Recorder, _worker_copy, replay
 
-__all__ = ["RayWorkers", "train_world"]
+__all__ = ["RayWorkers", "dataset_shard", "train_world"]
 
 
 def train_world() -> tuple[int, int]:
@@ -50,6 +50,16 @@ def train_world() -> tuple[int, int]:
 
     ctx = train.get_context()
     return int(ctx.get_world_rank()), int(ctx.get_world_size())
+
+
+def dataset_shard(source: Any, **loader_kwargs: Any) -> Any:
+    """This Ray Train worker's ``mmload.Loader`` over ``source``: its shard of the plan (the
+    rank and world size from Ray Train's context), where Ray Data users call
+    ``ray.train.get_dataset_shard``. Pass ``workers=RayWorkers(n)`` to read on Ray actors."""
+    from mmload.loader import Loader
+
+    rank, world = train_world()
+    return Loader(source, rank=rank, world_size=world, **loader_kwargs)
 
 
 class RayWorkers:
