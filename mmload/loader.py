@@ -461,14 +461,75 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
         # Bumped by set_epoch/load_state_dict: a worker that starts an (epoch, generation) it
         # already started knows the trainer iterated again without choosing the epoch.
         self._generation = 0
+        # In a DataLoader worker (the Stateful protocol): where this worker's iteration began
+        # (epoch, cursor) and how many of its batches it has produced since; a loaded worker
+        # state continues them at the next iteration.
+        self._wbegan: tuple[int, int] | None = None
+        self._wdone = 0
+        self._wresume = False
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self._chose_epoch()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from ``state``: a plain cursor (``state_dict(...)`` in this process, a
+        Loader's) or, inside a DataLoader worker, that worker's own state (what
+        ``torchdata``'s ``StatefulDataLoader`` saves per worker and gives back). Call it before
+        ``iter()``."""
+        if _WORKER_KEYS & set(state):
+            self._load_worker_state(state)
+            return
         super().load_state_dict(state)
         self._chose_epoch()
+
+    def _load_worker_state(self, state: Mapping[str, Any]) -> None:
+        info = torch.utils.data.get_worker_info()
+        n, w = int(state.get("num_workers", -1)), int(state.get("worker", -1))
+        if info is None or (n, w) != (info.num_workers, info.id):
+            raise ConfigError(
+                f"a DataLoader worker's state (worker {w} of {n}) can only be loaded by that "
+                "worker: resume through the same StatefulDataLoader(num_workers=...), or turn "
+                "the saved workers' states into one cursor with IterableDataset.cursor()"
+            )
+        plain = {k: v for k, v in state.items() if k not in _WORKER_KEYS}
+        super().load_state_dict(plain)
+        began, done = (self._epoch, self._start), int(state["worker_batches"])
+        # This worker's next batch is its share's ``done``-th: the iteration that began at
+        # ``began`` with ``done * n`` global batches behind it (a multiple of n: the shares
+        # stay the same).
+        sched = self._schedule(self._start)
+        if done * n >= sched.num_batches:  # the epoch was taken whole: the next one begins
+            self._epoch, self._start = self._epoch + 1, 0
+            self._wbegan, self._wdone, self._wresume = None, 0, False
+        else:
+            self._start = sched.consumed_after(done * n)
+            self._wbegan, self._wdone, self._wresume = began, done, True
+        self._chose_epoch()
+
+    def cursor(self, worker_states: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+        """One plain cursor from every worker's state of one snapshot (as ``StatefulDataLoader``
+        holds them: ``state["_snapshot"]["_worker_snapshots"]["worker_<i>"]["dataset_state"]``):
+        the batches the workers produced and the trainer took form a prefix of the plan, so
+        their sum says where the whole iteration stands. Loads into any ``num_workers``, a
+        ``Loader``, or an ``IterableDataset`` in the main process."""
+        if not worker_states:
+            raise ConfigError("cursor(): no worker states")
+        firsts = {
+            tuple((k, v) for k, v in sorted(s.items()) if k not in _WORKER_KEYS)
+            for s in worker_states
+        }
+        if len(firsts) != 1:
+            raise ConfigError("cursor(): the workers' states belong to different iterations")
+        n = {int(s["num_workers"]) for s in worker_states}
+        if n != {len(worker_states)}:
+            raise ConfigError(f"cursor(): {len(worker_states)} states for num_workers={n}")
+        base = LoaderState.from_dict(dict(next(iter(firsts))))
+        total = sum(int(s["worker_batches"]) for s in worker_states)
+        sched = self._schedule(base.samples_consumed)
+        if total > sched.num_batches:
+            raise ConfigError(f"cursor(): {total} batches taken of {sched.num_batches}")
+        return self._state(sched.consumed_after(total), base.epoch)
 
     def _chose_epoch(self) -> None:
         self._began = (self._epoch, self._start)
@@ -506,6 +567,9 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
         sched = self._schedule()
         if info is not None:
             self._note_start(info.id)
+            if not self._wresume:  # a fresh iteration of this worker's share
+                self._wbegan, self._wdone = (epoch, self._start), 0
+            self._wresume = False
         elif sched.num_batches == 0:
             self._epoch, self._start = epoch + 1, 0
         spooled_bad = -1
@@ -520,6 +584,8 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
                         self._epoch, self._start = epoch + 1, 0
                     else:
                         self._start = sched.consumed_after(k + 1)
+                else:
+                    self._wdone += 1  # counted before the fetcher snapshots the state
                 yield batch
         finally:
             if info is not None:
@@ -562,10 +628,26 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
             with open(mark, "w", encoding="utf-8"):
                 pass
 
-    def state_dict(self, batches_consumed: int) -> dict[str, int]:
-        """The resume cursor after the trainer consumed ``batches_consumed`` batches of the
-        current iteration (counted from where this iteration began: the epoch's start, or the
-        cursor it resumed from)."""
+    def state_dict(self, batches_consumed: int | None = None) -> dict[str, int]:
+        """The resume cursor (ints only: safe under ``torch.load(weights_only=True)``).
+
+        Without an argument (the Stateful protocol, as ``StatefulDataLoader``, Lightning and
+        Accelerate call it): in this process, the cursor after the batches taken so far; inside
+        a DataLoader worker, that worker's own state (where its iteration began, and how many
+        of its batches it produced), which the same worker's ``load_state_dict`` resumes.
+        ``batches_consumed``: the cursor after that many batches of the current iteration
+        (counted from where it began), for trainers that count batches themselves."""
+        if batches_consumed is None:
+            info = torch.utils.data.get_worker_info()
+            if info is None:
+                return self._state(self._start)
+            epoch, start = self._wbegan if self._wbegan is not None else (self._epoch, self._start)
+            return {
+                **self._state(start, epoch),
+                "worker": info.id,
+                "num_workers": info.num_workers,
+                "worker_batches": self._wdone,
+            }
         epoch, start = self._began
         sched = self._schedule(start)
         if not 0 <= batches_consumed <= sched.num_batches:
@@ -609,6 +691,9 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._finalizer = weakref.finalize(self, _remove_spool, self._spool, -1)
+
+
+_WORKER_KEYS = frozenset({"worker", "num_workers", "worker_batches"})
 
 
 def _prepare_later(loader: Loader, epoch: int) -> Any:
