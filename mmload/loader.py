@@ -106,7 +106,11 @@ class _Base:
         else:
             raise ConfigError(f"shuffle={shuffle!r}: must be a bool or ShuffleConfig")
         policy = ErrorPolicy(on_error, max_bad_samples)  # type: ignore[arg-type]
+        # Rank and world size: given, or detected again at each iter() (a loader is often built
+        # before the process group exists: Lightning, Accelerate).
+        self._world_given = rank is not None or world_size is not None
         self.world = resolve_world(rank, world_size)
+        self._partitions_fixed = partitions is not None
         self.opts = LoaderOptions(
             batch_size=batch_size,
             device=parse_device(device),
@@ -146,6 +150,7 @@ class _Base:
             ds.num_shards, self.world.world_size
         )
         self._pipe.schedule(self.world.world_size, 0)  # world_size must divide partitions
+        self._fresh = True  # no batch taken, no state loaded: partitions may follow the world
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigError(f"epoch={epoch!r}: must be a non-negative int")
         self._epoch = epoch
@@ -164,6 +169,24 @@ class _Base:
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    def _refresh_world(self) -> None:
+        """Detect rank and world size again (unless they were given): called at each
+        ``iter()`` in the trainer's process, and when a DataLoader pickles the data set for its
+        workers. Partitions left to their default follow the world until a batch is taken or
+        a state loaded; after that the order's partitions stay (the world size must divide
+        them, as on a resume)."""
+        if self._world_given:
+            return
+        new = resolve_world(None, None)
+        if new == self.world:
+            return
+        if self._fresh and not self._partitions_fixed:
+            self._pipe.partitions = default_partitions(self._pipe.ds.num_shards, new.world_size)
+        self._pipe.schedule(new.world_size, self._start)  # raises if it does not divide them
+        if new != self.world:
+            log.info("mmload: rank %d of %d (detected at iter())", new.rank, new.world_size)
+        self.world = new
 
     def _schedule(self, start: int | None = None) -> Schedule:
         return self._pipe.schedule(self.world.world_size, self._start if start is None else start)
@@ -240,6 +263,7 @@ class _Base:
             )
         self._epoch = st.epoch
         self._start = st.samples_consumed
+        self._fresh = False
 
     def _stats_dict(self, stats: Stats) -> dict[str, Any]:
         sched = self._schedule()
@@ -307,6 +331,8 @@ class Loader(_Base):
         if self._closed:
             raise ConfigError("this Loader is closed")
         self._close_active()
+        self._refresh_world()
+        self._fresh = False
         gen = self._iterate()
         self._active = gen
         return gen
@@ -538,6 +564,8 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         refuse_resharding("mmload.IterableDataset")
         if torch.utils.data.get_worker_info() is None:
+            self._refresh_world()
+            self._fresh = False
             if self._active is not None:  # a new iteration replaces an unfinished one
                 self._active.close()  # type: ignore[attr-defined]
             self._began = (self._epoch, self._start)
@@ -683,6 +711,10 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
         self._finalizer()
 
     def __getstate__(self) -> dict[str, Any]:
+        if torch.utils.data.get_worker_info() is None:
+            # A DataLoader pickles the data set for its workers when iteration starts: the
+            # process group may exist by now even if it did not at construction.
+            self._refresh_world()
         state = self.__dict__.copy()
         state.pop("_finalizer", None)  # a worker's copy must not remove the spool
         state["_active"] = None  # the parent's own iteration stays with the parent
