@@ -348,7 +348,8 @@ class Loader(_Base):
         if self._workers:
             if self._pool is None:  # started on first use, kept across epochs
                 threads = self.opts.threads if self._threads_given else None
-                local = not self._pipe.ds.remote.any()  # runs ahead as in process, below
+                # runs ahead as in process, below (never for a StreamLoader's window)
+                local = self._epochs_ahead and not self._pipe.ds.remote.any()
                 if isinstance(self._workers, int):
                     self._pool = WorkerPool(self._pipe, self._workers, threads=threads, ahead=local)
                 else:  # a backend (RayWorkers): its own pool with the same interface

@@ -156,14 +156,17 @@ class StreamLoader:
         self._kwargs = loader_kwargs
         self._window = 0  # the window being read (or next to read)
         self._inner: dict[str, int] | None = None  # a cursor inside it, from load_state_dict
-        self._loader: Loader | None = None  # window self._window's loader, once opened
+        self._loader: Loader | None = None  # the open window's loader (None: not open)
+        self._loader_window = -1  # which window that is
         self._active: Iterator[dict[str, Any]] | None = None
         self._totals: dict[str, int] = dict.fromkeys(_SUMMED, 0)
         self._bad: list[Any] = []
         self._waited_s = 0.0
         self._attempts: dict[int, int] = {}  # per window, waits begun (ranks begin in step)
         session = os.environ.get("TORCHELASTIC_RUN_ID")
-        if session is not None:
+        if session in (None, "", "none"):  # plain torchrun without a rendezvous id: "none"
+            session = None
+        else:
             session += "-" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self._idle = IdleMarkers(self.ledger, session, since=time.time() - 30.0)
         self._closed = False
@@ -182,28 +185,45 @@ class StreamLoader:
         t0 = time.monotonic()
         # Rank 0 decides; the others follow its marker, and decide alone only if it sends
         # nothing for a while longer (rank 0 gone).
-        limit = self.max_wait_s if self._cuts else 2 * self.max_wait_s + _GRACE_S
+        limit = self.max_wait_s
+        if not self._cuts:  # rank 0 may also wait for the features before it cuts
+            fj = self._features
+            extra = fj.max_wait_s if fj is not None and fj.late == "wait" else 0.0
+            limit = 2 * self.max_wait_s + extra + _GRACE_S
         while True:
-            if not self._cuts and self._idle.marked(w, k):
-                win = None
-                waited = time.monotonic() - t0
-                who = "rank 0 found no new committed file"
-            else:
+            if self._cuts:
                 win = self.ledger.window(w)
-                if win is None and self._cuts and self.ledger.count() == w:
+                if win is None and self.ledger.count() == w:
                     win = self._cut()
                 if win is not None:
                     self._waited_s += time.monotonic() - t0
                     return win
-                waited = time.monotonic() - t0
-                if waited < limit:
-                    time.sleep(min(self.poll_s, max(0.0, limit - waited)))
-                    continue
-                if self._cuts:
-                    self._idle.mark(w, k)
-                    who = "no new committed file"
-                else:
-                    who = "rank 0 cut no window and sent no idle signal"
+            else:
+                # The marker is checked after the window too: rank 0 may give up on this
+                # attempt, then cut the window at the next one, between our two looks.
+                marked = self._idle.marked(w, k)
+                win = None if marked else self.ledger.window(w)
+                if win is not None and not self._idle.marked(w, k):
+                    self._waited_s += time.monotonic() - t0
+                    return win
+                if marked or win is not None:
+                    waited = time.monotonic() - t0
+                    self._waited_s += waited
+                    raise StreamIdle(
+                        f"rank 0 found no new committed file for window {w} of {self.root!r} "
+                        f"(ledger {self.ledger.directory!r}); iterate again to keep waiting",
+                        window=w,
+                        waited_s=waited,
+                    )
+            waited = time.monotonic() - t0
+            if waited < limit:
+                time.sleep(min(self.poll_s, max(0.0, limit - waited)))
+                continue
+            if self._cuts:
+                self._idle.mark(w, k)
+                who = "no new committed file"
+            else:
+                who = "rank 0 cut no window and sent no idle signal"
             self._waited_s += waited
             raise StreamIdle(
                 f"{who} for {waited:.1f} s: waiting for window {w} of {self.root!r} "
@@ -282,11 +302,25 @@ class StreamLoader:
         wm = win.meta.get("feature_watermark")
         return replace(fj, table=PinnedTable(fs.table, snap, None if wm is None else int(wm)))
 
-    def _open(self, win: Window) -> Loader:
-        if self._flight is not None:
+    def _open(self, win: Window) -> Loader | None:
+        """Window ``win``'s Loader; None for a window with nothing readable in it under
+        ``on_error="skip"`` (counted and listed: every rank reads the same ledger, so all skip
+        it alike; with the default ``"raise"`` its error is raised, and again on each try)."""
+        if self._flight is not None:  # its rows fetched first: a fetch error is never skipped
             paths = [self._spill_window(win)]
         else:
             paths = [_join(self.root, f.path) for f in win.files]
+        try:
+            return self._open_loader(win, paths)
+        except ShardError as e:
+            if self._kwargs.get("on_error") != "skip":
+                raise
+            log.warning("StreamLoader: window %d has nothing readable, skipped: %s", win.index, e)
+            self._totals["bad_samples"] += 1
+            self._bad.append({"shard": e.shard, "key": None, "reason": f"window {win.index}: {e}"})
+            return None
+
+    def _open_loader(self, win: Window, paths: list[str]) -> Loader:
         kwargs = dict(self._kwargs)
         if self._features is not None:
             kwargs["features"] = self._window_features(win)
@@ -299,7 +333,7 @@ class StreamLoader:
             world_size=self.world.world_size,
             **kwargs,
         )
-        ld._epochs_ahead = False  # its next epoch never comes
+        ld._epochs_ahead = False  # its next epoch never comes (nor with worker processes)
         if self._inner is not None:
             ld.load_state_dict({**self._inner, "epoch": win.index})
             self._inner = None
@@ -307,6 +341,7 @@ class StreamLoader:
 
     def _finish(self) -> None:
         ld, self._loader = self._loader, None
+        self._loader_window = -1
         if ld is None:
             return
         st = ld.stats()
@@ -333,10 +368,13 @@ class StreamLoader:
     def _iterate(self) -> Iterator[dict[str, Any]]:
         while True:
             w = self._window
+            if self._loader is not None and self._loader_window != w:
+                self._finish()  # the previous window's last batch was taken: it is done
             if self._loader is None:
-                self._loader = self._open(self._wait_for(w))
+                win = self._wait_for(w)
+                self._loader, self._loader_window = self._open(win), w
             ld = self._loader
-            if ld.epoch == w:  # else its last batch was taken before this iteration began
+            if ld is not None and ld.epoch == w:
                 for batch in ld:  # the rest of window w (the Loader's epoch w)
                     if ld.epoch != w:  # taking its last batch finished the window
                         self._window = w + 1
@@ -353,7 +391,7 @@ class StreamLoader:
         if win is not None and "feature_version" in win.meta:
             head["feature_version"] = int(win.meta["feature_version"])  # what it joins against
         ld = self._loader
-        if ld is not None and ld.epoch == self._window:  # inside the window
+        if ld is not None and self._loader_window == self._window and ld.epoch == self._window:
             inner = ld.state_dict()
             inner.pop("epoch")
             return {**head, **inner}

@@ -98,6 +98,37 @@ def test_killed_actor_loses_and_repeats_nothing(
     _same(got, ref)
 
 
+def test_actor_restarted_between_two_calls(cluster: Any, shards: list[str], tmp_path: Path) -> None:
+    """The actor dies while the trainer trains (no call in flight) and Ray restarts it before
+    the next call: the pool notices the lost run and restarts the epoch's rest."""
+    import time
+
+    with mmload.Loader(shards, **_kw(tmp_path)) as ld:
+        ref = list(ld)
+    with mmload.Loader(
+        shards, workers=RayWorkers(2, max_restarts=2, prefetch=1), **_kw(tmp_path)
+    ) as ld:
+        it = iter(ld)
+        got = [next(it) for _ in range(3)]
+        pool = ld._pool
+        time.sleep(0.5)  # the actors' prefetched calls are done
+        victim = pool._actors[1]
+        pid = ray.get(victim.pid.remote())
+        os.kill(pid, 9)
+        deadline = time.monotonic() + 60
+        while True:  # until Ray has restarted it
+            try:
+                if ray.get(victim.pid.remote(), timeout=5) != pid:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        got += list(it)
+        assert pool.restarts >= 1
+    _same(got, ref)
+
+
 def test_too_many_deaths_is_a_worker_error(cluster: Any, shards: list[str], tmp_path: Path) -> None:
     with mmload.Loader(shards, workers=RayWorkers(2, max_restarts=0), **_kw(tmp_path)) as ld:
         it = iter(ld)

@@ -294,3 +294,36 @@ def test_other_ranks_follow_rank0s_idle_marker_not_a_stale_one(
     got = _keys(next(iter(sl)))
     assert len(got) == 2 and set(got) <= {r["__key__"] for r in _rows(0, 4)}
     sl.close()
+
+
+def test_stopping_at_a_window_end_and_iterating_again(tmp_path: Path) -> None:
+    """A loop that breaks right after a window's last batch (for an eval, a checkpoint) and
+    iterates again goes on with the next window: nothing twice, nothing skipped."""
+    commit(tmp_path, 0, 8)
+    commit(tmp_path, 1, 8)
+    with mmload.StreamLoader(
+        tmp_path, batch_size=4, window_files=1, poll_s=0.02, max_wait_s=0.3
+    ) as sl:
+        it = iter(sl)
+        first = [next(it), next(it)]  # window 0, whole
+        assert sl.state_dict()["window"] == 1
+        rest = _drain(iter(sl))
+    keys = [k for b in first + rest for k in _keys(b)]
+    assert Counter(keys) == Counter(r["__key__"] for p in (0, 1) for r in _rows(p, 8))
+
+
+def test_a_window_with_nothing_readable_is_skipped_and_counted(tmp_path: Path) -> None:
+    commit(tmp_path, 0, 4)
+    (tmp_path / "part-00001.parquet").write_bytes(b"not parquet at all")
+    commit(tmp_path, 2, 4)
+    kw: dict[str, Any] = dict(batch_size=4, window_files=1, poll_s=0.02, max_wait_s=0.3)
+    with mmload.StreamLoader(tmp_path, on_error="skip", max_bad_samples=10, **kw) as sl:
+        keys = [k for b in _drain(sl) for k in _keys(b)]
+        st = sl.stats()
+    assert keys == [r["__key__"] for p in (0, 2) for r in _rows(p, 4)]
+    assert st["bad_samples"] >= 1 and any("part-00001" in str(b["shard"]) for b in st["bad"])
+    with mmload.StreamLoader(tmp_path, ledger=tmp_path / "_l2", **kw) as sl:  # default: raise
+        it = iter(sl)
+        next(it)
+        with pytest.raises(mmload.ShardError):
+            next(it)

@@ -24,6 +24,7 @@ cannot restart it, the loader raises ``WorkerError``.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import time
@@ -42,6 +43,8 @@ from mmload.stats import Stats
 from mmload.workers import _Failed, _Recorder, _worker_copy, replay
 
 __all__ = ["RayWorkers", "dataset_shard", "train_world"]
+
+log = logging.getLogger(__name__)
 
 
 def train_world() -> tuple[int, int]:
@@ -226,6 +229,7 @@ class _RayStream:
             stats,
         )
         self.decoded = pool.decoded
+        self._closed = False
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         pool, n = self.pool, self.pool.num_workers
@@ -236,6 +240,8 @@ class _RayStream:
         inflight: list[deque[Any]] = [deque() for _ in range(n)]
         k = 0
         while k < total:
+            if self._closed:
+                return
             j = k - base  # index in the current run
             w = j % n
             try:
@@ -243,6 +249,11 @@ class _RayStream:
                 t0 = time.perf_counter()
                 g, got, item, events = ray.get(inflight[w].popleft())
                 self.stats.wait_on("workers", time.perf_counter() - t0)
+                if got == -2:
+                    if self._closed or pool._gen != gen:
+                        return  # abandoned, or superseded by a newer run: stop quietly
+                    # Ray restarted the actor between two calls: it lost its run.
+                    raise ray.exceptions.RayActorError()
             except ray.exceptions.RayActorError as e:
                 # An actor died: restart the rest of the epoch, from batch k, on all actors.
                 pool.restarts += 1
@@ -256,7 +267,7 @@ class _RayStream:
                 base = k
                 gen = self._restart(sched)
                 continue
-            if g != gen or got == -2:
+            if g != gen:
                 continue  # a superseded run's result
             replay(self.stats, events)
             if isinstance(item, _Failed):
@@ -266,15 +277,20 @@ class _RayStream:
             yield k, item
             k += 1
         for w in range(n):  # each actor's end: what it counted after its last batch
-            self._fill(inflight, gen, w, sched.num_batches, sched.num_batches)
-            while inflight[w]:
-                g, got, item, events = ray.get(inflight[w].popleft())
-                if g == gen and got is None:
-                    replay(self.stats, events)
+            try:
+                self._fill(inflight, gen, w, sched.num_batches, sched.num_batches)
+                while inflight[w]:
+                    g, got, item, events = ray.get(inflight[w].popleft())
+                    if g == gen and got is None:
+                        replay(self.stats, events)
+            except ray.exceptions.RayActorError:
+                # Every batch was delivered; only this actor's closing counts are lost.
+                log.warning("Ray actor %d died after its last batch; its end counts are lost", w)
 
     def close(self) -> None:
-        """The run is abandoned: nothing to cancel (each actor's stream is replaced by the next
-        ``start``; results still in flight are dropped with their references)."""
+        """The run is abandoned: a reader still in it stops at its next batch (each actor's
+        stream is replaced by the next ``start``; results in flight are dropped)."""
+        self._closed = True
 
     def _restart(self, sched: Schedule) -> int:
         deadline = time.monotonic() + 60.0

@@ -52,6 +52,16 @@ __all__ = ["BatchBuffers", "Copier", "OpenShard", "TarPart", "gather_tar"]
 log = logging.getLogger(__name__)
 
 
+def _free_refs() -> int:
+    """What ``sys.getrefcount`` says of an array only a list holds, read as ``_get`` reads it
+    (the count's baseline differs between CPython versions)."""
+    probe = [np.empty(1, dtype=np.uint8)]
+    return sys.getrefcount(probe[0])
+
+
+_FREE_REFS = _free_refs()
+
+
 class BatchBuffers:
     """Batch buffers, each reused once no view of it is left (fresh memory costs a page fault
     per 4 KiB on first touch: ~10 us per 44 KB sample here, more than the copy; whether the
@@ -74,12 +84,13 @@ class BatchBuffers:
     def _get(self, n: int) -> np.ndarray:
         bufs = self._bufs
         for i in range(len(bufs)):
-            # References: the list's and getrefcount's argument; a view of a batch adds one
-            # (its memoryview's export holds the slice, which holds the buffer).
-            if sys.getrefcount(bufs[i]) <= 2 and len(bufs[i]) >= n:
+            # References: the list's (and getrefcount's argument, where it counts one); a view
+            # of a batch adds one (its memoryview's export holds the slice, which holds the
+            # buffer). The baseline is measured, not assumed: _FREE_REFS.
+            if sys.getrefcount(bufs[i]) <= _FREE_REFS and len(bufs[i]) >= n:
                 return bufs[i][:n]
         new = np.empty(n + n // 8, dtype=np.uint8)  # room for the next, slightly larger batch
-        free = [i for i in range(len(bufs)) if sys.getrefcount(bufs[i]) <= 2]
+        free = [i for i in range(len(bufs)) if sys.getrefcount(bufs[i]) <= _FREE_REFS]
         if free:  # a free buffer too small for this batch: replaced
             bufs.pop(free[0])
         if len(bufs) < self.keep and sum(len(b) for b in bufs) + len(new) <= self.keep_bytes:

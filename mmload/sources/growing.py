@@ -247,7 +247,9 @@ class IdleMarkers:
             return False
         except (OSError, ValueError) as e:
             raise ConfigError(f"stream ledger idle marker {self._path(w, k)!r}: {e}") from e
-        return self.session is not None or float(doc.get("written_at", 0)) >= self.since
+        # Even with a session, a marker older than this reader is an earlier run's (a job
+        # re-queued under the same run id starts its restart count at 0 again).
+        return float(doc.get("written_at", 0)) >= self.since
 
 
 def _write_once(path: str, doc: object) -> bool:
