@@ -120,6 +120,10 @@ class StreamLoader:
             raise ConfigError(f"poll_s={poll_s!r}: must be > 0")
         if not max_wait_s >= 0:
             raise ConfigError(f"max_wait_s={max_wait_s!r}: must be >= 0")
+        if window_files is not None and (
+            isinstance(window_files, bool) or not isinstance(window_files, int) or window_files < 1
+        ):
+            raise ConfigError(f"window_files={window_files!r}: must be an int >= 1 or None")
         for k in ("epoch", "partitions"):
             if k in loader_kwargs:
                 raise ConfigError(f"StreamLoader sets {k} per window: do not pass {k}=")
@@ -414,6 +418,17 @@ class StreamLoader:
             )
         fv = st.pop("feature_version", None)
         win = self.ledger.window(w)
+        fs = self._feature_source
+        if fs is not None and win is not None and "feature_version" in win.meta:
+            need = int(win.meta["feature_version"])
+            if not fs.can_reach(need):
+                raise ConfigError(
+                    f"window {w} joins feature version {need}, which this process's "
+                    "LedgerSource no longer keeps (it has moved past it): to go back to an "
+                    "older state, start a new LedgerSource and table, which apply the ledger "
+                    "again from the start"
+                )
+            fs.pin(need)
         if fv is not None and (win is None or win.meta.get("feature_version") != fv):
             raise ConfigError(
                 f"state_dict joined window {w} against feature version {fv}, the ledger says "

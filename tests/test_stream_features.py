@@ -235,3 +235,33 @@ def test_feature_source_must_feed_the_joined_table(tmp_path: Path) -> None:
             feature_source=src,
             features=mmload.FeatureJoin(t2, key="user", timestamp="ts"),
         )
+
+
+def test_rolling_back_past_the_kept_versions_says_how(tmp_path: Path) -> None:
+    ev, fdir = tmp_path / "events", tmp_path / "features"
+    _features(fdir, "f-0.parquet", 0, 1.0)
+    _events(ev, "part-0.parquet", 1000, 16)
+    table = FeatureTable(key="user", timestamp="ts", columns=SCHEMA)
+    source = LedgerSource(fdir, table, sequencer=True, poll_interval=0.02, keep=1)
+    fj = mmload.FeatureJoin(table, key="user", timestamp="ts", late="join")
+    with (
+        source,
+        mmload.StreamLoader(
+            ev, batch_size=8, poll_s=0.02, max_wait_s=0.3, feature_source=source, features=fj
+        ) as sl,
+    ):
+        source.wait_for_watermark(0, 5.0)
+        it = iter(sl)
+        next(it)
+        ckpt = sl.state_dict()  # window 0, feature version 1
+        next(it)
+        for i in range(1, 4):
+            _features(fdir, f"f-{i}.parquet", 100 * i, float(i))
+            deadline = time.monotonic() + 10
+            while source.version < i + 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            _events(ev, f"part-{i}.parquet", 1000 * (i + 1), 8)
+            next(it)
+        with pytest.raises(ConfigError, match="start a new LedgerSource"):
+            sl.load_state_dict(ckpt)  # an in-process rollback the source can no longer serve

@@ -150,6 +150,11 @@ class LedgerSource(Source):
             self._pin = version
             self._trim()
 
+    def can_reach(self, version: int) -> bool:
+        """Whether ``at(version)`` can still answer (kept, or not applied yet)."""
+        with self._cond:
+            return version > self._applied or version in self._snaps
+
     def at(self, version: int, timeout: float) -> tuple[Snapshot, int | None]:
         """The table's snapshot at ``version`` and its watermark, once applied (waiting up to
         ``timeout`` s); JoinError when it does not come or is no longer kept."""
@@ -168,8 +173,9 @@ class LedgerSource(Source):
             got = self._snaps.get(version)
         if got is None:
             raise JoinError(
-                f"feature source {self.name!r}: version {version} is no longer kept (pinned "
-                f"from {self._pin}); pin it before the source moves past it"
+                f"feature source {self.name!r}: version {version} is no longer kept (kept: "
+                f"{sorted(self._snaps)}); to go back to an older state, start a new "
+                "LedgerSource (and table): it applies the ledger again from the start"
             )
         return got
 
