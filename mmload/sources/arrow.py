@@ -178,16 +178,25 @@ def index_table(path: str, kind: str, *, shard: str, key_column: str | None) -> 
     return TableIndex(kind, rows, columns, types)
 
 
-def _as_array(v: list[Any]) -> np.ndarray:
-    """A list cell as an array; nested lists of unequal lengths as an object array of arrays
-    (NumPy refuses to build an inhomogeneous array)."""
+def _as_array(v: list[Any], dtype: Any = None) -> np.ndarray:
+    """A list cell as an array (of the column's element type, so an empty cell is not float64);
+    nested lists of unequal lengths as an object array of arrays (NumPy refuses to build an
+    inhomogeneous array)."""
     try:
-        return np.asarray(v)
-    except ValueError:
+        return np.asarray(v, dtype=dtype)
+    except (ValueError, TypeError):
         out = np.empty(len(v), dtype=object)
         for i, x in enumerate(v):
             out[i] = _as_array(x) if isinstance(x, list) else x
         return out
+
+
+def _element_dtype(t: pa.DataType) -> Any:
+    """The NumPy dtype of a list type's numeric elements; None for anything else."""
+    v = t.value_type
+    if pa.types.is_integer(v) or pa.types.is_floating(v) or pa.types.is_boolean(v):
+        return v.to_pandas_dtype()
+    return None
 
 
 def _column_values(col: pa.Array) -> list[Any]:
@@ -195,7 +204,8 @@ def _column_values(col: pa.Array) -> list[Any]:
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
         return col.to_pylist()
     if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
-        return [None if v is None else _as_array(v) for v in col.to_pylist()]
+        dtype = _element_dtype(t)
+        return [None if v is None else _as_array(v, dtype) for v in col.to_pylist()]
     if pa.types.is_timestamp(t):
         return col.cast(pa.int64()).to_pylist()
     return col.to_pylist()

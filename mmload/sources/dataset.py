@@ -387,6 +387,8 @@ class Dataset:
                 if isinstance(smp, dict):
                     smp["__shard__"] = self.specs[s].url
                     smp["__id__"] = int(ids[j])
+                    if self.key_column is None:  # the row's number in the whole data set
+                        smp["__key__"] = str(int(ids[j]))
                 out[j] = smp
         return out
 
