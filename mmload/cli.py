@@ -45,8 +45,10 @@ def _progress(total: int | None, desc: str, unit: str, quiet: bool) -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     import mmload
     from mmload.demo import demo_features, demo_samples
+    from mmload.device import parse_device
     from mmload.sources.write import write_tar_shards
 
+    parse_device(args.device)  # a missing GPU is said first, before any data is generated
     out = args.out or tempfile.mkdtemp(prefix="mmload-demo-")
     os.makedirs(out, exist_ok=True)
     try:

@@ -116,3 +116,14 @@ def test_bench_generates_data_and_compares_with_dataloader(
 def test_bench_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--epochs", "1"]) == 2
     assert "--epochs=1: must be >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_demo_on_cuda_without_a_gpu_says_so_before_generating(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--device", "cuda", "--samples", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and "cudf" not in err.lower()
+    assert not out.exists()  # nothing generated first
