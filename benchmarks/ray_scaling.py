@@ -22,23 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Report
-from scaling import N_MELS, TOKENS, make_data
-
-
-def loader(paths: list[str], args: argparse.Namespace, workers: Any, cache: Path) -> Any:
-    import mmload
-
-    return mmload.Loader(
-        paths,
-        batch_size=args.batch,
-        shuffle=True,
-        seed=0,
-        workers=workers,
-        image=mmload.ImageConfig(size=args.size, backend="pil"),
-        audio=mmload.AudioConfig(seconds=args.seconds, mel=True, n_mels=N_MELS),
-        text=mmload.TextConfig(fields=("txt",), max_length=TOKENS),
-        cache_dir=cache,
-    )
+from scaling import TOKENS, make_data, mmload_loader
 
 
 def main() -> int:
@@ -51,6 +35,7 @@ def main() -> int:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    args.image_backend = "pil"  # scaling.py's loader, with PIL images
 
     import ray
     import torch
@@ -72,7 +57,7 @@ def main() -> int:
         }
         base = None
         for name, (workers, shipped) in variants.items():
-            ld = loader(paths, args, workers, root / "cache")
+            ld = mmload_loader(paths, args, workers, root / "cache")
             rates = []
             with ld:
                 for r in range(args.rounds + 1):

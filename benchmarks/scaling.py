@@ -77,7 +77,7 @@ def make_data(root: Path, n: int, seconds: float) -> list[str]:
     return write_tar_shards(samples(), str(root / "scale-%04d.tar"), maxcount=64)
 
 
-def mmload_loader(paths: list[str], args: argparse.Namespace, workers: int, cache: Path) -> Any:
+def mmload_loader(paths: list[str], args: argparse.Namespace, workers: Any, cache: Path) -> Any:
     import mmload
 
     return mmload.Loader(

@@ -434,12 +434,7 @@ class StreamLoader:
                 f"state_dict joined window {w} against feature version {fv}, the ledger says "
                 f"{None if win is None else win.meta.get('feature_version')}: another ledger?"
             )
-        if self._active is not None:
-            self._active.close()  # type: ignore[attr-defined]
-            self._active = None
-        if self._loader is not None:
-            self._loader.close()
-            self._loader = None
+        self._stop_reading()
         self._window = w
         self._inner = st if st.get("samples_consumed", 0) else None
 
@@ -460,16 +455,20 @@ class StreamLoader:
         out["stream_wait_seconds"] = round(self._waited_s, 3)
         return out
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _stop_reading(self) -> None:
+        """Close the iteration and the open window's loader (its counts are not folded in)."""
         if self._active is not None:
             self._active.close()  # type: ignore[attr-defined]
             self._active = None
         if self._loader is not None:
             self._loader.close()
-            self._loader = None
+            self._loader, self._loader_window = None, -1
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_reading()
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
         if self._flight is not None:

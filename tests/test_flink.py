@@ -15,18 +15,17 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
+
+from tests.streams import train_online
 
 ROOT = Path(__file__).resolve().parents[1]
 FLINK_VENV = ROOT / ".venv-flink"
 FLINK_PY = FLINK_VENV / "bin" / "python"
 PRODUCER = ROOT / "examples" / "flink_producer.py"
-TRAIN = ROOT / "examples" / "online_train.py"
 
 
 @pytest.fixture(scope="module")
@@ -47,33 +46,6 @@ def flink_python() -> Path:
         if pip.returncode != 0:
             pytest.skip(f"apache-flink could not be installed: {pip.stderr[-500:]}")
     return FLINK_PY
-
-
-def _train(tmp: Path, *args: str) -> dict[str, Any]:
-    report = tmp / f"report-{time.monotonic_ns()}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(TRAIN),
-        "--events",
-        str(tmp / "events"),
-        "--features",
-        str(tmp / "features"),
-        "--global-batch",
-        "32",
-        "--checkpoint",
-        str(tmp / "ckpt.pt"),
-        "--report",
-        str(report),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(report.read_text())
 
 
 def _committed_keys(events: Path) -> Counter[str]:
@@ -111,9 +83,9 @@ def test_flink_job_feeds_online_training_exactly_once(flink_python: Path, tmp_pa
         text=True,
     )
     try:
-        first = _train(tmp_path, "--stop-after", "15", "--max-wait", "20")
+        first = train_online(tmp_path, "--stop-after", "15", "--max-wait", "20")
         still_running = producer.poll() is None
-        second = _train(tmp_path, "--resume", "--max-wait", "8")
+        second = train_online(tmp_path, "--resume", "--max-wait", "8")
         out, _ = producer.communicate(timeout=120)
     finally:
         if producer.poll() is None:

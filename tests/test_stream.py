@@ -17,6 +17,7 @@ import mmload
 from mmload.errors import ConfigError, StreamIdle
 from mmload.sources.growing import Ledger, Sequencer, list_committed
 from mmload.sources.write import write_parquet, write_tar_shards
+from tests.streams import drain
 
 
 def _rows(part: int, n: int) -> list[dict[str, Any]]:
@@ -43,17 +44,6 @@ def commit(root: Path, part: int, n: int, *, kind: str = "parquet", bucket: str 
 
 def _keys(batch: dict[str, Any]) -> list[str]:
     return list(batch["__key__"])
-
-
-def _drain(it: Any) -> list[dict[str, Any]]:
-    """Batches until the stream goes idle."""
-    out = []
-    try:
-        for b in it:
-            out.append(b)
-    except StreamIdle:
-        pass
-    return out
 
 
 def test_only_committed_files_are_listed(tmp_path: Path) -> None:
@@ -114,9 +104,9 @@ def test_consumes_a_growing_directory_exactly_once(tmp_path: Path) -> None:
     with mmload.StreamLoader(tmp_path, batch_size=8, poll_s=0.02, max_wait_s=1.0) as sl:
         t = threading.Thread(target=producer)
         t.start()
-        batches = _drain(sl)
+        batches = drain(sl)
         t.join()
-        batches += _drain(sl)  # what the producer committed after the first idle, if anything
+        batches += drain(sl)  # what the producer committed after the first idle, if anything
         st = sl.stats()
     keys = [k for b in batches for k in _keys(b)]
     assert Counter(keys) == Counter(produced)  # each exactly once (one rank: no padding)
@@ -149,9 +139,9 @@ def test_restart_resumes_exactly_while_files_keep_arriving(tmp_path: Path) -> No
 
         t = threading.Thread(target=producer)
         t.start()
-        rest = _drain(sl)
+        rest = drain(sl)
         t.join()
-        rest += _drain(sl)
+        rest += drain(sl)
     after = [k for b in rest for k in _keys(b)]
     want = [r["__key__"] for p in range(9) for r in _rows(p, 20)]
     assert Counter(seen + after) == Counter(want)  # none twice, none lost
@@ -162,7 +152,7 @@ def test_resume_mid_window_gives_the_same_batches(tmp_path: Path) -> None:
         commit(tmp_path, p, 15)
     kw: dict[str, Any] = dict(batch_size=4, shuffle=True, seed=1, poll_s=0.02, max_wait_s=0.3)
     with mmload.StreamLoader(tmp_path, ledger=tmp_path / "_l", window_files=3, **kw) as sl:
-        full = [_keys(b) for b in _drain(sl)]
+        full = [_keys(b) for b in drain(sl)]
     for cut in (1, 4, 11, 15):  # inside windows 0 and 1, and at a window's end
         with mmload.StreamLoader(tmp_path, ledger=tmp_path / "_l", window_files=3, **kw) as sl:
             it = iter(sl)
@@ -170,7 +160,7 @@ def test_resume_mid_window_gives_the_same_batches(tmp_path: Path) -> None:
             state = sl.state_dict()
         with mmload.StreamLoader(tmp_path, ledger=tmp_path / "_l", window_files=3, **kw) as sl:
             sl.load_state_dict(state)
-            tail = [_keys(b) for b in _drain(sl)]
+            tail = [_keys(b) for b in drain(sl)]
         assert head + tail == full, cut
 
 
@@ -241,7 +231,7 @@ def test_tar_and_jsonl_part_files(tmp_path: Path) -> None:
     with mmload.StreamLoader(
         tmp_path, batch_size=5, poll_s=0.02, max_wait_s=0.2, window_files=1
     ) as sl:
-        batches = _drain(sl)
+        batches = drain(sl)
     assert [b["cls"].tolist() for b in batches[:1]] == [[0, 1, 2, 3, 4]]
     assert [b["x"].tolist() for b in batches[1:]] == [
         [1000, 1001, 1002, 1003, 1004],
@@ -307,7 +297,7 @@ def test_stopping_at_a_window_end_and_iterating_again(tmp_path: Path) -> None:
         it = iter(sl)
         first = [next(it), next(it)]  # window 0, whole
         assert sl.state_dict()["window"] == 1
-        rest = _drain(iter(sl))
+        rest = drain(iter(sl))
     keys = [k for b in first + rest for k in _keys(b)]
     assert Counter(keys) == Counter(r["__key__"] for p in (0, 1) for r in _rows(p, 8))
 
@@ -318,7 +308,7 @@ def test_a_window_with_nothing_readable_is_skipped_and_counted(tmp_path: Path) -
     commit(tmp_path, 2, 4)
     kw: dict[str, Any] = dict(batch_size=4, window_files=1, poll_s=0.02, max_wait_s=0.3)
     with mmload.StreamLoader(tmp_path, on_error="skip", max_bad_samples=10, **kw) as sl:
-        keys = [k for b in _drain(sl) for k in _keys(b)]
+        keys = [k for b in drain(sl) for k in _keys(b)]
         st = sl.stats()
     assert keys == [r["__key__"] for p in (0, 2) for r in _rows(p, 4)]
     assert st["bad_samples"] >= 1 and any("part-00001" in str(b["shard"]) for b in st["bad"])

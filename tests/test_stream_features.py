@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import mmload
-from mmload.errors import ConfigError, StreamIdle
+from mmload.errors import ConfigError
 from mmload.features import FeatureTable
 from mmload.features.ledger import LedgerSource
 from mmload.features.watermark import EARLY, join_with_watermark
+from tests.streams import drain
 
 SCHEMA = pa.schema([("user", pa.int64()), ("ts", pa.int64()), ("v", pa.float32())])
 
@@ -60,16 +61,6 @@ def _events(directory: Path, name: str, t0: int, n: int, users: int = 4) -> list
         ),
     )
     return keys
-
-
-def _drain(it: Any) -> list[dict[str, Any]]:
-    out = []
-    try:
-        for b in it:
-            out.append(b)
-    except StreamIdle:
-        pass
-    return out
 
 
 def test_join_as_of_an_earlier_snapshot() -> None:
@@ -173,7 +164,7 @@ def test_stream_windows_join_their_feature_version_across_a_restart(tmp_path: Pa
             if state is not None:
                 sl.load_state_dict(state)
             it = iter(sl)
-            got = _drain(it) if n is None else [next(it) for _ in range(n)]
+            got = drain(it) if n is None else [next(it) for _ in range(n)]
             return got, sl.state_dict()
 
     first, state = run(None, 2)
@@ -210,7 +201,7 @@ def test_wait_policy_delays_the_cut_until_the_features_catch_up(tmp_path: Path) 
         ) as sl,
     ):
         t0 = time.monotonic()
-        (b,) = _drain(sl)
+        (b,) = drain(sl)
         waited = time.monotonic() - t0
         st = sl.stats()
         win = sl.ledger.window(0)

@@ -16,6 +16,7 @@ import pytest
 import mmload
 from mmload.errors import ConfigError, ShardError, StreamIdle
 from mmload.sources.flightlog import FlightLogServer
+from tests.streams import drain
 
 
 def _rows(part: int, n: int) -> pa.Table:
@@ -36,16 +37,6 @@ def server() -> Any:
 
 def _url(srv: FlightLogServer, name: str = "events") -> str:
     return f"grpc://127.0.0.1:{srv.port}/{name}"
-
-
-def _drain(it: Any) -> list[dict[str, Any]]:
-    out = []
-    try:
-        for b in it:
-            out.append(b)
-    except StreamIdle:
-        pass
-    return out
 
 
 def test_flight_log_consumed_exactly_once_across_a_restart(server: Any, tmp_path: Path) -> None:
@@ -72,9 +63,9 @@ def test_flight_log_consumed_exactly_once_across_a_restart(server: Any, tmp_path
         sl.load_state_dict(state)
         t = threading.Thread(target=producer)
         t.start()
-        rest = _drain(sl)
+        rest = drain(sl)
         t.join()
-        rest += _drain(sl)
+        rest += drain(sl)
         st = sl.stats()
     keys = Counter(k for b in head + rest for k in b["__key__"])
     want = Counter(f"f{p:04d}-{i:04d}" for p in range(7) for i in range(10))
@@ -131,7 +122,7 @@ def test_rows_without_a_key_get_their_log_offset(server: Any, tmp_path: Path) ->
     with mmload.StreamLoader(
         _url(server, "plain"), batch_size=6, ledger=tmp_path / "l", poll_s=0.02, max_wait_s=0.2
     ) as sl:
-        (b,) = _drain(sl)
+        (b,) = drain(sl)
     assert b["__key__"] == [str(i) for i in range(6)] and b["x"].tolist() == list(range(6))
 
 

@@ -6,46 +6,18 @@ padding), both ranks take equal steps, and no joined feature is newer than its e
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.streams import train_online
+
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCER = ROOT / "examples" / "stream_producer.py"
-TRAIN = ROOT / "examples" / "online_train.py"
-
-
-def _train(tmp: Path, *args: str) -> dict[str, Any]:
-    report = tmp / f"report-{time.monotonic_ns()}.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(TRAIN),
-        "--events",
-        str(tmp / "events"),
-        "--features",
-        str(tmp / "features"),
-        "--global-batch",
-        "32",
-        "--checkpoint",
-        str(tmp / "ckpt.pt"),
-        "--report",
-        str(report),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(report.read_text())
 
 
 @pytest.mark.dist
@@ -73,9 +45,9 @@ def test_online_training_restarts_mid_stream_exactly_once(tmp_path: Path) -> Non
     try:
         while not (tmp_path / "events").is_dir():
             time.sleep(0.05)
-        first = _train(tmp_path, "--stop-after", "12", "--max-wait", "3")
+        first = train_online(tmp_path, "--stop-after", "12", "--max-wait", "3")
         committed_at_stop = len((tmp_path / "committed.jsonl").read_text().splitlines())
-        second = _train(tmp_path, "--resume", "--max-wait", "4")
+        second = train_online(tmp_path, "--resume", "--max-wait", "4")
     finally:
         producer.wait(timeout=60)
     log = [json.loads(x) for x in (tmp_path / "committed.jsonl").read_text().splitlines()]

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 import mmload
-from mmload.errors import ConfigError, StreamIdle
+from mmload.errors import ConfigError
 from mmload.sources.growing import list_committed
 from mmload.sources.write import write_parquet
 from tests.remote import servers
+from tests.streams import drain
 
 moto_s3 = servers.moto_s3
 
@@ -27,16 +28,6 @@ def _put(client: Any, tmp: Path, key: str, part: int, n: int) -> None:
     )
     client.upload_file(local, "remote", key)
     os.unlink(local)
-
-
-def _drain(it: Any) -> list[dict[str, Any]]:
-    out = []
-    try:
-        for b in it:
-            out.append(b)
-    except StreamIdle:
-        pass
-    return out
 
 
 def test_s3_prefix_stream_exactly_once_across_a_restart(moto_s3: Any, tmp_path: Path) -> None:
@@ -62,7 +53,7 @@ def test_s3_prefix_stream_exactly_once_across_a_restart(moto_s3: Any, tmp_path: 
         _put(moto_s3, tmp_path, f"events/2026-12-06--04/part-{p}.parquet", p, 7)
     with mmload.StreamLoader("s3://remote/events", **kw) as sl:
         sl.load_state_dict(state)
-        rest = _drain(sl)
+        rest = drain(sl)
     keys = Counter(k for b in head + rest for k in b["__key__"])
     assert keys == Counter(f"s{p:03d}-{i:03d}" for p in range(5) for i in range(7))
 
