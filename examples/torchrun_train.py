@@ -1,6 +1,7 @@
 """Train a tiny image classifier with DDP on mmload batches; run it with torchrun.
 
-    torchrun --standalone --nproc_per_node=2 examples/torchrun_train.py --shards 'data/train-*.tar'
+    mmload demo --out data --samples 512        # writes data/demo-*.tar (JPEG, cls, ...), kept
+    torchrun --standalone --nproc_per_node=2 examples/torchrun_train.py --shards 'data/*.tar'
 
 Each rank builds a ``mmload.Loader`` (rank and world size come from torchrun's environment),
 trains for ``--epochs`` epochs and checkpoints the loader state with the model. At the end the
@@ -90,7 +91,7 @@ def main() -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 keys += batch["__key__"]
                 steps += 1
                 if args.stop_after is not None and steps == args.stop_after:
