@@ -1,5 +1,5 @@
-"""Helpers shared by the stream tests: draining a StreamLoader, running the online-training
-example under a 2-process torchrun."""
+"""Helpers shared by the stream tests: draining a StreamLoader, ranks reading in step in
+threads, running the online-training example under a 2-process torchrun."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,42 @@ def train_online(tmp: Path, *args: str) -> dict[str, Any]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(report.read_text())
+
+
+class Ranks:
+    """``world`` StreamLoaders (``make(rank)``) read in threads, in step as a trainer's
+    all-reduce keeps ranks, until the stream goes idle. ``join()`` re-raises a rank's error;
+    then ``batches[r]`` is rank r's ``(window, keys)`` per step and ``stats[r]`` its stats()."""
+
+    def __init__(self, make: Callable[[int], Any], world: int = 2) -> None:
+        self.batches: dict[int, list[tuple[int, list[str]]]] = {r: [] for r in range(world)}
+        self.stats: dict[int, dict[str, Any]] = {}
+        self._errors: list[BaseException] = []
+        self._barrier = threading.Barrier(world)
+        self._make = make
+        self._threads = [threading.Thread(target=self._rank, args=(r,)) for r in range(world)]
+        for t in self._threads:
+            t.start()
+
+    def _rank(self, r: int) -> None:
+        try:
+            with self._make(r) as sl:
+                it = iter(sl)
+                while True:
+                    try:
+                        b = next(it)
+                    except StreamIdle:
+                        break
+                    self.batches[r].append((sl.window, list(b["__key__"])))
+                    self._barrier.wait(timeout=10)
+                self.stats[r] = sl.stats()
+        except BaseException as e:  # noqa: BLE001 - re-raised by join()
+            self._errors.append(e)
+            self._barrier.abort()
+
+    def join(self, timeout: float = 60.0) -> Ranks:
+        for t in self._threads:
+            t.join(timeout=timeout)
+        if self._errors:
+            raise self._errors[0]
+        return self

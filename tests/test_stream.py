@@ -17,7 +17,7 @@ import mmload
 from mmload.errors import ConfigError, StreamIdle
 from mmload.sources.growing import Ledger, Sequencer, list_committed
 from mmload.sources.write import write_parquet, write_tar_shards
-from tests.streams import drain
+from tests.streams import Ranks, drain
 
 
 def _rows(part: int, n: int) -> list[dict[str, Any]]:
@@ -169,39 +169,17 @@ def test_two_ranks_equal_steps_per_window_and_exactly_once(tmp_path: Path) -> No
     for p in range(2):
         commit(tmp_path, p, 9)
         produced += [r["__key__"] for r in _rows(p, 9)]
-    out: dict[int, list[tuple[int, list[str]]]] = {0: [], 1: []}
-    stats: dict[int, dict[str, Any]] = {}
-    barrier = threading.Barrier(2)
-    errors: list[BaseException] = []
-
-    def rank(r: int) -> None:
-        try:
-            with mmload.StreamLoader(
-                tmp_path, batch_size=4, rank=r, world_size=2, poll_s=0.02, max_wait_s=1.5
-            ) as sl:
-                it = iter(sl)
-                while True:
-                    try:
-                        b = next(it)
-                    except StreamIdle:
-                        break
-                    out[r].append((sl.window, _keys(b)))
-                    barrier.wait(timeout=10)  # the trainer's all-reduce: ranks move in step
-                stats[r] = sl.stats()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
+    ranks = Ranks(
+        lambda r: mmload.StreamLoader(
+            tmp_path, batch_size=4, rank=r, world_size=2, poll_s=0.02, max_wait_s=1.5
+        )
+    )
     for p in range(2, 6):
         time.sleep(0.1)
         commit(tmp_path, p, 9)
         produced += [r["__key__"] for r in _rows(p, 9)]
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    ranks.join()
+    out, stats = ranks.batches, ranks.stats
     assert len(out[0]) == len(out[1])  # equal steps
     keys = [k for r in (0, 1) for _, ks in out[r] for k in ks]
     padded = stats[0]["samples_padded"]

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pytest
 
 import mmload
-from mmload.errors import ConfigError, ShardError, StreamIdle
+from mmload.errors import ConfigError, ShardError
 from mmload.sources.flightlog import FlightLogServer
-from tests.streams import drain
+from tests.streams import Ranks, drain
 
 
 def _rows(part: int, n: int) -> pa.Table:
@@ -77,43 +77,22 @@ def test_flight_log_consumed_exactly_once_across_a_restart(server: Any, tmp_path
 
 def test_two_ranks_over_a_flight_log(server: Any, tmp_path: Path) -> None:
     server.append("log", _rows(0, 13))
-    out: dict[int, list[list[str]]] = {0: [], 1: []}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(2)
-
-    def rank(r: int) -> None:
-        try:
-            with mmload.StreamLoader(
-                _url(server, "log"),
-                batch_size=3,
-                ledger=tmp_path / "ledger",
-                rank=r,
-                world_size=2,
-                poll_s=0.02,
-                max_wait_s=1.0,
-            ) as sl:
-                it = iter(sl)
-                while True:
-                    try:
-                        b = next(it)
-                    except StreamIdle:
-                        break
-                    out[r].append(list(b["__key__"]))
-                    barrier.wait(timeout=10)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-            barrier.abort()
-
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
+    ranks = Ranks(
+        lambda r: mmload.StreamLoader(
+            _url(server, "log"),
+            batch_size=3,
+            ledger=tmp_path / "ledger",
+            rank=r,
+            world_size=2,
+            poll_s=0.02,
+            max_wait_s=1.0,
+        )
+    )
     time.sleep(0.2)
     server.append("log", _rows(1, 5))
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
+    out = ranks.join().batches
     assert len(out[0]) == len(out[1])
-    keys = {k for r in (0, 1) for b in out[r] for k in b}
+    keys = {k for r in (0, 1) for _, b in out[r] for k in b}
     assert keys == {f"f0000-{i:04d}" for i in range(13)} | {f"f0001-{i:04d}" for i in range(5)}
 
 

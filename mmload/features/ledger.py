@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mmload.errors import ConfigError, JoinError
 from mmload.features.directory import read_part_file
@@ -108,7 +109,7 @@ class LedgerSource(Source):
                 if self._apply(data, f"window {win.index}"):
                     ts = data.column(self.table.timestamp)
                     if len(ts):
-                        newest = int(pa.compute.max(ts.cast(pa.int64())).as_py())
+                        newest = int(pc.max(ts.cast(pa.int64())).as_py())
                         self._newest = newest if self._newest is None else max(self._newest, newest)
         wm = None if self._newest is None else self._newest - self.lateness
         if wm is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -116,18 +117,12 @@ def list_committed(root: str, suffixes: Sequence[str] = DEFAULT_SUFFIXES) -> lis
                 st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if not _is_regular(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 continue
             path = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
             out.append(CommittedFile(path, st.st_size, st.st_mtime_ns))
     out.sort(key=lambda f: (f.mtime_ns, f.path))
     return out
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
 
 
 class Ledger:
