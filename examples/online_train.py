@@ -128,13 +128,13 @@ def main() -> None:
                     seen.append(
                         {
                             "t": time.time(),
-                            "window": stream.window,
+                            "window": stream.batch_window,
                             "keys": batch["__key__"],
                             "event_ts": batch["event_ts"].tolist(),
                             "feat_ts": batch["feat_ts"].tolist(),
                             "found": batch["__features_found__"].tolist(),
                             "early": batch["__features_early__"].tolist(),
-                            "feature_version": stream.state_dict().get("feature_version"),
+                            "feature_version": stream.batch_feature_version,
                         }
                     )
                     steps += 1

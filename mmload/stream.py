@@ -162,6 +162,7 @@ class StreamLoader:
         self._inner: dict[str, int] | None = None  # a cursor inside it, from load_state_dict
         self._loader: Loader | None = None  # the open window's loader (None: not open)
         self._loader_window = -1  # which window that is
+        self._batch_window: int | None = None  # the window of the batch yielded last
         self._active: Iterator[dict[str, Any]] | None = None
         self._totals: dict[str, int] = dict.fromkeys(_SUMMED, 0)
         self._bad: list[Any] = []
@@ -181,6 +182,23 @@ class StreamLoader:
     def window(self) -> int:
         """The window being read, or the next one once a window is finished."""
         return self._window
+
+    @property
+    def batch_window(self) -> int | None:
+        """The window the batch yielded last came from (None before the first batch).
+        Unlike :attr:`window`, it does not move on when that batch was its window's last."""
+        return self._batch_window
+
+    @property
+    def batch_feature_version(self) -> int | None:
+        """The feature version the batch yielded last was joined against (None without a
+        ``feature_source``, or before the first batch): the same on every rank at each step."""
+        if self._batch_window is None:
+            return None
+        win = self.ledger.window(self._batch_window)
+        if win is None or "feature_version" not in win.meta:
+            return None
+        return int(win.meta["feature_version"])
 
     def _wait_for(self, w: int) -> Window:
         """Window ``w``: read from the ledger, cut by rank 0 when due; ``StreamIdle`` after
@@ -382,6 +400,7 @@ class StreamLoader:
                 for batch in ld:  # the rest of window w (the Loader's epoch w)
                     if ld.epoch != w:  # taking its last batch finished the window
                         self._window = w + 1
+                    self._batch_window = w
                     yield batch
             self._window = w + 1  # also a window that gave this rank no batch at all
             self._finish()

@@ -186,6 +186,32 @@ def test_stream_windows_join_their_feature_version_across_a_restart(tmp_path: Pa
         assert b[EARLY].tolist() == [True] * len(b["__key__"])
 
 
+def test_batch_feature_version_stays_with_the_batch_after_its_window_ends(
+    tmp_path: Path,
+) -> None:
+    ev, fdir = tmp_path / "events", tmp_path / "features"
+    _features(fdir, "f-0.parquet", 0, 1.0)
+    _events(ev, "part-0.parquet", 1000, 16)
+    table = FeatureTable(key="user", timestamp="ts", columns=SCHEMA)
+    source = LedgerSource(fdir, table, sequencer=True, poll_interval=0.02)
+    fj = mmload.FeatureJoin(table, key="user", timestamp="ts", late="join")
+    with (
+        source,
+        mmload.StreamLoader(
+            ev, batch_size=8, poll_s=0.02, max_wait_s=0.3, feature_source=source, features=fj
+        ) as sl,
+    ):
+        source.wait_for_watermark(0, 5.0)
+        assert sl.batch_window is None and sl.batch_feature_version is None
+        it = iter(sl)
+        next(it)
+        assert sl.batch_window == 0 and sl.batch_feature_version == 1
+        next(it)  # window 0's last batch: the cursor moves to window 1, not cut yet
+        state = sl.state_dict()
+        assert state["window"] == 1 and "feature_version" not in state
+        assert sl.batch_window == 0 and sl.batch_feature_version == 1
+
+
 def test_wait_policy_delays_the_cut_until_the_features_catch_up(tmp_path: Path) -> None:
     ev, fdir = tmp_path / "events", tmp_path / "features"
     _features(fdir, "f-0.parquet", 500, 1.0)  # watermark 500
