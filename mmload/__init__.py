@@ -21,6 +21,7 @@ __all__ = [
     "FeatureTable",
     "ImageConfig",
     "IterableDataset",
+    "Jagged",
     "JoinError",
     "Loader",
     "MmloadError",
@@ -34,6 +35,8 @@ __all__ = [
     "WorkerError",
     "World",
     "__version__",
+    "kjt_parts",
+    "to_kjt",
 ]
 
 _WHERE = {
@@ -58,6 +61,9 @@ _WHERE = {
     "IterableDataset": "mmload.loader",
     "Loader": "mmload.loader",
     "World": "mmload.plan",
+    "Jagged": "mmload.jagged",
+    "kjt_parts": "mmload.jagged",
+    "to_kjt": "mmload.jagged",
 }
 
 if TYPE_CHECKING:
@@ -81,6 +87,7 @@ if TYPE_CHECKING:
         WorkerError,
     )
     from mmload.features import FeatureTable
+    from mmload.jagged import Jagged, kjt_parts, to_kjt
     from mmload.loader import IterableDataset, Loader
     from mmload.plan import World
     from mmload.stream import StreamLoader

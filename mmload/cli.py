@@ -28,6 +28,11 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).replace("torch.", "")
         return f"tensor {tuple(value.shape)} {dtype} on {value.device}"
+    from mmload.jagged import Jagged
+
+    if isinstance(value, Jagged):
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"jagged {len(value)} rows, {value.values.numel()} {dtype} values on {value.device}"
     if isinstance(value, list):
         inner = type(value[0]).__name__ if value else "?"
         return f"list[{inner}] of {len(value)}"

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mmload.errors import DeviceError
+from mmload.jagged import Jagged
 
 __all__ = ["DeviceCopier", "parse_device", "to_device"]
 
@@ -49,7 +50,7 @@ def to_device(
     """A copy of ``batch`` with every tensor on ``device`` (same keys, same order)."""
     out: dict[str, Any] = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor) and v.device != device:
+        if isinstance(v, (torch.Tensor, Jagged)) and v.device != device:
             if device.type == "cuda" and v.device.type == "cpu" and not v.is_pinned():
                 v = v.pin_memory()
             v = v.to(device, non_blocking=non_blocking)
@@ -88,6 +89,7 @@ class DeviceCopier:
         current = torch.cuda.current_stream(self.device)
         current.wait_event(event)
         for v in batch.values():
-            if isinstance(v, torch.Tensor) and v.device.type == "cuda":
-                v.record_stream(current)
+            for t in (v.values, v.offsets) if isinstance(v, Jagged) else (v,):
+                if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                    t.record_stream(current)
         return batch

@@ -98,6 +98,7 @@ class _Base:
         epoch: int = 0,
         partitions: int | None = None,
         remote: RemoteConfig | None = None,
+        ragged: str = "jagged",
     ) -> None:
         if isinstance(shuffle, bool):
             shuffle_cfg = ShuffleConfig() if shuffle else None
@@ -129,6 +130,7 @@ class _Base:
             threads=threads if threads is not None else default_threads(),
             prefetch=prefetch,
             partitions=partitions,
+            ragged=ragged,
         )
         self._threads_given = threads is not None
         # Decoded Parquet/Arrow chunks kept per process: a shuffle group's worth (and a margin).
@@ -295,7 +297,9 @@ class Loader(_Base):
     ``source``: tar/Parquet/Arrow shards as a path, brace pattern, glob, directory, fsspec URL or
     a list of these. Each batch is a dict: ``"__key__"`` (list of ``batch_size`` keys) and one
     entry per field: images ``[B, 3, H, W]`` (``image.dtype``, default float16, normalised),
-    ``.cls`` ``int64 [B]``, numeric columns as tensors, text/json/bytes as lists.
+    ``.cls`` ``int64 [B]``, numeric columns as tensors, variable-length lists of numbers (list
+    columns, JSON-lines arrays) as one :class:`mmload.Jagged` ``(values, offsets)`` (or lists
+    of arrays with ``ragged="list"``), text/json/bytes as lists.
 
     Iterating runs one epoch from the resume cursor; after a whole epoch the next iteration
     starts the next epoch (call ``set_epoch`` to choose). ``state_dict()`` after batch ``k``

@@ -68,6 +68,7 @@ class LoaderOptions:
     threads: int
     prefetch: int
     partitions: int | None = None
+    ragged: str = "jagged"  # variable-length lists of numbers: "jagged" (Jagged) or "list"
 
     def __post_init__(self) -> None:
         if (
@@ -82,6 +83,8 @@ class LoaderOptions:
             raise ConfigError(f"threads={self.threads!r}: must be >= 1")
         if self.prefetch < 1:
             raise ConfigError(f"prefetch={self.prefetch!r}: must be >= 1")
+        if self.ragged not in ("jagged", "list"):
+            raise ConfigError(f"ragged={self.ragged!r}: must be 'jagged' or 'list'")
         p = self.partitions
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ConfigError(f"partitions={p!r}: must be a positive int or None")
@@ -183,7 +186,8 @@ def field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, A
     for n, cls in classes.items():
         for shard, t in schema[n].other_types:
             other = kind_class("value", t)
-            if other != cls and not (cls == "float" and other == "int"):
+            widened = (cls, other) in (("float", "int"), ("jagged_float", "jagged_int"))
+            if other != cls and not widened:
                 log.warning(
                     "column %r is %s in shard %s but %s (%s) in %s: its values there are bad "
                     "samples",
@@ -202,6 +206,8 @@ def field_plan(ds: Dataset, opts: LoaderOptions) -> tuple[FieldPlan, dict[str, A
                 classes[n] = "ragged"  # fixed-size lists of something that is not a number
             else:
                 shapes[n] = shape
+        elif cls.startswith("jagged_") and opts.ragged == "list":
+            classes[n] = "ragged"  # Python lists of arrays, as before Jagged
     return FieldPlan(tuple(names), kinds, frozenset(hidden), classes, shapes), extract
 
 

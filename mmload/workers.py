@@ -46,6 +46,7 @@ import torch
 import torch.multiprocessing as tmp
 
 from mmload.errors import BadEntry, DecodeError, MmloadError, WorkerError
+from mmload.jagged import Jagged
 from mmload.pipeline import Pipeline, default_threads
 from mmload.plan import Schedule, World
 from mmload.stats import Stats
@@ -221,15 +222,19 @@ class _Job:
 def _shared(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch with every CPU tensor in shared memory (one copy, made here, so the queue
     sends only a handle; as DataLoader's collate does)."""
-    out: dict[str, Any] = {}
-    for name, v in batch.items():
-        if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.is_shared():
-            storage = torch.UntypedStorage._new_shared(max(v.numel() * v.element_size(), 1))
-            shared = torch.empty(0, dtype=v.dtype).set_(storage, 0, v.shape, _strides(v.shape))
-            shared.copy_(v)
-            v = shared
-        out[name] = v
-    return out
+    return {
+        name: v.map(_shared_tensor) if isinstance(v, Jagged) else _shared_tensor(v)
+        for name, v in batch.items()
+    }
+
+
+def _shared_tensor(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.is_shared():
+        storage = torch.UntypedStorage._new_shared(max(v.numel() * v.element_size(), 1))
+        shared = torch.empty(0, dtype=v.dtype).set_(storage, 0, v.shape, _strides(v.shape))
+        shared.copy_(v)
+        return shared
+    return v
 
 
 def _pack_raw(raw: list[Any]) -> tuple[torch.Tensor, list[Any], list[tuple[int, str, int, int]]]:

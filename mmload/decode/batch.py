@@ -26,6 +26,7 @@ from mmload.decode.fields import FieldKind, ValueClass, collate, conform, decode
 from mmload.decode.headers import read_header
 from mmload.decode.text import Tokenizer, encode_batch
 from mmload.errors import BadEntry, DecodeError, ShardError
+from mmload.jagged import Jagged
 from mmload.stats import Stats
 
 _DataError = ShardError | DecodeError
@@ -140,7 +141,11 @@ class FieldPlan:
 def _repeat(one: dict[str, Any], n: int) -> dict[str, Any]:
     """A batch of one repeated ``n`` times."""
     return {
-        k: v.expand(n, *v.shape[1:]).clone() if isinstance(v, torch.Tensor) else v * n
+        k: v.expand(n, *v.shape[1:]).clone()
+        if isinstance(v, torch.Tensor)
+        else v.repeat(n)
+        if isinstance(v, Jagged)
+        else v * n
         for k, v in one.items()
     }
 
@@ -375,7 +380,8 @@ class BatchDecoder:
                 if not p.errors:  # owning its memory (decoder outputs may be reused buffers)
                     one = self._assemble(p, decoded, np.ones(1, dtype=bool))
                     return {
-                        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in one.items()
+                        k: v.clone() if isinstance(v, (torch.Tensor, Jagged)) else v
+                        for k, v in one.items()
                     }
         return None
 

@@ -8,8 +8,10 @@
   switches between a tensor and a list. A value that does not conform (a float in an int
   column, an int beyond int64, a null in a numeric column) makes its sample bad.
 * Collation by class: ``int`` -> ``int64 [B]``, ``float`` -> ``float32 [B]``, ``bool`` ->
-  ``bool [B]``, ``array`` (fixed-size lists) -> stacked tensors; ``str``/``bytes``/``ragged``
-  (variable-length lists, as arrays)/``any`` -> Python lists of length B.
+  ``bool [B]``, ``array`` (fixed-size lists) -> stacked tensors; ``jagged_int``/``jagged_float``/
+  ``jagged_bool`` (variable-length lists of numbers) -> one :class:`~mmload.jagged.Jagged`
+  ``(values, offsets)``; ``str``/``bytes``/``ragged`` (other variable-length lists, e.g. of
+  strings or of lists, as arrays)/``any`` -> Python lists of length B.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mmload.jagged import Jagged
+
 __all__ = [
     "FieldKind",
     "ValueClass",
@@ -30,11 +34,29 @@ __all__ = [
     "decode_value",
     "field_kind",
     "fixed_shape",
+    "jagged_class",
     "kind_class",
 ]
 
 FieldKind = Literal["image", "int", "json", "text", "audio", "video", "bytes", "value"]
-ValueClass = Literal["int", "float", "bool", "str", "bytes", "array", "ragged", "any"]
+ValueClass = Literal[
+    "int",
+    "float",
+    "bool",
+    "str",
+    "bytes",
+    "array",
+    "jagged_int",
+    "jagged_float",
+    "jagged_bool",
+    "ragged",
+    "any",
+]
+JAGGED: dict[str, torch.dtype] = {
+    "jagged_int": torch.int64,
+    "jagged_float": torch.float32,
+    "jagged_bool": torch.bool,
+}
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _INT_TYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
@@ -112,8 +134,25 @@ def kind_class(kind: FieldKind, arrow_type: str | None) -> ValueClass:
     if t.startswith("fixed_size_list<"):
         return "array"
     if t.startswith(("list<", "large_list<", "list_view<", "large_list_view<")):
-        return "ragged"
+        return jagged_class(t) or "ragged"
     return "any"
+
+
+_LIST = re.compile(r"^(?:large_)?list(?:_view)?<[^:<>]*: ([a-z0-9]+)(?: not null)?>$")
+
+
+def jagged_class(arrow_type: str) -> ValueClass | None:
+    """The jagged class of a variable-length list of numbers (one level), from its Arrow type
+    string: ``"list<item: int32>"`` -> ``"jagged_int"``; None for any other type."""
+    m = _LIST.match(arrow_type)
+    if m is None:
+        return None
+    t = m.group(1)
+    if t in _INT_TYPES:
+        return "jagged_int"
+    if t in ("halffloat", "float", "double"):
+        return "jagged_float"
+    return "jagged_bool" if t == "bool" else None
 
 
 _FIXED_LIST = re.compile(r"^fixed_size_list<[^:<>]*: (.*)>\[(\d+)\]$")
@@ -153,6 +192,17 @@ def conform(cls: ValueClass, v: Any, shape: tuple[int, ...] | None = None) -> st
         if shape is not None and v.shape != shape:
             return f"a list of shape {v.shape}, where the field's values have shape {shape}"
         return None
+    if cls in JAGGED:
+        if v is None:
+            return None  # an empty row
+        if not isinstance(v, np.ndarray) or v.ndim != 1:
+            return f"{_what(v)} is not a list of numbers"
+        want = {"jagged_int": "iu", "jagged_float": "iuf", "jagged_bool": "b"}[cls]
+        if v.dtype.kind not in want:
+            return f"a list of {v.dtype} (null elements?), where the field holds {cls[7:]}s"
+        if v.dtype == np.uint64 and len(v) and int(v.max()) > _INT64_MAX:
+            return f"a list with {int(v.max())}, which does not fit in int64"
+        return None
     if cls == "ragged":
         return None if v is None or isinstance(v, np.ndarray) else f"{_what(v)} is not a list"
     return None
@@ -162,7 +212,7 @@ def _what(v: Any) -> str:
     return "null" if v is None else f"a {type(v).__name__}"
 
 
-def collate(values: Sequence[Any], cls: ValueClass = "any") -> torch.Tensor | list[Any]:
+def collate(values: Sequence[Any], cls: ValueClass = "any") -> torch.Tensor | Jagged | list[Any]:
     """Values of one class (checked by :func:`conform`) as that class's batch type."""
     if cls == "int":
         return torch.tensor(np.asarray(values, dtype=np.int64).reshape(len(values)))
@@ -178,4 +228,6 @@ def collate(values: Sequence[Any], cls: ValueClass = "any") -> torch.Tensor | li
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)
         return torch.from_numpy(arr)
+    if cls in JAGGED:
+        return Jagged.from_rows(values, JAGGED[cls])
     return list(values)

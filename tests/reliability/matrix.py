@@ -1219,7 +1219,7 @@ def _table_variants() -> list[Variant]:
                     ),
                     first=lambda t: t.append_column("vec", pa.array([[4, 5, 6]] * ROWS_PER_FILE)),
                 ),
-                VALID,  # a variable-length list is a list field: other lengths later are valid
+                VALID,  # a variable-length list is a Jagged field: other lengths later are valid
             ),
             "list_nested": (
                 table_build(
@@ -1241,7 +1241,17 @@ def _table_variants() -> list[Variant]:
                     ),
                     first=lambda t: t.append_column("vec", pa.array([[4, 5, 6]] * ROWS_PER_FILE)),
                 ),
-                VALID,  # a variable-length list is a list field: other lengths later are valid
+                CORRUPT,  # ints: a null element has no int64 value (as in a scalar column)
+            ),
+            "list_null_float_element": (
+                table_build(
+                    fmt,
+                    table=lambda t: t.append_column(
+                        "vec", pa.array([[1.5, None, 3.0]] * ROWS_PER_FILE)
+                    ),
+                    first=lambda t: t.append_column("vec", pa.array([[4.0, 5.5]] * ROWS_PER_FILE)),
+                ),
+                VALID,  # floats: a null element is NaN; other lengths later are valid
             ),
             "struct_column": (
                 table_build(

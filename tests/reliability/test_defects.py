@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mmload import AudioConfig, DecodeError, ImageConfig, Loader, ShardError
+from mmload import AudioConfig, DecodeError, ImageConfig, Jagged, Loader, ShardError
 from mmload.decode.audio import decode_audio
 from mmload.demo import make_wav
 from mmload.errors import MmloadError
@@ -424,8 +424,9 @@ def test_a_column_type_that_changes_between_files_is_bad_data(
 
 
 def test_list_columns_keep_one_batch_type(tmp_path: Path) -> None:
-    """Fixed-size lists are a tensor field; variable-length lists a list field in every batch,
-    even when the first 64 rows happen to have equal lengths (nothing valid is refused)."""
+    """Fixed-size lists are a tensor field; variable-length lists a Jagged field in every batch
+    (a list field with ragged="list"), even when the first 64 rows happen to have equal lengths
+    (nothing valid is refused)."""
     n = 72
     p = tmp_path / "lists.parquet"
     tok = [np.arange(3) if i < 64 else np.arange(5) for i in range(n)]
@@ -435,8 +436,14 @@ def test_list_columns_keep_one_batch_type(tmp_path: Path) -> None:
         batches = list(L)
         assert L.stats()["bad_samples"] == 0
     assert all(b["emb"].shape == (8, 3) and b["emb"].dtype == torch.float32 for b in batches)
-    assert all(isinstance(b["tok"], list) for b in batches)
-    assert [len(t) for t in batches[-1]["tok"]] == [5] * 8
+    assert all(isinstance(b["tok"], Jagged) for b in batches)
+    assert all(b["tok"].dtype == torch.int64 for b in batches)
+    assert batches[-1]["tok"].lengths().tolist() == [5] * 8
+    assert batches[0]["tok"].tolist() == [[0, 1, 2]] * 8
+    with Loader(str(p), batch_size=8, cache_dir=tmp_path / "c", ragged="list") as L:
+        as_lists = list(L)
+    assert all(isinstance(b["tok"], list) for b in as_lists)
+    assert [len(t) for t in as_lists[-1]["tok"]] == [5] * 8
 
 
 # -- 8. DALI .idx of keys with spaces ----------------------------------------------------------------
