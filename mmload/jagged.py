@@ -115,6 +115,9 @@ class Jagged:
             self.offsets.to(device, non_blocking=non_blocking),
         )
 
+    def cpu(self) -> Jagged:
+        return self.to("cpu")
+
     def pin_memory(self) -> Jagged:
         return Jagged(self.values.pin_memory(), self.offsets.pin_memory())
 

@@ -3,16 +3,18 @@
 The layout is fixed by the first update (or by a ``pyarrow.Schema`` given to the table): a key
 column (any integer type, held as int64, or a string type), a timestamp column (any integer type,
 or an Arrow ``timestamp`` compared as int64 in its own unit), and the feature columns, each a
-numeric scalar or a fixed-length numeric vector (``fixed_size_list``, or ``list`` whose rows all
-have the same length). Float columns are held as float32 (nulls become NaN), integer and bool
-columns as int64 (nulls are an error). Every later update must match; anything else raises a
+numeric scalar, a fixed-length numeric vector (``fixed_size_list``, or ``list`` whose rows all
+have the same length in the first update), or a variable-length list of numbers (a ``list``
+column declared in the table's ``pyarrow.Schema``; joined as a :class:`~mmload.jagged.Jagged`).
+Float columns are held as float32 (nulls become NaN), integer and bool columns as int64 (nulls
+are an error; a null list is an empty list). Every later update must match; anything else raises a
 :class:`~mmload.errors.JoinError` naming the column and the type, before the table changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -33,12 +35,18 @@ Kind = Literal["float", "int"]
 class Column:
     """One feature column: ``kind`` "float" (float32) or "int" (int64); ``width`` 0 for a
     scalar, D for a [D] vector; ``offset``: its first position in the packed matrix of its kind.
-    """
+    A variable-length list column has ``elem`` (its elements' kind) set: it takes one int slot,
+    a row id into the snapshot's list store (-1: none)."""
 
     name: str
     kind: Kind
     width: int
     offset: int
+    elem: Kind | None = None
+
+    @property
+    def jagged(self) -> bool:
+        return self.elem is not None
 
     @property
     def span(self) -> int:
@@ -67,12 +75,15 @@ class Layout:
 @dataclass(frozen=True)
 class Rows:
     """One validated update on the host: ``keys`` int64 [n] (or a string ChunkedArray),
-    ``ts`` int64 [n], ``floats`` float32 [n, n_float], ``ints`` int64 [n, n_int]."""
+    ``ts`` int64 [n], ``floats`` float32 [n, n_float], ``ints`` int64 [n, n_int]; ``lists``:
+    per variable-length list column, its rows as (values, int64 offsets [n + 1]), and its int
+    slot holds the row number (0..n-1) until the table numbers the rows."""
 
     keys: np.ndarray | pa.ChunkedArray
     ts: np.ndarray
     floats: np.ndarray
     ints: np.ndarray
+    lists: Mapping[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
@@ -130,16 +141,14 @@ def _numeric_kind(t: pa.DataType) -> Kind | None:
 def _list_width(name: str, col: pa.ChunkedArray | None, t: pa.DataType) -> int:
     if pa.types.is_fixed_size_list(t):
         width = int(t.list_size)
-    elif col is None:
-        raise JoinError(
-            f"column {name!r} has type {t}: declare vector columns as fixed_size_list in a "
-            "schema (a variable-length list gets its length from the first update)"
-        )
     else:
+        assert col is not None  # a list type in a schema is a variable-length list column
         lengths = pc.list_value_length(col).drop_null().unique().to_pylist()
         if len(lengths) != 1:
             raise JoinError(
-                f"column {name!r}: vector rows need one length, found lengths {sorted(lengths)}"
+                f"column {name!r}: vector rows need one length, found lengths {sorted(lengths)} "
+                "(for variable-length lists, declare the column as pa.list_(...) in the table's "
+                "columns=pyarrow.schema([...]))"
             )
         width = int(lengths[0])
     if width < 1:
@@ -186,16 +195,23 @@ def infer_layout(
         t = schema.field(name).type
         width = 0
         value_type = t
+        jagged = False
         if _is_list(t):
             value_type = t.value_type
-            col = sample.column(name) if sample is not None else None
-            width = _list_width(name, col, t)
+            if sample is None and not pa.types.is_fixed_size_list(t):
+                jagged = True  # declared in a schema: rows of any length
+            else:
+                col = sample.column(name) if sample is not None else None
+                width = _list_width(name, col, t)
         kind = _numeric_kind(value_type)
         if kind is None:
             raise JoinError(
-                f"feature column {name!r} has type {t}; need a numeric scalar or a "
-                "fixed-length list of numbers"
+                f"feature column {name!r} has type {t}; need a numeric scalar or a list of numbers"
             )
+        if jagged:
+            cols.append(Column(name, "int", 0, offsets["int"], elem=kind))
+            offsets["int"] += 1
+            continue
         cols.append(Column(name, kind, width, offsets[kind]))
         offsets[kind] += max(width, 1)
     return Layout(
@@ -318,8 +334,13 @@ def normalize(table: pa.Table, layout: Layout) -> Rows:
     ts = _timestamps(table.column(layout.timestamp), layout)
     floats = np.empty((n, layout.n_float), np.float32)
     ints = np.empty((n, layout.n_int), np.int64)
+    lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for c in layout.columns:
         col = table.column(c.name)
+        if c.elem is not None:
+            lists[c.name] = _list_rows(col, c)
+            ints[:, c.offset] = np.arange(n)
+            continue
         if c.width:
             v = _vector(col, c, n)
         else:
@@ -331,4 +352,21 @@ def normalize(table: pa.Table, layout: Layout) -> Rows:
             target[:, c.offset : c.offset + c.width] = v
         else:
             target[:, c.offset] = v
-    return Rows(keys, ts, floats, ints)
+    return Rows(keys, ts, floats, ints, lists)
+
+
+def _list_rows(col: pa.ChunkedArray, c: Column) -> tuple[np.ndarray, np.ndarray]:
+    """A variable-length list column as (values, offsets [n + 1]); a null row is empty."""
+    t = col.type
+    if not _is_list(t) or pa.types.is_fixed_size_list(t):
+        raise JoinError(f"feature column {c.name!r} has type {t}; the table holds a list")
+    assert c.elem is not None
+    arr = col.combine_chunks()
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(arr) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = pc.list_flatten(arr)  # the valid rows' elements, in order
+    elem = Column(c.name, c.elem, 0, 0)
+    if c.elem == "int" and flat.null_count:
+        raise JoinError(f"list feature column {c.name!r} has {flat.null_count} null element(s)")
+    return _values(flat, elem, t.value_type), offsets

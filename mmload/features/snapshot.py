@@ -7,13 +7,14 @@ reference and uses nothing else, so it sees a whole update or none of it.
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from mmload.errors import ConfigError
 from mmload.features.backend import Array
 from mmload.features.keys import KeyCodec
+from mmload.features.lists import ListStore
 from mmload.features.runs import Run
 from mmload.features.schema import Layout
 
@@ -36,6 +37,7 @@ class Snapshot:
     defaults_i: Array | None
     ttl: int | None
     retention: int | None
+    lists: ListStore = field(default_factory=ListStore)  # the rows of variable-length list columns
 
 
 def fail(field: str, value: object, why: str) -> ConfigError:

@@ -21,6 +21,7 @@ from mmload.errors import ConfigError, JoinError
 from mmload.features.backend import Array, NumpyOps, Ops, TorchOps
 from mmload.features.join import assemble, search_runs, search_runs_sorted
 from mmload.features.keys import KeyCodec, query_timestamps
+from mmload.features.lists import ListStore
 from mmload.features.runs import Keep, Run, add_run, compact, make_run
 from mmload.features.schema import FOUND, Layout, Rows, infer_layout, normalize, to_arrow
 from mmload.features.snapshot import Duration, Snapshot, check_duration, duration, fail
@@ -133,6 +134,11 @@ class FeatureTable:
                 raise fail("defaults", dict(d), f"names unknown column(s) {unknown}")
         df, di = np.zeros(layout.n_float, np.float32), np.zeros(layout.n_int, np.int64)
         for c in layout.columns:
+            if c.jagged:  # not found: row id -1, an empty list
+                if isinstance(d, Mapping) and c.name in d:
+                    raise fail(f"defaults[{c.name!r}]", d[c.name], "a list column's default is []")
+                di[c.offset] = -1
+                continue
             v = d.get(c.name, 0) if isinstance(d, Mapping) else (0 if d is None else d)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
                 raise fail(f"defaults[{c.name!r}]", v, "must be a number")
@@ -219,12 +225,20 @@ class FeatureTable:
             newest = max(newest, snap.newest_ts)
         cutoff = self._cutoff(snap, newest)
         ops = self._ops
+        ints, lists = rows.ints, snap.lists
+        if rows.lists:  # list columns: their slot's row numbers become store row ids
+            assert snap.layout is not None
+            ints = ints.copy()
+            for c in snap.layout.columns:
+                if c.jagged:
+                    ints[:, c.offset] += lists.next_id
+            lists = lists.add(len(rows), rows.lists)
         run, dropped = make_run(
             ops,
             ops.asarray(codes),
             ops.asarray(rows.ts),
             ops.asarray(rows.floats),
-            ops.asarray(rows.ints),
+            ops.asarray(ints),
             keep=self._keep,
             cutoff=cutoff,
         )
@@ -232,14 +246,20 @@ class FeatureTable:
         if run is not None:
             runs, merges, d = add_run(ops, runs, run, keep=self._keep, cutoff=cutoff)
             dropped += d
-        return self._publish(snap, runs, newest, merges, dropped)
+        return self._publish(snap, runs, newest, merges, dropped, lists)
 
     @staticmethod
     def _cutoff(snap: Snapshot, newest: int) -> int | None:
         return None if snap.retention is None else newest - snap.retention
 
     def _publish(
-        self, snap: Snapshot, runs: tuple[Run, ...], newest: int | None, merges: int, dropped: int
+        self,
+        snap: Snapshot,
+        runs: tuple[Run, ...],
+        newest: int | None,
+        merges: int,
+        dropped: int,
+        lists: ListStore | None = None,
     ) -> Snapshot:
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)
@@ -249,6 +269,9 @@ class FeatureTable:
         with self._stat_lock:
             self._merges += merges
             self._dropped += dropped
+        lists = snap.lists if lists is None else lists
+        if dropped and lists.chunks:  # release the list rows no row refers to any more
+            lists = lists.keep(self._list_ids(snap.layout, runs))
         return Snapshot(
             runs=runs,
             version=snap.version + 1,
@@ -260,7 +283,18 @@ class FeatureTable:
             defaults_i=snap.defaults_i,
             ttl=snap.ttl,
             retention=snap.retention,
+            lists=lists,
         )
+
+    def _list_ids(self, layout: Layout | None, runs: tuple[Run, ...]) -> np.ndarray:
+        """The list row ids the runs refer to (host int64)."""
+        slots = [c.offset for c in layout.columns if c.jagged] if layout is not None else []
+        parts = [np.empty(0, np.int64)]
+        for r in runs:
+            for o in slots:
+                col = r.ints[:, o]
+                parts.append(col.cpu().numpy() if isinstance(col, torch.Tensor) else col)
+        return np.concatenate(parts)
 
     def compact(self) -> None:
         """Merge all runs into one now, dropping what the retention window does not need."""
@@ -290,10 +324,11 @@ class FeatureTable:
 
     def join(
         self, keys: Any, timestamps: Any, *, snapshot: Snapshot | None = None
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, Any]:
         """As-of join of B queries: for each (key, ts) the newest row with feature ts <= ts
         (and within ``ttl``). Returns one tensor per feature column on ``self.device``, sorted by
-        name: scalars [B] (float32 or int64), vectors [B, D]; then ``"__features_found__"``
+        name: scalars [B] (float32 or int64), vectors [B, D], variable-length list columns as a
+        :class:`~mmload.jagged.Jagged` (an empty row where not found); then ``"__features_found__"``
         (bool [B]); rows not found hold the defaults. ``keys``: list of str/int, int64 NumPy
         array, pyarrow array or int tensor; ``timestamps``: int64 [B] (or datetime64).
         ``snapshot``: join against that earlier state of the table (``snapshot()``) instead of
@@ -332,7 +367,14 @@ class FeatureTable:
             if newest is not None and (self._newest_sample is None or newest > self._newest_sample):
                 self._newest_sample = newest
         to_torch = self._ops.to_torch
-        return assemble(layout, to_torch(floats), to_torch(ints), to_torch(found))
+        out: dict[str, Any] = assemble(layout, to_torch(floats), to_torch(ints), to_torch(found))
+        for c in layout.columns:
+            if c.elem is not None:  # row ids -> the rows, as a Jagged on the table's device
+                ids = out[c.name].cpu().numpy()
+                dtype = torch.float32 if c.elem == "float" else torch.int64
+                j = snap.lists.gather(c.name, ids, dtype)
+                out[c.name] = j if self.device.type == "cpu" else j.to(self.device)
+        return out
 
     def _on_device(self, a: np.ndarray | torch.Tensor) -> Array:
         """Query arrays as the backend's arrays: NumPy on the CPU, tensors on the GPU."""

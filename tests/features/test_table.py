@@ -86,12 +86,19 @@ def test_schema_given_allows_join_before_first_update() -> None:
     assert t.column_names == ("v", "x")
     out = t.join(["a"], np.array([0]))
     assert out["v"].tolist() == [[2, 2, 2, 2]] and out[FOUND].tolist() == [False]
-    with pytest.raises(ConfigError, match="fixed_size_list"):
+    # A variable-length list in a schema is a list column: joined as a Jagged, [] if not found.
+    lists = FeatureTable(
+        key="k",
+        timestamp="ts",
+        columns=pa.schema([("k", pa.int64()), ("ts", pa.int64()), ("v", pa.list_(pa.float32()))]),
+    )
+    assert lists.join([1], [1])["v"].tolist() == [[]]
+    with pytest.raises(ConfigError, match="list of numbers"):
         FeatureTable(
             key="k",
             timestamp="ts",
             columns=pa.schema(
-                [("k", pa.int64()), ("ts", pa.int64()), ("v", pa.list_(pa.float32()))]
+                [("k", pa.int64()), ("ts", pa.int64()), ("v", pa.list_(pa.string()))]
             ),
         )
     with pytest.raises(JoinError, match="no schema yet"):
