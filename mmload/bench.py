@@ -111,7 +111,15 @@ def webdataset_loader(
     persistent_workers)`` over ``webdataset.WebDataset(paths)`` split by node and worker,
     shuffled in a ``shuffle``-sample buffer, mapped, batched (the last batch partial)."""
     import torch
-    import webdataset as wds
+
+    try:
+        import webdataset as wds
+    except ImportError:
+        from mmload.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "webdataset", "bench", "the DataLoader + webdataset baseline"
+        ) from None
 
     ds = (
         wds.WebDataset(

@@ -143,7 +143,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mmload.sources.tar import TarIndex
 
     ds = Dataset.open(
-        args.shards, key_column=args.key_column, skip_bad=args.skip_bad, allow_pipe=args.allow_pipe
+        args.shards,
+        key_column=args.key_column or None,
+        skip_bad=args.skip_bad,
+        allow_pipe=args.allow_pipe,
     )
     rows: list[dict[str, Any]] = []
     for sh in range(ds.num_shards):
@@ -195,7 +198,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     from mmload.sources.tar import TarIndex, write_dali_idx
 
     ds = Dataset.open(
-        args.shards, key_column=args.key_column, cache_dir=args.cache_dir, skip_bad=args.skip_bad
+        args.shards,
+        key_column=args.key_column or None,
+        cache_dir=args.cache_dir,
+        skip_bad=args.skip_bad,
     )
     urls = [ds.shard_url(s) for s in range(ds.num_shards)]
     base = common_base(urls)
@@ -388,17 +394,20 @@ def cmd_write(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmload", description="GPU-accelerated multimodal dataloader")
+    fmt = argparse.ArgumentDefaultsHelpFormatter  # every option's help shows its default
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="generate a small multimodal data set and stream it")
-    d.add_argument("--samples", type=int, default=512)
-    d.add_argument("--per-shard", type=int, default=64)
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--image-size", type=int, default=224)
-    d.add_argument("--epochs", type=int, default=2)
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser(
+        "demo", help="generate a small multimodal data set and stream it", formatter_class=fmt
+    )
+    d.add_argument("--samples", type=int, default=512, help="samples to generate")
+    d.add_argument("--per-shard", type=int, default=64, help="samples per tar shard")
+    d.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    d.add_argument("--image-size", type=int, default=224, help="square output image side")
+    d.add_argument("--epochs", type=int, default=2, help="epochs to stream")
+    d.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (needs mmload[gpu])")
+    d.add_argument("--seed", type=int, default=0, help="seed of the order and augmentations")
     d.add_argument("--out", help="write the data set here (kept); default: a temporary folder")
     d.add_argument("--keep", action="store_true", help="keep the temporary folder")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -409,22 +418,33 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "shards", nargs="+", help="paths, brace patterns, globs, directories or URLs"
         )
-        sp.add_argument("--key-column", default="__key__")
+        sp.add_argument(
+            "--key-column",
+            default="__key__",
+            help="Arrow/Parquet column holding each row's key ('' numbers the rows)",
+        )
 
-    i = sub.add_parser("inspect", help="per-shard sample counts, fields and sizes")
+    i = sub.add_parser(
+        "inspect", help="per-shard sample counts, fields and sizes", formatter_class=fmt
+    )
     shard_args(i)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--skip-bad", action="store_true", help="report bad shards instead of failing")
-    i.add_argument("--allow-pipe", action="store_true")
+    i.add_argument(
+        "--allow-pipe", action="store_true", help="allow pipe: URLs (they run a shell command)"
+    )
     i.set_defaults(fn=cmd_inspect)
 
     x = sub.add_parser(
         "index",
         help="write the data set's manifest (mmload.index.json) next to the shards or to "
         "--output, index every shard (optionally DALI .idx files)",
+        formatter_class=fmt,
     )
     shard_args(x)
-    x.add_argument("--cache-dir")
+    x.add_argument(
+        "--cache-dir", help="index cache folder (default: $MMLOAD_CACHE_DIR or ~/.cache/mmload)"
+    )
     x.add_argument(
         "--output",
         help="where the manifest goes (a path or an fsspec URL); default: mmload.index.json in "
@@ -438,31 +458,39 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="mmload vs DataLoader + webdataset + PIL (and DALI's reader) on your shards or on "
         "generated data: samples/s, ratio, CPU cores, peak RSS",
+        formatter_class=fmt,
     )
     b.add_argument(
         "shards", nargs="*", help="shards to read (default: generate --samples demo samples)"
     )
     b.add_argument("--samples", type=int, default=1024, help="generated samples (no shards)")
-    b.add_argument("--batch-size", type=int, default=128)
-    b.add_argument("--image-size", type=int, default=224)
+    b.add_argument("--batch-size", type=int, default=128, help="samples per batch")
+    b.add_argument("--image-size", type=int, default=224, help="square output image side")
     b.add_argument("--epochs", type=int, default=3, help="epochs per pipeline; the first warms up")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--backend", default="auto", choices=["auto", "dali", "pil"])
+    b.add_argument("--device", default="cpu", help="where mmload decodes: cpu, cuda, cuda:N")
+    b.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "dali", "pil"],
+        help="mmload's image decoder (auto: DALI when installed, else PIL)",
+    )
     b.add_argument("--workers", type=int, default=0, help="mmload worker processes")
     b.add_argument("--baseline-workers", type=int, help="DataLoader workers (default: cores)")
     b.add_argument(
         "--baselines", default="dataloader,dali", help="comma list of dataloader, dali ('' none)"
     )
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the data and the order")
     b.add_argument("--json", help="save the report here")
     b.add_argument("--plot", help="draw the table as a PNG here (pip install 'mmload[plot]')")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.set_defaults(fn=cmd_bench)
 
-    w = sub.add_parser("write", help="pack a folder of key.field files into tar shards")
-    w.add_argument("source")
+    w = sub.add_parser(
+        "write", help="pack a folder of key.field files into tar shards", formatter_class=fmt
+    )
+    w.add_argument("source", help="folder of key.field files (e.g. 0001.jpg, 0001.cls)")
     w.add_argument("pattern", help="output pattern with a %%-format, e.g. out/train-%%05d.tar")
-    w.add_argument("--maxcount", type=int, default=1000)
+    w.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
     w.set_defaults(fn=cmd_write)
     return p
 

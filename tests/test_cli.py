@@ -127,3 +127,21 @@ def test_demo_on_cuda_without_a_gpu_says_so_before_generating(
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and "cudf" not in err.lower()
     assert not out.exists()  # nothing generated first
+
+
+def test_every_option_of_every_subcommand_has_help_text() -> None:
+    import argparse
+
+    from mmload.cli import _parser
+
+    parser = _parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subs.choices) >= {"demo", "inspect", "index", "bench", "write"}
+    for name, sp in subs.choices.items():
+        for action in sp._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"mmload {name} {action.dest}: no help text"
+        text = sp.format_help()
+        if name in ("demo", "bench"):
+            assert "(default: " in text  # defaults are shown

@@ -5,6 +5,7 @@ See README.md in this folder for the flow.
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from mmload.config import ImageConfig
@@ -40,6 +41,8 @@ def make_image_decoder(
     backend = cfg.backend
     if backend == "auto":
         backend = "dali" if dali_available() else ("torchvision" if device == "cuda" else "pil")
+        if backend != "dali":
+            _note_no_dali(backend)
     if backend == "torchvision":
         if device != "cuda":
             raise ConfigError("image backend 'torchvision' decodes on the GPU: use device='cuda'")
@@ -49,7 +52,8 @@ def make_image_decoder(
     if backend == "dali":
         if not dali_available():
             raise ConfigError(
-                "image backend 'dali' needs nvidia-dali-cuda130 (pip install nvidia-dali-cuda130)"
+                "image backend 'dali' needs NVIDIA DALI, which is not installed: "
+                'pip install "mmload[dali]" (or nvidia-dali-cuda130)'
             )
         return DaliImageDecoder(
             cfg, max_batch, device=device, device_id=device_id, threads=threads, depth=depth
@@ -57,3 +61,18 @@ def make_image_decoder(
     from mmload.decode.image import PilImageDecoder
 
     return PilImageDecoder(cfg, threads)
+
+
+_noted = False
+
+
+def _note_no_dali(backend: str) -> None:
+    """Say once per process that images decode without DALI, and how to get it."""
+    global _noted
+    if not _noted:
+        _noted = True
+        logging.getLogger("mmload").info(
+            'images decode with %s: DALI is not installed (pip install "mmload[dali]" for '
+            "the faster decoder; see the README's Install section)",
+            backend,
+        )
