@@ -6,7 +6,9 @@ by Lightning itself (the Loader has ``state_dict``/``load_state_dict``).
 
 A checkpoint is written every ``--every`` steps; ``--resume CKPT`` continues the run from one,
 mid-epoch, with exactly the batches not yet trained on. Without ``--data``-files it trains on a
-small generated Parquet data set. ``--report`` writes each rank's keys (the test reads it).
+small generated Parquet data set. ``--report`` writes each rank's batches (epoch and keys; the
+test reads it). Every epoch trains on every sample: Lightning re-iterates the Loader per epoch,
+and each iteration after a complete one is the next epoch.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import mmload
 
 
 class Model(L.LightningModule):
-    def __init__(self, paths: list[str], batch: int, seen: list[list[str]]) -> None:
+    def __init__(self, paths: list[str], batch: int, seen: list[dict[str, Any]]) -> None:
         super().__init__()
         self.paths, self.batch, self.seen = paths, batch, seen
         self.lin = nn.Linear(1, 1)
 
     def training_step(self, batch: dict[str, Any], idx: int) -> torch.Tensor:
-        self.seen.append(list(batch["__key__"]))
+        self.seen.append({"epoch": self.current_epoch, "keys": list(batch["__key__"])})
         return nn.functional.mse_loss(self.lin(batch["x"][:, None]).squeeze(-1), batch["y"])
 
     def configure_optimizers(self) -> Any:
@@ -59,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="lightning-data", help="Parquet files go/are here")
     ap.add_argument("--devices", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4, help="per process")
     ap.add_argument("--every", type=int, default=5, help="checkpoint every N steps")
     ap.add_argument("--ckpt-dir", default="lightning-ckpt")
@@ -68,12 +71,12 @@ def main() -> None:
     paths = sorted(
         os.path.join(args.data, f) for f in os.listdir(args.data) if f.endswith(".parquet")
     ) if os.path.isdir(args.data) else make_data(args.data)  # fmt: skip
-    seen: list[list[str]] = []
+    seen: list[dict[str, Any]] = []
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=args.ckpt_dir, every_n_train_steps=args.every, save_top_k=-1
     )
     trainer = L.Trainer(
-        max_epochs=1,
+        max_epochs=args.epochs,
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",
