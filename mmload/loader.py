@@ -477,6 +477,8 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
     resumes after the last batch taken. DataLoader worker processes run on copies that cannot
     report back: call ``set_epoch(e)`` before each epoch (Lightning does), or every epoch
     repeats the first one's order (a worker warns when it starts an epoch it already ran).
+    ``set_epoch`` and ``load_state_dict`` also reach persistent workers
+    (``persistent_workers=True``): they take the choice at their next iteration.
     """
 
     def __init__(self, source: Source, **kwargs: Any) -> None:
@@ -492,6 +494,10 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
         # Bumped by set_epoch/load_state_dict: a worker that starts an (epoch, generation) it
         # already started knows the trainer iterated again without choosing the epoch.
         self._generation = 0
+        # Bumped only by this process's set_epoch/load_state_dict, which also write the choice
+        # to the spool (choice.json): persistent DataLoader workers, whose copies were made
+        # before, adopt a newer choice when they start an iteration.
+        self._choice_seq = 0
         # In a DataLoader worker (the Stateful protocol): where this worker's iteration began
         # (epoch, cursor) and how many of its batches it has produced since; a loaded worker
         # state continues them at the next iteration.
@@ -565,6 +571,32 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
     def _chose_epoch(self) -> None:
         self._began = (self._epoch, self._start)
         self._generation += 1
+        if torch.utils.data.get_worker_info() is None and os.path.isdir(self._spool):
+            self._choice_seq += 1
+            choice = {
+                "seq": self._choice_seq,
+                "epoch": self._epoch,
+                "start": self._start,
+                "generation": self._generation,
+            }
+            path = os.path.join(self._spool, "choice.json")
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(choice, f)
+            os.replace(path + ".tmp", path)
+
+    def _adopt_choice(self) -> None:
+        """In a DataLoader worker: take the epoch and cursor the trainer chose (set_epoch,
+        load_state_dict) after this worker's copy was made (a persistent worker)."""
+        try:
+            with open(os.path.join(self._spool, "choice.json"), encoding="utf-8") as f:
+                choice = json.load(f)
+        except FileNotFoundError:
+            return
+        if int(choice["seq"]) > self._choice_seq:
+            self._choice_seq = int(choice["seq"])
+            self._epoch, self._start = int(choice["epoch"]), int(choice["start"])
+            self._generation = int(choice["generation"])
+            self._wbegan, self._wdone, self._wresume = None, 0, False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         refuse_resharding("mmload.IterableDataset")
@@ -594,6 +626,8 @@ class IterableDataset(_Base, torch.utils.data.IterableDataset):
             )
         if info is not None and not self._threads_given:
             self._pipe.opts = replace(self.opts, threads=default_threads(info.num_workers))
+        if info is not None:
+            self._adopt_choice()
         stats = self._stats if info is None else self._worker_stats()
         stats.start_epoch(self._pipe.process_budget(world))
         epoch = self._epoch

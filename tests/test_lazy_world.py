@@ -62,3 +62,23 @@ def test_iterable_dataset_pickled_for_workers_carries_the_world(
     assert copy.world.world_size == 2 and copy.world.rank == 0
     ds.close()
     copy.close()
+
+
+def test_set_epoch_and_load_state_dict_reach_persistent_workers(shards: list[str]) -> None:
+    import torch
+
+    with mmload.Loader(shards, batch_size=4, shuffle=True, seed=2) as ld:
+        ref = {e: _keys(ld) for e in range(3)}  # epochs 0, 1, 2 as the Loader gives them
+        ld.set_epoch(1)
+        it = iter(ld)
+        for _ in range(3):
+            next(it)
+        mid = ld.state_dict()  # epoch 1 after 3 batches
+    assert ref[0] != ref[1] != ref[2]
+    ds = mmload.IterableDataset(shards, batch_size=4, shuffle=True, seed=2)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    for e in range(3):
+        ds.set_epoch(e)
+        assert _keys(dl) == ref[e], e  # the workers made at epoch 0 run epochs 1 and 2
+    ds.load_state_dict(mid)
+    assert _keys(dl) == ref[1][3:]  # and resume where the cursor says
