@@ -160,6 +160,15 @@ class _Base:
         self._stats = Stats()
         if ds.bad:
             self._stats.add_listed(ds.bad)
+        ignored = [(r.url, r.ignored) for r in ds.records if r.ignored]
+        if ignored:
+            log.info(
+                "left out %d tar members that belong to no sample (README, .DS_Store, "
+                "__meta__...) in %d shards, e.g. %s",
+                sum(n for _, n in ignored),
+                len(ignored),
+                ignored[0][0],
+            )
 
     # -- plan and state -----------------------------------------------------------------------
 
@@ -276,6 +285,7 @@ class _Base:
             "samples_consumed": self._start,
             "num_samples": self.num_samples,
             "num_shards": ds.num_shards,
+            "non_sample_members": sum(r.ignored for r in ds.records),
             "index_seconds": ds.index_seconds,
             "padded_per_epoch": self._schedule(0).padded,
             "dropped_per_epoch": self._schedule(0).dropped,

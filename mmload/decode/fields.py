@@ -10,8 +10,9 @@
 * Collation by class: ``int`` -> ``int64 [B]``, ``float`` -> ``float32 [B]``, ``bool`` ->
   ``bool [B]``, ``array`` (fixed-size lists) -> stacked tensors; ``jagged_int``/``jagged_float``/
   ``jagged_bool`` (variable-length lists of numbers) -> one :class:`~mmload.jagged.Jagged`
-  ``(values, offsets)``; ``str``/``bytes``/``ragged`` (other variable-length lists, e.g. of
-  strings or of lists, as arrays)/``any`` -> Python lists of length B.
+  ``(values, offsets)``; ``str``/``bytes``/``ragged`` (other lists: of strings, structs or
+  lists, as the Python lists pyarrow gives; fixed-size lists of non-numbers as arrays)/``any``
+  -> Python lists of length B.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def conform(cls: ValueClass, v: Any, shape: tuple[int, ...] | None = None) -> st
             return f"a list with {int(v.max())}, which does not fit in int64"
         return None
     if cls == "ragged":
-        return None if v is None or isinstance(v, np.ndarray) else f"{_what(v)} is not a list"
+        ok = v is None or isinstance(v, (np.ndarray, list))
+        return None if ok else f"{_what(v)} is not a list"
     return None
 
 

@@ -199,12 +199,43 @@ def _element_dtype(t: pa.DataType) -> Any:
     return None
 
 
+def _times_as_ints(t: pa.DataType) -> pa.DataType:
+    """``t`` with every timestamp/date/time/duration inside it (struct fields, list and map
+    items) as the integer it is stored as: Python's datetime cannot hold every such value."""
+    if pa.types.is_timestamp(t) or pa.types.is_date64(t) or pa.types.is_duration(t):
+        return pa.int64()
+    if pa.types.is_time64(t):
+        return pa.int64()
+    if pa.types.is_date32(t) or pa.types.is_time32(t):
+        return pa.int32()
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_times_as_ints(f.type)) for f in t])
+    if pa.types.is_map(t):
+        return pa.map_(
+            t.key_field.with_type(_times_as_ints(t.key_type)),
+            t.item_field.with_type(_times_as_ints(t.item_type)),
+        )
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(_times_as_ints(t.value_type)), t.list_size)
+    if pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_times_as_ints(t.value_type)))
+    if pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_times_as_ints(t.value_type)))
+    return t
+
+
 def _column_values(col: pa.Array) -> list[Any]:
     t = col.type
+    if pa.types.is_nested(t):
+        ints = _times_as_ints(t)
+        if ints != t:
+            col, t = col.cast(ints), ints
     if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
         return col.to_pylist()
     if pa.types.is_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_large_list(t):
         dtype = _element_dtype(t)
+        if dtype is None and not pa.types.is_fixed_size_list(t):
+            return col.to_pylist()  # lists of strings, structs or lists: as pyarrow gives them
         return [None if v is None else _as_array(v, dtype) for v in col.to_pylist()]
     if pa.types.is_timestamp(t):
         return col.cast(pa.int64()).to_pylist()
@@ -307,11 +338,20 @@ class TableReader:
             data = self._chunk(chunk, tuple(wanted))
         try:
             taken = data.take(pa.array(rows, pa.int64()))
-            cols = {name: _column_values(taken.column(name)) for name in wanted}
         except (pa.ArrowException, ValueError, KeyError) as e:  # KeyError: see _check_schema
             raise ShardError(
                 f"cannot read rows of chunk {chunk}: {type(e).__name__}: {e}", shard=self.shard
             ) from None
+        cols = {}
+        for name in wanted:
+            try:
+                cols[name] = _column_values(taken.column(name))
+            except (pa.ArrowException, ValueError, KeyError, OverflowError) as e:
+                raise ShardError(
+                    f"cannot convert column {name!r} ({taken.schema.field(name).type}) of chunk "
+                    f"{chunk}: {type(e).__name__}: {e}",
+                    shard=self.shard,
+                ) from None
         first_row = int(self.index.chunk_rows[:chunk].sum())
         out: list[dict[str, Any] | ShardError] = []
         for j, r in enumerate(rows):

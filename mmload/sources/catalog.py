@@ -274,4 +274,5 @@ def _record(
         fields=fields_of(index),
         digest=index_digest(index),
         bad=list(index.bad) if isinstance(index, TarIndex) else [],
+        ignored=len(index.ignored) if isinstance(index, TarIndex) else 0,
     )

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_VERSION = 5  # 5: one file per shard
+_VERSION = 6  # 5: one file per shard; 6: non-sample tar members are ignored, not errors
 
 ShardIndex = TarIndex | TableIndex
 

@@ -63,6 +63,7 @@ class ShardRecord:
     chunk_rows: list[int] | None  # Parquet/Arrow: rows per chunk; tar: None (one chunk)
     fields: dict[str, Any]  # tar: {member field: samples with it}; table: {column: arrow type}
     digest: str | None = None  # of the member table: tells a changed copy by its content
+    ignored: int = 0  # tar members that belong to no sample (README, .DS_Store): left out
     bad: list[BadEntry] = field(default_factory=list, repr=False)  # found indexing (not saved)
 
     @property
@@ -151,6 +152,7 @@ class Manifest:
                 "chunk_rows": [r.chunk_rows for r in rs],
                 "fields": [r.fields for r in rs],
                 "digest": [r.digest for r in rs],
+                "ignored": [r.ignored for r in rs],
             },
             "fields": [
                 {
@@ -194,6 +196,7 @@ class Manifest:
                     chunk_rows=None if rows is None else [int(x) for x in rows],
                     fields=dict(s["fields"][i]),
                     digest=s["digest"][i] if "digest" in s else None,
+                    ignored=int(s["ignored"][i]) if "ignored" in s else 0,
                 )
                 if rec.kind not in ("tar", "parquet", "arrow", "json") or rec.num_samples < 0:
                     raise ValueError(f"shard {i}: bad kind or sample count")

@@ -42,6 +42,9 @@ class TarIndex:
     offsets: np.ndarray
     sizes: np.ndarray
     bad: list[BadEntry] = field(default_factory=list)
+    # Members that are not part of any sample (README, .DS_Store, __meta__.json: see
+    # is_non_sample_member), left out and counted.
+    ignored: list[str] = field(default_factory=list)
     # (distinct field names, each member's position in them), built on first use; a racing
     # second build makes the same tuple, assigned whole.
     _codes: tuple[list[str], np.ndarray] | None = field(
@@ -95,6 +98,7 @@ class TarIndex:
             "offsets": self.offsets.tolist(),
             "sizes": self.sizes.tolist(),
             "bad": [b.as_dict() for b in self.bad],
+            "ignored": self.ignored,
         }
 
     @classmethod
@@ -106,7 +110,29 @@ class TarIndex:
             offsets=np.asarray(d["offsets"], dtype=np.int64),
             sizes=np.asarray(d["sizes"], dtype=np.int64),
             bad=[BadEntry(**b) for b in d.get("bad", [])],  # type: ignore[attr-defined]
+            ignored=list(d.get("ignored", [])),  # type: ignore[call-overload]
         )
+
+
+_METADATA_NAMES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
+_DUNDER_RE = re.compile(r"^__[A-Za-z0-9_]+__(?:\..*)?$")
+
+
+def is_non_sample_member(name: str) -> bool:
+    """Whether tar member ``name`` is not part of any sample, by the documented rule: its file
+    name has no dot (``README``, ``LICENSE``, ``__meta__``), starts with a dot (``.DS_Store``,
+    macOS ``._*`` files), is a dunder name (``__meta__.json``, ``__index__.json``) or a known
+    desktop file (``Thumbs.db``, ``desktop.ini``), or it lies under ``__MACOSX/``. Such
+    members are left out and counted (``stats()["non_sample_members"]``); every other name must
+    be ``key.field``."""
+    base = name.rsplit("/", 1)[-1]
+    if not base:
+        return False  # "dir/": malformed, not metadata
+    if "." not in base or base.startswith("."):
+        return True
+    if _DUNDER_RE.match(base) or base.lower() in _METADATA_NAMES:
+        return True
+    return "__MACOSX/" in f"/{name}" or name.startswith("__MACOSX/")
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -190,6 +216,7 @@ class _Builder:
         self.offsets: list[int] = []
         self.sizes: list[int] = []
         self.bad: list[BadEntry] = []
+        self.ignored: list[str] = []
         self._seen: set[str] = set()
         self._dropped: set[str] = set()
 
@@ -206,11 +233,17 @@ class _Builder:
         self.bad.append(BadEntry(self.shard, key, reason))
 
     def add(self, name: str, offset: int, size: int) -> None:
+        if is_non_sample_member(name):
+            self.ignored.append(name)
+            return
         parts = split_name(name)
         if parts is None:
             self.problem(f"tar member {name!r} has no sample key and field (want 'key.ext')", None)
             return
         key, fld = parts
+        if not fld:
+            self.problem(f"tar member {name!r} has an empty field name (want 'key.ext')", key)
+            return
         if key in self._dropped:
             return
         if not self.keys or self.keys[-1] != key:
@@ -277,6 +310,7 @@ class _Builder:
             offsets=np.asarray(self.offsets, dtype=np.int64),
             sizes=np.asarray(self.sizes, dtype=np.int64),
             bad=self.bad,
+            ignored=self.ignored,
         )
 
 
@@ -410,10 +444,12 @@ def _is_count(text: str) -> bool:
 
 
 def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> TarIndex:
-    """Build a :class:`TarIndex` from a DALI webdataset ``.idx`` file (format ``v1.2``).
+    """Build a :class:`TarIndex` from a DALI webdataset ``.idx`` file (``v1.2`` or ``v1.1``).
 
-    Each line after the header lists ``ext offset size name`` per member of one sample; offsets
-    are data offsets. The index is checked against the tar's size.
+    Each line after the header lists ``ext offset size name`` (``v1.2``) or ``ext offset size``
+    (``v1.1``) per member of one sample; offsets are data offsets. A ``v1.2`` index is checked
+    against the tar's size and headers. A ``v1.1`` index holds no member names, so the keys come
+    from a scan of the tar's headers, which the index must agree with member for member.
     """
     shard = shard or tar_path
     try:
@@ -423,11 +459,14 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
     except OSError as e:
         msg = f"cannot read DALI index {idx_path!r}: {e.strerror}"
         raise ShardError(msg, shard=shard) from None
-    if len(header) != 2 or header[0] != "v1.2" or not _is_count(header[1]):
+    if len(header) != 2 or header[0] not in ("v1.1", "v1.2") or not _is_count(header[1]):
         raise ShardError(
-            f"DALI index {idx_path!r}: unsupported header {header[:3]!r} (want 'v1.2 <count>')",
+            f"DALI index {idx_path!r}: unsupported header {header[:3]!r} (want 'v1.2 <count>' "
+            "or 'v1.1 <count>')",
             shard=shard,
         )
+    if header[0] == "v1.1":
+        return _read_dali_idx_v11(idx_path, tar_path, shard, int(header[1]), lines)
     try:
         file_size = os.path.getsize(tar_path)
     except OSError as e:
@@ -458,6 +497,48 @@ def read_dali_idx(idx_path: str, tar_path: str, *, shard: str | None = None) -> 
         )
     idx = b.build()
     _check_covers(tar_path, idx, shard, idx_path)
+    return idx
+
+
+def _read_dali_idx_v11(
+    idx_path: str, tar_path: str, shard: str, count: int, lines: list[str]
+) -> TarIndex:
+    listed: list[list[tuple[str, int, int]]] = []
+    for line in lines:
+        tok = line.split()
+        if not tok:
+            continue
+        if len(tok) % 3 or not all(_is_count(t) for t in tok[1::3] + tok[2::3]):
+            raise ShardError(f"DALI index {idx_path!r}: malformed line {line[:120]!r}", shard=shard)
+        listed.append(
+            [(tok[j].lower(), int(tok[j + 1]), int(tok[j + 2])) for j in range(0, len(tok), 3)]
+        )
+    if len(listed) != count:
+        raise ShardError(
+            f"DALI index {idx_path!r} announces {count} samples, lists {len(listed)}", shard=shard
+        )
+    idx = scan_tar(tar_path, shard=shard)
+    for i, members in enumerate(listed):
+        if i >= idx.num_samples:
+            raise ShardError(
+                f"DALI index {idx_path!r} lists {count} samples, the tar holds "
+                f"{idx.num_samples} (stale index?)",
+                shard=shard,
+            )
+        have = [(idx.fields[m], int(idx.offsets[m]), int(idx.sizes[m])) for m in idx.members(i)]
+        if sorted(have) != sorted(members):
+            raise ShardError(
+                f"DALI index {idx_path!r} disagrees with the tar at sample {i}: it lists "
+                f"{members}, the tar has {have} (stale index?)",
+                shard=shard,
+                key=idx.keys[i],
+            )
+    if idx.num_samples != count:
+        raise ShardError(
+            f"DALI index {idx_path!r} lists {count} samples, the tar holds {idx.num_samples} "
+            "(stale index?)",
+            shard=shard,
+        )
     return idx
 
 

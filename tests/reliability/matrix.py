@@ -782,8 +782,10 @@ def _tar_variants() -> list[Variant]:
             MAYBE,
             ("s1_\udcff\udcfe",),
         ),
-        "member_without_field": (_insert([M("README", b"hello")]), CORRUPT, ()),
-        "member_hidden_name": (_insert([M(".hidden.jpg", b"x")]), CORRUPT, ()),
+        # Non-sample members (README, hidden files) are left out and counted, not errors.
+        "member_without_field": (_insert([M("README", b"hello")]), VALID, ()),
+        "member_hidden_name": (_insert([M(".hidden.jpg", b"x")]), VALID, ()),
+        "member_empty_field": (_insert([M("s9.", b"x")]), CORRUPT, ()),
     }
     for name, (edit, allowed, add) in names.items():
         out.append(Variant(f"tar_{name}", "tar", tar_build(members=edit, add_keys=add), allowed))
