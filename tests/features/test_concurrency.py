@@ -14,12 +14,22 @@ from mmload.features import FOUND, FeatureTable
 KEYS = 64
 
 
-def _producer(table: FeatureTable, stop: threading.Event, steps: int, seed: int) -> None:
+def _producer(
+    table: FeatureTable, stop: threading.Event, steps: int, seed: int, interleave: bool = False
+) -> None:
     """Step s writes every key at ts = 10 s (value = ts, exact in int64), then a late row for
-    a few keys at an older ts (an out-of-order update), which must not hide newer rows."""
+    a few keys at an older ts (an out-of-order update), which must not hide newer rows.
+    ``interleave``: before each step, wait until a reader has joined since the last one, so
+    updates and joins really alternate however the threads are scheduled."""
     rng = np.random.default_rng(seed)
     keys = np.arange(KEYS)
+    joins = table.stats()["joins"]
     for s in range(1, steps + 1):
+        if interleave:
+            deadline = time.monotonic() + 60
+            while table.stats()["joins"] <= joins and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            joins = table.stats()["joins"]
         if stop.is_set():
             return
         ts = np.full(KEYS, 10 * s)
@@ -37,7 +47,7 @@ def test_update_while_join_sees_consistent_snapshots(retention: int | None) -> N
     stop = threading.Event()
     errors: list[Exception] = []
     steps = 150
-    producer = threading.Thread(target=_producer, args=(table, stop, steps, 0), daemon=True)
+    producer = threading.Thread(target=_producer, args=(table, stop, steps, 0, True), daemon=True)
 
     def reader(seed: int) -> None:
         rng = np.random.default_rng(seed)
@@ -68,15 +78,15 @@ def test_update_while_join_sees_consistent_snapshots(retention: int | None) -> N
     producer.start()
     for r in readers:
         r.start()
-    t0 = time.monotonic()
-    producer.join(60)
+    producer.join(120)
     for r in readers:
-        r.join(60)
+        r.join(120)
     stop.set()
     assert not errors, errors[0]
-    assert time.monotonic() - t0 < 60
+    assert not producer.is_alive() and not any(r.is_alive() for r in readers)
     s = table.stats()
-    assert s["updates_applied"] == 1 + 2 * steps and s["joins"] > 10
+    # every step waited for a join since the previous one: updates and joins interleaved
+    assert s["updates_applied"] == 1 + 2 * steps and s["joins"] >= steps
     assert s["newest_feature_ts"] == 10 * steps
 
 
