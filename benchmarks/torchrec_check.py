@@ -2,10 +2,12 @@
 by a Loader, its Jagged fields become a KeyedJaggedTensor, and TorchRec's EmbeddingBagCollection
 pools them; the pooled embeddings must equal sums over the ids read back with pyarrow.
 
-Needs torchrec and an fbgemm-gpu(-cpu) build matching the installed torch (not in CI: no
-fbgemm build on PyPI matches the CI's torch 2.13); run it where they install:
+Needs torchrec and the fbgemm-gpu(-cpu) build made for the installed torch (fbgemm 1.8 for
+torch 2.13, 1.9 for 2.14). torchrec declares the CUDA fbgemm-gpu package, so on a CPU machine
+install it without dependencies (tests/test_torchrec.py does this in its own venv):
 
-    pip install torchrec fbgemm-gpu-cpu   # versions matching your torch
+    pip install "fbgemm-gpu-cpu==1.8.0" && pip install --no-deps "torchrec==1.8.0"
+    pip install tensordict "torchmetrics==1.0.3" pyre-extensions
     python benchmarks/torchrec_check.py
 """
 
