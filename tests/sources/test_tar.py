@@ -157,15 +157,25 @@ def test_truncated_tar_skip_keeps_complete_samples(make_shards) -> None:  # type
     assert "truncated" in idx.bad[0].reason
 
 
-def test_member_without_key(tmp_path: Path) -> None:
-    p = _tar(tmp_path / "nokey.tar", [("a.jpg", b"1"), ("README", b"hello"), ("b.jpg", b"2")])
-    with pytest.raises(ShardError, match="README") as e:
+def test_members_that_are_not_samples_are_ignored_and_counted(tmp_path: Path) -> None:
+    p = _tar(
+        tmp_path / "meta.tar",
+        [("a.jpg", b"1"), ("README", b"hello"), (".DS_Store", b"x"), ("b.jpg", b"2")],
+    )
+    for skip in (False, True):
+        idx = scan_tar(p, skip=skip)
+        assert idx.keys == ["a", "b"] and not idx.bad
+        assert idx.ignored == ["README", ".DS_Store"]
+
+
+def test_member_with_an_empty_field_is_an_error(tmp_path: Path) -> None:
+    p = _tar(tmp_path / "nofield.tar", [("a.jpg", b"1"), ("c.", b"hello"), ("b.jpg", b"2")])
+    with pytest.raises(ShardError, match="empty field") as e:
         scan_tar(p)
-    assert "nokey.tar" in str(e.value)
+    assert "nofield.tar" in str(e.value) and e.value.key == "c"
     idx = scan_tar(p, skip=True)
     assert idx.keys == ["a", "b"]
-    assert len(idx.bad) == 1
-    assert "README" in idx.bad[0].reason
+    assert len(idx.bad) == 1 and idx.bad[0].key == "c"
 
 
 def test_duplicate_field_and_noncontiguous_sample(tmp_path: Path) -> None:
