@@ -12,7 +12,7 @@ import webdataset as wds
 
 from mmload import AudioConfig, DecodeError, Loader, TextConfig, VideoConfig
 from mmload.decode.audio import decode_audio, resample
-from mmload.decode.text import Tokenizer, pack
+from mmload.decode.text import pack
 from mmload.decode.video import frame_indices
 from mmload.demo import make_wav
 
@@ -200,14 +200,62 @@ def test_text_tokenization(tmp_path: Path) -> None:
 
 
 def test_hf_tokenizer_missing_is_a_clear_error() -> None:
-    import importlib.util
+    """Run where ``tokenizers`` cannot be imported (blocked in a child process)."""
+    import subprocess
+    import sys
 
-    from mmload.errors import MissingDependencyError
+    code = (
+        "import sys; sys.modules['tokenizers'] = None\n"
+        "from mmload.decode.text import Tokenizer\n"
+        "from mmload.errors import MissingDependencyError\n"
+        "try:\n"
+        "    Tokenizer('/nonexistent/tokenizer.json')('hi')\n"
+        "except MissingDependencyError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'pip install "mmload[text]"' in r.stdout
 
-    if importlib.util.find_spec("tokenizers") is not None:
-        pytest.skip("tokenizers is installed here; the missing-dependency message cannot occur")
-    with pytest.raises(MissingDependencyError, match=r"mmload\[text\]"):
-        Tokenizer("/nonexistent/tokenizer.json")("hi")
+
+def test_real_hf_tokenizer_in_a_loader_and_its_workers(tmp_path: Path) -> None:
+    """A WordPiece tokenizer trained with Hugging Face ``tokenizers`` and saved as JSON: the
+    Loader's ids (in process and in 2 worker processes, which rebuild it) are exactly what
+    ``tokenizers`` itself encodes, truncated and padded to ``max_length``."""
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizers is a dev dependency")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    corpus = [
+        f"a photo of a {w} on the {p}" for w in ("cat", "dog", "bird") for p in ("grass", "sofa")
+    ]
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        corpus, trainers.WordPieceTrainer(vocab_size=60, special_tokens=["[PAD]", "[UNK]"])
+    )
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    texts = [*corpus, "an unseen zebra photo of a cat"]
+    shard = _write(
+        tmp_path / "t.tar", [{"__key__": f"t{i:02d}", "txt": t} for i, t in enumerate(texts)]
+    )
+    cfg = TextConfig(max_length=6, tokenizer=str(path), pad_id=0)
+    ref = tokenizers.Tokenizer.from_file(str(path))
+    for workers in (0, 2):
+        got = {}
+        with Loader(
+            [shard], batch_size=4, text=cfg, workers=workers, cache_dir=tmp_path / f"c{workers}"
+        ) as L:
+            for b in L:
+                for j, key in enumerate(b["__key__"]):
+                    got[key] = (b["txt"][j].tolist(), b["txt_attention_mask"][j].tolist())
+        for i, t in enumerate(texts):
+            ids = ref.encode(t).ids[:6]
+            assert got[f"t{i:02d}"] == (
+                ids + [0] * (6 - len(ids)),
+                [1] * len(ids) + [0] * (6 - len(ids)),
+            )
+    assert any(ref.token_to_id("[UNK]") in v[0] for v in got.values())  # the unseen word
 
 
 def test_pack_on_cpu() -> None:
