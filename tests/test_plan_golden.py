@@ -49,6 +49,21 @@ def test_permutations_are_pinned() -> None:
     assert _permutation(7, 1, 5, 10).tolist() == [8, 5, 0, 3, 6, 9, 7, 4, 2, 1]
     assert _bijection(7, 1, 5, 10).tolist() == [7, 4, 6, 3, 2, 5, 0, 8, 1, 9]
     assert _bijection(7, 1, 5, 1000)[:8].tolist() == [771, 717, 861, 110, 326, 307, 0, 749]
+    small = {  # word sizes at and around powers of two
+        4: [3, 1, 2, 0],
+        5: [4, 1, 3, 2, 0],
+        8: [6, 1, 5, 2, 0, 3, 7, 4],
+        9: [7, 4, 6, 3, 2, 5, 0, 8, 1],
+        16: [11, 4, 6, 10, 2, 5, 0, 8, 1, 13, 3, 12, 7, 14, 9, 15],
+        17: [7, 11, 8, 12, 6, 2, 3, 10, 13, 5, 1, 4, 15, 14, 16, 9, 0],
+    }
+    for n, want in small.items():
+        assert _bijection(7, 1, 5, n).tolist() == want, n
+    assert _bijection(7, 1, 5, 1).tolist() == [0] and _bijection(7, 1, 5, 0).tolist() == []
+    # tiny data sets are shuffled too: over seeds, every order of 2 and of 3 shards occurs
+    for n, orders in ((2, 2), (3, 6)):
+        seen = {tuple(_bijection(s, e, 5, n).tolist()) for s in range(20) for e in range(10)}
+        assert len(seen) == orders
 
 
 def test_orders_are_pinned() -> None:
@@ -132,3 +147,40 @@ def test_state_validation_messages() -> None:
         LoaderState.from_dict({**good, "epoch": 1.0})
     with pytest.raises(ConfigError, match=re.escape("epoch and samples_consumed must be >= 0")):
         LoaderState.from_dict({**good, "samples_consumed": -1})
+
+
+def test_more_state_and_schedule_messages() -> None:
+    good = LoaderState(epoch=1, seed=2, samples_consumed=4, num_samples=10).to_dict()
+    with pytest.raises(ConfigError, match=re.escape("state_dict version 1 is not supported")) as e:
+        LoaderState.from_dict({**good, "version": 1})
+    assert "version 1 states come from mmload before partitioned orders" in str(e.value)
+    with pytest.raises(ConfigError, match=re.escape("state_dict partitions=0: must be >= 1")):
+        LoaderState.from_dict({**good, "partitions": 0})
+    with pytest.raises(
+        ConfigError, match=re.escape("the state was saved with (batch_size * world_size)")
+    ):
+        Schedule(10, batch_size=1, world_size=2, start=3)
+
+
+@pytest.mark.parametrize(("n", "b", "w"), [(10, 3, 3), (11, 2, 4), (7, 4, 2), (2, 3, 3)])
+def test_padding_repeats_only_a_ranks_own_positions(n: int, b: int, w: int) -> None:
+    s = Schedule(n, batch_size=b, world_size=w)
+    for r in range(w):
+        for k in range(s.num_batches):
+            pos = s.positions(r, k)
+            first = k * b * w + r
+            want_real = [p for p in range(first, first + b * w, w) if p < n]
+            assert pos[: len(want_real)].tolist() == want_real
+            pads = pos[len(want_real) :]
+            assert s.padding_in(r, k) == len(pads) == b - len(want_real)
+            if len(pads) and n >= w:  # repeats of positions of this rank (its own partitions)
+                assert all(int(p) % w == r and 0 <= int(p) < n for p in pads), (r, k, pos)
+
+
+def test_empty_and_unshuffled_partitioned_orders() -> None:
+    empty = EpochOrder(np.array([], dtype=np.int64), seed=0, epoch=0, shuffle=ShuffleConfig(2))
+    assert len(empty) == 0 and empty.full().tolist() == []
+    # Unshuffled with P partitions: position t is sample t // P of partition t % P, the layout
+    # cut into P contiguous segments in stored order (by hand for 3 chunks of 4 and P = 3).
+    o = EpochOrder(np.array([4, 4, 4]), seed=0, epoch=0, shuffle=None, partitions=3).full()
+    assert o.tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]

@@ -7,6 +7,7 @@ simulator tests in test_asof_kernel.py and the torch-backend property tests cove
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -104,8 +105,13 @@ def test_gpu_update_while_join_never_returns_future_values() -> None:
     table.update({"k": keys, "ts": np.zeros(256, np.int64), "value": np.zeros(256, np.int64)})
     stop, errors = threading.Event(), []
 
-    def produce() -> None:
+    def produce() -> None:  # each step waits for a join since the last: they interleave
+        joins = table.stats()["joins"]
         for s in range(1, 200):
+            deadline = time.monotonic() + 60
+            while table.stats()["joins"] <= joins and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            joins = table.stats()["joins"]
             ts = np.full(256, 10 * s)
             table.update({"k": keys, "ts": ts, "value": ts})
         stop.set()
@@ -113,7 +119,9 @@ def test_gpu_update_while_join_never_returns_future_values() -> None:
     producer = threading.Thread(target=produce)
     producer.start()
     rng = np.random.default_rng(0)
+    rounds = 0
     while not stop.is_set():
+        rounds += 1
         q_ts = rng.integers(0, 2100, 4096)
         out = table.join(rng.integers(0, 256, 4096), q_ts)
         value = out["value"].cpu().numpy()
@@ -124,6 +132,7 @@ def test_gpu_update_while_join_never_returns_future_values() -> None:
             errors.append("torn snapshot")
     producer.join()
     assert not errors, errors[:3]
+    assert rounds >= 100  # the loop ran while the producer updated (it cannot pass empty)
 
 
 def test_kernel_on_torch_tensors_matches_reference() -> None:
