@@ -5,9 +5,11 @@ restart, never a value that arrived after the window was cut."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,22 +147,31 @@ def test_ledger_source_builds_the_same_versions_in_every_process(tmp_path: Path)
             lead.at(n + 5, 0.1)
 
 
+@contextlib.contextmanager
+def _joined_stream(ev: Path, fdir: Path, max_wait_s: float) -> Iterator[mmload.StreamLoader]:
+    """A StreamLoader over ``ev`` joining a LedgerSource over ``fdir`` (late="join"), once the
+    first feature window is applied."""
+    table = FeatureTable(key="user", timestamp="ts", columns=SCHEMA)
+    source = LedgerSource(fdir, table, sequencer=True, poll_interval=0.02)
+    fj = mmload.FeatureJoin(table, key="user", timestamp="ts", late="join")
+    with (
+        source,
+        mmload.StreamLoader(
+            ev, batch_size=8, poll_s=0.02, max_wait_s=max_wait_s, feature_source=source,
+            features=fj,
+        ) as sl,
+    ):  # fmt: skip
+        source.wait_for_watermark(0, 5.0)
+        yield sl
+
+
 def test_stream_windows_join_their_feature_version_across_a_restart(tmp_path: Path) -> None:
     ev, fdir = tmp_path / "events", tmp_path / "features"
     _features(fdir, "f-0.parquet", 0, 1.0)
     _events(ev, "part-0.parquet", 1000, 40)
 
     def run(state: dict[str, Any] | None, n: int | None) -> tuple[list[dict[str, Any]], Any]:
-        table = FeatureTable(key="user", timestamp="ts", columns=SCHEMA)
-        source = LedgerSource(fdir, table, sequencer=True, poll_interval=0.02)
-        fj = mmload.FeatureJoin(table, key="user", timestamp="ts", late="join")
-        with (
-            source,
-            mmload.StreamLoader(
-                ev, batch_size=8, poll_s=0.02, max_wait_s=0.5, feature_source=source, features=fj
-            ) as sl,
-        ):
-            source.wait_for_watermark(0, 5.0)  # the first feature window is applied
+        with _joined_stream(ev, fdir, max_wait_s=0.5) as sl:
             if state is not None:
                 sl.load_state_dict(state)
             it = iter(sl)
@@ -192,16 +203,7 @@ def test_batch_feature_version_stays_with_the_batch_after_its_window_ends(
     ev, fdir = tmp_path / "events", tmp_path / "features"
     _features(fdir, "f-0.parquet", 0, 1.0)
     _events(ev, "part-0.parquet", 1000, 16)
-    table = FeatureTable(key="user", timestamp="ts", columns=SCHEMA)
-    source = LedgerSource(fdir, table, sequencer=True, poll_interval=0.02)
-    fj = mmload.FeatureJoin(table, key="user", timestamp="ts", late="join")
-    with (
-        source,
-        mmload.StreamLoader(
-            ev, batch_size=8, poll_s=0.02, max_wait_s=0.3, feature_source=source, features=fj
-        ) as sl,
-    ):
-        source.wait_for_watermark(0, 5.0)
+    with _joined_stream(ev, fdir, max_wait_s=0.3) as sl:
         assert sl.batch_window is None and sl.batch_feature_version is None
         it = iter(sl)
         next(it)
