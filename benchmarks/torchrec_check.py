@@ -47,8 +47,12 @@ def main() -> int:
     )
     ebc = EmbeddingBagCollection(
         tables=[
-            EmbeddingBagConfig(name="t_hist", embedding_dim=8, num_embeddings=100, feature_names=["hist"]),
-            EmbeddingBagConfig(name="t_cats", embedding_dim=8, num_embeddings=20, feature_names=["cats"]),
+            EmbeddingBagConfig(
+                name="t_hist", embedding_dim=8, num_embeddings=100, feature_names=["hist"]
+            ),
+            EmbeddingBagConfig(
+                name="t_cats", embedding_dim=8, num_embeddings=20, feature_names=["cats"]
+            ),
         ],
         device=torch.device("cpu"),
     )
