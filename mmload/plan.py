@@ -193,7 +193,6 @@ class EpochOrder:
         self.epoch = int(epoch)
         self.shuffle = shuffle
         self.partitions = partitions
-        self._counts = counts
         n_chunks = len(counts)
         uniform = n_chunks > 0 and bool((counts == counts[0]).all())
         if uniform:  # equal chunks (the usual shards): starts without a cumulative sum

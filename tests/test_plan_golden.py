@@ -184,3 +184,40 @@ def test_empty_and_unshuffled_partitioned_orders() -> None:
     # cut into P contiguous segments in stored order (by hand for 3 chunks of 4 and P = 3).
     o = EpochOrder(np.array([4, 4, 4]), seed=0, epoch=0, shuffle=None, partitions=3).full()
     assert o.tolist() == [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
+
+
+def test_hash_with_an_array_of_streams_is_one_hash_per_stream() -> None:
+    """augment.py draws several streams at once: row s is stream s's draws."""
+    streams = np.array([3, 10, 11])
+    both = hash_u64(1, 2, streams, np.arange(5))
+    assert both.shape == (3, 5)
+    for row, s in zip(both, streams.tolist(), strict=True):
+        assert row.tolist() == hash_u64(1, 2, s, np.arange(5)).tolist()
+
+
+def test_exact_messages_and_edge_layouts() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^chunk_counts must be a 1-d array of non-negative ints$"
+    ):
+        EpochOrder(np.array([[1]]), seed=0, epoch=0, shuffle=None)
+    # Shard ids need not start at 0 (a first shard without chunks): the same grouping, the same
+    # order.
+    counts = np.array([3, 4, 2, 5, 1])
+    kw = {"seed": 4, "epoch": 2, "shuffle": ShuffleConfig(2), "partitions": 2}
+    a = EpochOrder(counts, chunk_shard=np.array([0, 0, 1, 2, 2]), **kw).full()  # type: ignore[arg-type]
+    b = EpochOrder(counts, chunk_shard=np.array([1, 1, 2, 3, 3]), **kw).full()  # type: ignore[arg-type]
+    assert np.array_equal(a, b)
+    # interleave=1 with one-sample chunks: each chunk is its own group, whatever its size.
+    sizes = np.array([1, 3, 1, 2])
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    o = EpochOrder(sizes, seed=1, epoch=0, shuffle=ShuffleConfig(1)).full()
+    chunk_of = np.searchsorted(starts, o, side="right") - 1
+    runs = [int(c) for i, c in enumerate(chunk_of) if i == 0 or c != chunk_of[i - 1]]
+    assert sorted(runs) == [0, 1, 2, 3]  # every chunk's samples stay together
+
+
+def test_padding_when_a_rank_has_no_sample_of_its_own() -> None:
+    """Fewer samples than ranks: the padding repeats positions modulo the epoch."""
+    s = Schedule(2, batch_size=3, world_size=3)
+    # rank r's raw positions r, r + 3, r + 6, those past the end taken modulo 2
+    assert [s.positions(r, 0).tolist() for r in range(3)] == [[0, 1, 0], [1, 0, 1], [0, 1, 0]]
