@@ -145,3 +145,25 @@ def test_every_option_of_every_subcommand_has_help_text() -> None:
         text = sp.format_help()
         if name in ("demo", "bench"):
             assert "(default: " in text  # defaults are shown
+
+
+def test_demo_without_dali_installed(tmp_path: Path) -> None:
+    """A base install has no ``nvidia`` package: the demo runs on PIL (regression: looking for
+    ``nvidia.dali`` raised ModuleNotFoundError)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'nvidia' or name.startswith('nvidia.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "for m in [m for m in sys.modules if m.startswith('nvidia')]:\n"
+        "    del sys.modules[m]\n"
+        "from mmload.cli import main\n"
+        f"sys.exit(main(['demo', '--samples', '32', '--epochs', '1', '--quiet', '--out', {str(tmp_path / 'd')!r}]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

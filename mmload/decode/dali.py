@@ -57,7 +57,12 @@ def as_batch_error(e: RuntimeError) -> RuntimeError:
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    """Whether DALI is installed (without importing it). ``find_spec`` of a dotted name raises
+    when the parent package (``nvidia``) is missing, as in a base install without ``[dali]``."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 _import_lock = threading.Lock()
