@@ -43,16 +43,21 @@ class Jagged:
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         parts = [np.asarray(() if r is None else r, dtype=np_dtype).reshape(-1) for r in rows]
         lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
-        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
         values = np.concatenate(parts) if parts else np.empty(0, dtype=np_dtype)
-        return Jagged(torch.from_numpy(values), torch.from_numpy(offsets))
+        return Jagged.from_lengths(torch.from_numpy(values), torch.from_numpy(lengths))
 
     @staticmethod
     def from_lengths(values: torch.Tensor, lengths: torch.Tensor) -> Jagged:
         offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64, device=lengths.device)
         torch.cumsum(lengths.to(torch.int64), 0, out=offsets[1:])
         return Jagged(values, offsets)
+
+    @staticmethod
+    def cat(parts: Sequence[Jagged]) -> Jagged:
+        """The rows of ``parts`` (at least one), one after another."""
+        return Jagged.from_lengths(
+            torch.cat([p.values for p in parts]), torch.cat([p.lengths() for p in parts])
+        )
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ Binary columns are media fields (their bytes are returned unchanged), other colu
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -199,6 +200,7 @@ def _element_dtype(t: pa.DataType) -> Any:
     return None
 
 
+@functools.lru_cache(maxsize=256)  # called per chunk read; a data set has few column types
 def _times_as_ints(t: pa.DataType) -> pa.DataType:
     """``t`` with every timestamp/date/time/duration inside it (struct fields, list and map
     items) as the integer it is stored as: Python's datetime cannot hold every such value."""

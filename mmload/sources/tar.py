@@ -132,7 +132,7 @@ def is_non_sample_member(name: str) -> bool:
         return True
     if _DUNDER_RE.match(base) or base.lower() in _METADATA_NAMES:
         return True
-    return "__MACOSX/" in f"/{name}" or name.startswith("__MACOSX/")
+    return "/__MACOSX/" in f"/{name}"  # a path component, at any depth
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -518,13 +518,13 @@ def _read_dali_idx_v11(
             f"DALI index {idx_path!r} announces {count} samples, lists {len(listed)}", shard=shard
         )
     idx = scan_tar(tar_path, shard=shard)
+    if idx.num_samples != count:
+        raise ShardError(
+            f"DALI index {idx_path!r} lists {count} samples, the tar holds {idx.num_samples} "
+            "(stale index?)",
+            shard=shard,
+        )
     for i, members in enumerate(listed):
-        if i >= idx.num_samples:
-            raise ShardError(
-                f"DALI index {idx_path!r} lists {count} samples, the tar holds "
-                f"{idx.num_samples} (stale index?)",
-                shard=shard,
-            )
         have = [(idx.fields[m], int(idx.offsets[m]), int(idx.sizes[m])) for m in idx.members(i)]
         if sorted(have) != sorted(members):
             raise ShardError(
@@ -533,12 +533,6 @@ def _read_dali_idx_v11(
                 shard=shard,
                 key=idx.keys[i],
             )
-    if idx.num_samples != count:
-        raise ShardError(
-            f"DALI index {idx_path!r} lists {count} samples, the tar holds {idx.num_samples} "
-            "(stale index?)",
-            shard=shard,
-        )
     return idx
 
 
