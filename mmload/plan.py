@@ -247,7 +247,8 @@ class EpochOrder:
         ls = self._layout_start
         i0 = int(np.searchsorted(ls, a, side="right")) - 1
         i1 = int(np.searchsorted(ls, b, side="left"))
-        slots = np.arange(max(i0, 0), max(i1, i0 + 1), dtype=np.int64)
+        # Clamped to the last slot: an empty partition at the very end has a == b == N.
+        slots = np.arange(max(i0, 0), min(max(i1, i0 + 1), len(ls) - 1), dtype=np.int64)
         lo = np.maximum(ls[slots], a)
         hi = np.minimum(ls[slots + 1], b)
         keep = hi > lo

@@ -72,3 +72,30 @@ def test_resumed_drop_last_schedule_counts_what_remains(world: int) -> None:
         got = [rest.positions(r, j) for j in range(rest.num_batches) for r in range(world)]
         want = [full.positions(r, j) for j in range(k, full.num_batches) for r in range(world)]
         assert all(np.array_equal(x, y) for x, y in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("shuffle", [None, ShuffleConfig(), ShuffleConfig(interleave=1)])
+@pytest.mark.parametrize(("counts", "partitions"), [([2], 4), ([3, 0, 1], 8), ([5, 5], 3)])
+def test_pieces_cover_every_sample_once_even_past_the_data(
+    shuffle: ShuffleConfig | None, counts: list[int], partitions: int
+) -> None:
+    """``pieces(p)`` of every partition, also partitions past the data (more partitions than
+    samples: an IndexError before), slice the samples exactly once, and each piece's span
+    holds the positions where the order really puts its samples."""
+    order = EpochOrder(np.array(counts), seed=4, epoch=1, shuffle=shuffle, partitions=partitions)
+    full = order.full()
+    n = int(sum(counts))
+    covered: list[int] = []
+    for p in range(partitions):
+        first, lens, lo, hi = order.pieces(p)
+        local = full[p::partitions]  # the partition's samples in order (oracle: the round robin)
+        for f, ln, a, b in zip(
+            first.tolist(), lens.tolist(), lo.tolist(), hi.tolist(), strict=True
+        ):
+            ids = range(f, f + ln)
+            covered += ids
+            where = [int(np.flatnonzero(local == i)[0]) for i in ids]
+            assert a <= min(where) and max(where) <= b
+        if len(local) == 0:
+            assert len(first) == len(lens) == len(lo) == len(hi) == 0
+    assert sorted(covered) == list(range(n))

@@ -328,3 +328,22 @@ def test_loader_worker_processes_over_remote_shards(
     assert st["cache_fetches"] == 12
     assert st["cache_fetched_bytes"] == sum((range_server.root / n).stat().st_size for n in names)
     assert 0 < st["cache_peak_bytes"] <= st["cache_fetched_bytes"]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_more_ranks_than_samples(
+    make_shards: Any, range_server: FileServer, tmp_path: Path, shuffle: bool
+) -> None:
+    """3 remote samples, 4 ranks: the last rank's partition is empty (the plan's pieces of a
+    partition past the data were an IndexError); every rank takes one step, the samples are
+    seen once and the rest is counted padding."""
+    names, keys = _shards(make_shards, range_server.root, [3])
+    src = _pattern(range_server.url, names)
+    seen: list[str] = []
+    for rank in range(4):
+        with _loader(src, tmp_path, rank, 4, batch_size=1, shuffle=shuffle) as L:
+            got = _epoch(L)
+            assert L.stats()["samples_padded"] == 1  # the epoch's padding, known to every rank
+        assert len(got) == 1, (rank, got)
+        seen += got
+    assert sorted(seen[:3]) == sorted(keys) and seen[3] in keys
