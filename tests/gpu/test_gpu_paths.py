@@ -43,8 +43,12 @@ def test_cpu_gpu_agreement(make_shards, tmp_path: Path) -> None:  # type: ignore
         assert gi.device.type == "cuda" and g["cls"].device.type == "cuda"  # type: ignore[union-attr]
         assert torch.equal(c["cls"], g["cls"].cpu())  # type: ignore[union-attr]
         diff = (gi.cpu() - ci).abs()
-        assert diff.mean() < CPU_GPU_MEAN_ABS, diff.mean()
+        per_image = diff.mean(dim=(1, 2, 3))  # per image: no wrong image hides in the mean
+        assert per_image.max() < CPU_GPU_MEAN_ABS, per_image
         assert diff.max() < CPU_GPU_MAX_ABS, diff.max()
+        # the bound has power: a GPU path that flipped other images than the CPU would fail
+        mirror = (gi.cpu() - ci.flip(-1)).abs().mean(dim=(1, 2, 3))
+        assert (mirror > CPU_GPU_MEAN_ABS).any(), mirror
 
 
 def test_torchvision_fallback_matches_dali_gpu(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -60,7 +64,15 @@ def test_torchvision_fallback_matches_dali_gpu(make_shards, tmp_path: Path) -> N
     )
     for a, b in zip(dali, tv, strict=True):
         assert a["__key__"] == b["__key__"]
-        assert (a["jpg"] - b["jpg"]).abs().mean() < 0.1  # type: ignore[operator]
+        x, y = a["jpg"], b["jpg"]
+        assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+        # per image, not over the batch: one wrong image cannot hide behind seven right ones
+        per_image = (x - y).abs().mean(dim=(1, 2, 3))
+        assert per_image.max() < 0.1, per_image
+        # the bound has power: some images differ from their mirror by more than it, so a
+        # path that does not flip (or flips other images) fails
+        mirror = (x - y.flip(-1)).abs().mean(dim=(1, 2, 3))
+        assert (mirror > 0.1).any(), mirror
 
 
 def test_bad_jpeg_on_gpu_is_replaced_and_counted(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
