@@ -11,6 +11,7 @@ import pytest
 from mmload.augment import draw_crops
 from mmload.config import ImageConfig
 from mmload.errors import ConfigError
+from mmload.plan import hash_uniform
 
 
 def test_random_resized_crop_windows() -> None:
@@ -105,3 +106,94 @@ def test_image_config_validation() -> None:
         with pytest.raises(ConfigError):
             ImageConfig(**bad)  # type: ignore[arg-type]
     assert ImageConfig(size=96).size == (96, 96)
+
+
+# The crops' RNG stream and draws: part of the resume contract (a resumed run must draw the
+# same windows), so they are pinned here, not read from the module.
+_CROP_STREAM = 1 << 48
+_CROP_ATTEMPTS = 10
+
+
+def _reference_crop(
+    height: int, width: int, cfg: ImageConfig, u: list[float]
+) -> tuple[int, int, int, int, bool, str]:
+    """One sample's window, flip and the way the window was found, written out per sample in plain Python from
+    torchvision's RandomResizedCrop.get_params (the ``random`` draws replaced by ``u``: two per
+    attempt, then y, x and flip), its CenterCrop after a ``size / 0.875`` resize, or the whole
+    image for ``resize``."""
+    flip = cfg.flip and u[2 * _CROP_ATTEMPTS + 2] < 0.5
+    if cfg.crop == "resize":
+        return 0, 0, height, width, flip, "resize"
+    out_h, out_w = cfg.size
+    if cfg.crop == "center":
+        s = min(height / out_h, width / out_w) * 0.875
+        h = min(max(round(out_h * s), 1), height)
+        w = min(max(round(out_w * s), 1), width)
+        return (height - h) // 2, (width - w) // 2, h, w, flip, "center"
+    lo, hi = cfg.scale
+    rlo, rhi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+    for a in range(_CROP_ATTEMPTS):
+        target = height * width * (lo + (hi - lo) * u[2 * a])
+        ar = math.exp(rlo + (rhi - rlo) * u[2 * a + 1])
+        w = round(math.sqrt(target * ar))
+        h = round(math.sqrt(target / ar))
+        if 0 < w <= width and 0 < h <= height:
+            uy, ux = u[2 * _CROP_ATTEMPTS], u[2 * _CROP_ATTEMPTS + 1]
+            y0, x0 = math.floor(uy * (height - h + 1)), math.floor(ux * (width - w + 1))
+            return y0, x0, h, w, flip, "fit"
+    in_ratio = width / height
+    if in_ratio < cfg.ratio[0]:
+        w, h, path = width, round(width / cfg.ratio[0]), "too tall"
+    elif in_ratio > cfg.ratio[1]:
+        h, w, path = height, round(height * cfg.ratio[1]), "too wide"
+    else:
+        w, h, path = width, height, "whole"
+    h, w = min(h, height), min(w, width)
+    return (height - h) // 2, (width - w) // 2, h, w, flip, path
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ImageConfig(),
+        ImageConfig(size=(96, 160), scale=(0.5, 0.5), ratio=(1.0, 1.0), flip=False),
+        ImageConfig(size=(32, 32), scale=(0.9, 1.0), ratio=(0.2, 5.0)),
+        ImageConfig(size=(8, 8), scale=(0.001, 0.01), ratio=(1 / 3, 3.0)),
+        ImageConfig(size=(96, 160), crop="center"),
+        ImageConfig(size=(160, 96), crop="center", flip=False),
+        ImageConfig(size=(50, 50), crop="resize"),
+    ],
+    ids=["default", "fixed", "wide-ratio", "tiny-area", "center-wide", "center-tall", "resize"],
+)
+def test_draw_crops_equals_a_per_sample_reference(cfg: ImageConfig) -> None:
+    rng = np.random.default_rng(7)
+    sizes = [(1, 1), (1, 500), (500, 1), (2, 3), (3, 2), (7, 700), (700, 7), (224, 224)]
+    sizes += [(int(h), int(w)) for h, w in rng.integers(1, 640, (400, 2))]
+    H = np.array([h for h, _ in sizes])
+    W = np.array([w for _, w in sizes])
+    ids = rng.permutation(10_000)[: len(sizes)] * 3 + 5  # ids need not be 0..n-1
+    seed, epoch = 11, 4
+    got = draw_crops(H, W, cfg, seed=seed, epoch=epoch, ids=ids)
+    draws = [
+        hash_uniform(seed, epoch, _CROP_STREAM + k, ids) for k in range(2 * _CROP_ATTEMPTS + 3)
+    ]
+    paths = set()
+    for i, (h, w) in enumerate(sizes):
+        u = [float(d[i]) for d in draws]
+        *want, path = _reference_crop(h, w, cfg, u)
+        paths.add(path)
+        have = [int(got.y0[i]), int(got.x0[i]), int(got.h[i]), int(got.w[i]), bool(got.flip[i])]
+        assert have == want, (h, w, cfg)
+    for arr in (got.y0, got.x0, got.h, got.w):
+        assert arr.dtype == np.int64
+    assert got.flip.dtype == bool
+    assert len(got) == len(sizes)
+    # Every way to a window happens in this set (the branches are exercised).
+    if cfg.crop == "random_resized":
+        # (windows under a pixel at tiny scales: 1-pixel images fall back to the whole image)
+        must = {"fit", "too tall", "too wide"} if cfg.scale[0] >= 0.08 else {"fit", "whole"}
+        assert must <= paths, paths
+    if cfg.flip:
+        assert got.flip.any() and not got.flip.all()
+    else:
+        assert not got.flip.any()

@@ -1,0 +1,131 @@
+"""Field classes: the fixed shape read from an Arrow type string (checked against pyarrow's own
+type objects) and the reasons ``conform`` gives for values that do not fit a class."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mmload.decode.fields import conform, fixed_shape
+
+_LEAVES = [
+    pa.int8(), pa.int16(), pa.int32(), pa.int64(),
+    pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64(),
+    pa.float16(), pa.float32(), pa.float64(), pa.bool_(),
+    pa.string(), pa.binary(), pa.timestamp("us"), pa.date32(), pa.decimal128(5, 2),
+]  # fmt: skip
+
+
+def _pyarrow_shape(t: pa.DataType) -> tuple[int, ...] | None:
+    """The oracle: walk pyarrow's type objects, not the type's string."""
+    dims: list[int] = []
+    while pa.types.is_fixed_size_list(t):
+        dims.append(t.list_size)
+        t = t.value_type
+    numeric = pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    return tuple(dims) if dims and numeric else None
+
+
+def _types() -> list[pa.DataType]:
+    out: list[pa.DataType] = []
+    for leaf in _LEAVES:
+        out.append(leaf)
+        for nullable in (True, False):
+            inner = pa.list_(pa.field("item", leaf, nullable=nullable), 3)
+            out.append(inner)
+            out.append(pa.list_(pa.field("element", inner, nullable=nullable), 2))
+            out.append(pa.list_(pa.list_(pa.field("x", inner, nullable=nullable), 4), 5))
+        out.append(pa.list_(leaf))  # variable length: no fixed shape
+        out.append(pa.list_(pa.list_(leaf), 2))  # fixed outside, variable inside
+        out.append(pa.large_list(pa.list_(leaf, 2)))
+    out.append(pa.struct([("a", pa.int32())]))
+    return out
+
+
+@pytest.mark.parametrize("t", _types(), ids=str)
+def test_fixed_shape_agrees_with_pyarrow(t: pa.DataType) -> None:
+    assert fixed_shape(str(t)) == _pyarrow_shape(t)
+
+
+def test_fixed_shape_examples() -> None:
+    assert fixed_shape(str(pa.list_(pa.float16(), 4))) == (4,)
+    assert fixed_shape(str(pa.list_(pa.field("item", pa.bool_(), nullable=False), 7))) == (7,)
+    nested = pa.list_(pa.field("item", pa.list_(pa.uint64(), 2), nullable=False), 3)
+    assert str(nested).count("not null") == 1
+    assert fixed_shape(str(nested)) == (3, 2)
+    assert fixed_shape("fixed_size_list<item: string>[2]") is None
+    assert fixed_shape("float") is None  # a scalar has no list shape
+
+
+@pytest.mark.parametrize(
+    ("cls", "value", "reason"),
+    [
+        ("int", 2**63, f"{2**63} does not fit in int64"),
+        ("int", -(2**63) - 1, f"{-(2**63) - 1} does not fit in int64"),
+        ("int", True, "a bool is not an integer"),
+        ("int", None, "null is not an integer"),
+        ("int", 1.0, "a float is not an integer"),
+        ("float", "1", "a str is not a number"),
+        ("float", np.bool_(True), "a bool is not a number"),
+        ("bool", 1, "a int is not a bool"),
+        ("str", b"x", "a bytes is not a string"),
+        ("bytes", "x", "a str is not bytes"),
+        ("array", [1, 2], "a list is not a numeric list (null, or null elements?)"),
+        ("array", np.array(["a"]), "a ndarray is not a numeric list (null, or null elements?)"),
+        ("jagged_int", [1], "a list is not a list of numbers"),
+        ("jagged_int", np.zeros((2, 2), np.int64), "a ndarray is not a list of numbers"),
+        (
+            "jagged_int",
+            np.zeros(2),
+            "a list of float64 (null elements?), where the field holds ints",
+        ),
+        (
+            "jagged_bool",
+            np.zeros(2, np.int8),
+            "a list of int8 (null elements?), where the field holds bools",
+        ),
+        (
+            "jagged_int",
+            np.array([2**63], np.uint64),
+            f"a list with {2**63}, which does not fit in int64",
+        ),
+        ("ragged", "abc", "a str is not a list"),
+    ],
+)
+def test_conform_names_why_a_value_does_not_fit(cls: str, value: object, reason: str) -> None:
+    assert conform(cls, value) == reason  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("cls", "value"),
+    [
+        ("int", 2**63 - 1),
+        ("int", -(2**63)),
+        ("int", np.int32(3)),
+        ("float", 3),
+        ("float", np.float16(1.5)),
+        ("bool", np.bool_(False)),
+        ("str", None),
+        ("bytes", None),
+        ("array", np.zeros(3, np.uint8)),
+        ("jagged_int", None),
+        ("jagged_int", np.array([2**63 - 1], np.uint64)),
+        ("jagged_int", np.array([], np.uint64)),
+        ("jagged_float", np.zeros(2, np.int16)),
+        ("jagged_bool", np.zeros(2, bool)),
+        ("ragged", None),
+        ("ragged", [1, "a"]),
+        ("any", object()),
+    ],
+)
+def test_conform_accepts_values_of_the_class(cls: str, value: object) -> None:
+    assert conform(cls, value) is None  # type: ignore[arg-type]
+
+
+def test_conform_checks_an_array_fields_pinned_shape() -> None:
+    assert conform("array", np.zeros((3, 2)), (3, 2)) is None
+    assert conform("array", np.zeros((2, 3)), (3, 2)) == (
+        "a list of shape (2, 3), where the field's values have shape (3, 2)"
+    )
+    assert conform("array", np.zeros((2, 3))) is None  # no pinned shape
