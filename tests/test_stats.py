@@ -166,6 +166,7 @@ def test_epoch_stats_forward_to_the_parent_with_their_own_budget() -> None:
     parent = Stats(budget=100)
     run = EpochStats(parent, budget=1)
     run.add("samples", 4)
+    run.add("batches")  # one by default
     run.time("decode", 0.5)
     run.peak("p", 9)
     run.per_batch("padded", 2)
@@ -174,6 +175,7 @@ def test_epoch_stats_forward_to_the_parent_with_their_own_budget() -> None:
     run.add_bad(entries(1))
     snap = parent.snapshot()
     assert run.snapshot()["samples"] == snap["samples"] == 4
+    assert snap["batches"] == 1
     assert snap["seconds"]["decode"] == 0.5
     assert snap["p"] == 9
     assert snap["per_batch"] == {"padded": [2]}

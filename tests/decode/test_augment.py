@@ -197,3 +197,15 @@ def test_draw_crops_equals_a_per_sample_reference(cfg: ImageConfig) -> None:
         assert got.flip.any() and not got.flip.all()
     else:
         assert not got.flip.any()
+
+
+def test_crop_params_take_selects_rows_of_every_field() -> None:
+    c = draw_crops(
+        np.array([100, 200, 300, 400]), np.array([50, 60, 70, 80]), ImageConfig(), seed=0,
+        epoch=0, ids=np.arange(4),
+    )  # fmt: skip
+    idx = np.array([3, 1])
+    t = c.take(idx)
+    assert len(t) == 2
+    for name in ("y0", "x0", "h", "w", "flip"):
+        np.testing.assert_array_equal(getattr(t, name), getattr(c, name)[idx], err_msg=name)

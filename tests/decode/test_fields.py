@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
-from mmload.decode.fields import conform, fixed_shape
+from mmload.decode.fields import collate, conform, field_kind, fixed_shape, jagged_class
+from mmload.jagged import Jagged
 
 _LEAVES = [
     pa.int8(), pa.int16(), pa.int32(), pa.int64(),
@@ -129,3 +131,96 @@ def test_conform_checks_an_array_fields_pinned_shape() -> None:
         "a list of shape (2, 3), where the field's values have shape (3, 2)"
     )
     assert conform("array", np.zeros((2, 3))) is None  # no pinned shape
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("jpg", "image"), ("x.png", "image"), ("left.view.webp", "image"), ("gif", "image"),
+        ("flac", "audio"), ("clip.wav", "audio"), ("ogg", "audio"),
+        ("mp4", "video"), ("a.b.mov", "video"), ("webm", "video"),
+        ("cls", "int"), ("meta.label", "int"), ("id", "int"), ("x.cls2", "int"),
+        ("json", "json"), ("meta.json", "json"),
+        ("txt", "text"), ("caption.text", "text"),
+        ("npy", "bytes"), ("json.gz", "bytes"), ("cls.txt.bin", "bytes"), ("JPG", "bytes"),
+        ("jpg.cls", "int"), ("a.b.json", "json"),
+    ],
+)  # fmt: skip
+def test_field_kind_from_the_last_dotted_part(name: str, kind: str) -> None:
+    assert field_kind(name, b"raw") == kind
+    assert field_kind(name, bytearray(b"raw")) == kind
+    assert field_kind(name, memoryview(b"raw")) == kind
+    assert field_kind(name, 3) == "value"  # a typed column value, whatever its name
+
+
+def test_field_kind_with_named_image_fields() -> None:
+    images = frozenset({"photo", "thumb.jpg"})
+    assert field_kind("photo", b"x", images) == "image"
+    assert field_kind("thumb.jpg", b"x", images) == "image"
+    assert field_kind("other.jpg", b"x", images) == "bytes"  # named fields only
+    assert field_kind("a.flac", b"x", images) == "audio"
+    assert field_kind("a.json", b"x", frozenset()) == "json"
+
+
+def _jagged_oracle(t: pa.DataType) -> str | None:
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return None
+    v = t.value_type
+    if pa.types.is_integer(v):
+        return "jagged_int"
+    if pa.types.is_floating(v):
+        return "jagged_float"
+    return "jagged_bool" if pa.types.is_boolean(v) else None
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        *(pa.list_(leaf) for leaf in _LEAVES),
+        *(pa.large_list(pa.field("item", leaf, nullable=False)) for leaf in _LEAVES),
+        pa.list_(pa.list_(pa.int32())),
+        pa.list_(pa.list_(pa.int32(), 2)),
+        pa.list_(pa.int32(), 2),
+        pa.int32(),
+    ],
+    ids=str,
+)
+def test_jagged_class_agrees_with_pyarrow(t: pa.DataType) -> None:
+    assert jagged_class(str(t)) == _jagged_oracle(t)
+
+
+def test_collate_scalars_to_typed_vectors() -> None:
+    ints = collate([np.int64(3), 2**40, -1], "int")
+    assert isinstance(ints, torch.Tensor)
+    assert ints.dtype == torch.int64 and ints.tolist() == [3, 2**40, -1]
+    floats = collate([1, 0.5, np.float64(2.25)], "float")
+    assert isinstance(floats, torch.Tensor)
+    assert floats.dtype == torch.float32 and floats.tolist() == [1.0, 0.5, 2.25]
+    bools = collate([True, np.bool_(False)], "bool")
+    assert isinstance(bools, torch.Tensor)
+    assert bools.dtype == torch.bool and bools.tolist() == [True, False]
+    for cls in ("int", "float", "bool"):
+        one = collate([1], cls)  # type: ignore[arg-type]
+        assert isinstance(one, torch.Tensor) and one.shape == (1,), cls
+
+
+def test_collate_arrays_stack_and_float64_narrows() -> None:
+    f = collate([np.ones((2, 3)), np.zeros((2, 3))], "array")
+    assert isinstance(f, torch.Tensor)
+    assert f.dtype == torch.float32 and f.shape == (2, 2, 3) and f.sum().item() == 6.0
+    i = collate([np.arange(3, dtype=np.int16), np.arange(3, dtype=np.int16)], "array")
+    assert isinstance(i, torch.Tensor) and i.dtype == torch.int16 and i[1].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"different shapes \[\(2,\), \(3,\)\]"):
+        collate([np.zeros(3), np.zeros(2)], "array")
+
+
+def test_collate_jagged_and_other_values() -> None:
+    j = collate([np.array([1, 2]), None, np.array([3])], "jagged_int")
+    assert isinstance(j, Jagged)
+    assert j.values.dtype == torch.int64 and j.values.tolist() == [1, 2, 3]
+    assert j.offsets.tolist() == [0, 2, 2, 3]
+    fj = collate([np.array([0.5])], "jagged_float")
+    assert isinstance(fj, Jagged) and fj.values.dtype == torch.float32
+    values = [{"a": 1}, "b"]
+    out = collate(values, "any")
+    assert out == values and out is not values

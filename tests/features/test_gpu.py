@@ -29,7 +29,7 @@ def both(**kwargs: object) -> tuple[FeatureTable, FeatureTable]:
 
 
 def assert_same(cpu_out: dict[str, torch.Tensor], gpu_out: dict[str, torch.Tensor]) -> None:
-    assert list(gpu_out) == list(cpu_out)
+    assert cpu_out and list(gpu_out) == list(cpu_out)  # a join returns at least one column
     for name, v in gpu_out.items():
         assert v.device.type == "cuda" and v.is_contiguous(), name
         assert v.dtype == cpu_out[name].dtype and v.shape == cpu_out[name].shape, name
