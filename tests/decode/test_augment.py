@@ -161,16 +161,30 @@ def _reference_crop(
         ImageConfig(size=(8, 8), scale=(0.001, 0.01), ratio=(1 / 3, 3.0)),
         ImageConfig(size=(96, 160), crop="center"),
         ImageConfig(size=(160, 96), crop="center", flip=False),
+        ImageConfig(size=(16, 224), crop="center"),  # windows under a pixel, raised to 1
+        ImageConfig(size=(224, 16), crop="center"),
         ImageConfig(size=(50, 50), crop="resize"),
     ],
-    ids=["default", "fixed", "wide-ratio", "tiny-area", "center-wide", "center-tall", "resize"],
+    ids=[
+        "default",
+        "fixed",
+        "wide-ratio",
+        "tiny-area",
+        "center-wide",
+        "center-tall",
+        "center-very-wide",
+        "center-very-tall",
+        "resize",
+    ],  # fmt: skip
 )
 def test_draw_crops_equals_a_per_sample_reference(cfg: ImageConfig) -> None:
     rng = np.random.default_rng(7)
     sizes = [(1, 1), (1, 500), (500, 1), (2, 3), (3, 2), (7, 700), (700, 7), (224, 224)]
     sizes += [(int(h), int(w)) for h, w in rng.integers(1, 640, (400, 2))]
-    H = np.array([h for h, _ in sizes])
-    W = np.array([w for _, w in sizes])
+    sizes += [(h, w) for h in range(1, 41, 3) for w in range(1, 41, 3)]  # windows of a pixel or two
+    # Narrow integer inputs (as header readers give): the windows are int64 all the same.
+    H = np.array([h for h, _ in sizes], dtype=np.int32)
+    W = np.array([w for _, w in sizes], dtype=np.uint16)
     ids = rng.permutation(10_000)[: len(sizes)] * 3 + 5  # ids need not be 0..n-1
     seed, epoch = 11, 4
     got = draw_crops(H, W, cfg, seed=seed, epoch=epoch, ids=ids)
