@@ -8,7 +8,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mmload.decode.fields import collate, conform, field_kind, fixed_shape, jagged_class
+from mmload.decode.fields import (
+    collate,
+    conform,
+    field_kind,
+    fixed_shape,
+    jagged_class,
+    kind_class,
+)
 from mmload.jagged import Jagged
 
 _LEAVES = [
@@ -162,8 +169,13 @@ def test_field_kind_with_named_image_fields() -> None:
     assert field_kind("a.json", b"x", frozenset()) == "json"
 
 
+def _is_any_list(t: pa.DataType) -> bool:
+    kinds = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view)
+    return any(is_list(t) for is_list in (*kinds, pa.types.is_large_list_view))
+
+
 def _jagged_oracle(t: pa.DataType) -> str | None:
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+    if not _is_any_list(t):
         return None
     v = t.value_type
     if pa.types.is_integer(v):
@@ -224,3 +236,54 @@ def test_collate_jagged_and_other_values() -> None:
     values = [{"a": 1}, "b"]
     out = collate(values, "any")
     assert out == values and out is not values
+
+
+def _class_oracle(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t) or pa.types.is_timestamp(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "str"
+    if (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_binary_view(t)
+        or pa.types.is_fixed_size_binary(t)
+    ):
+        return "bytes"
+    if pa.types.is_fixed_size_list(t):
+        return "array"
+    if _is_any_list(t):
+        return _jagged_oracle(t) or "ragged"
+    return "any"
+
+
+@pytest.mark.parametrize(
+    "t",
+    [
+        *_LEAVES,
+        pa.timestamp("ns", tz="UTC"), pa.large_string(), pa.string_view(), pa.large_binary(),
+        pa.binary_view(), pa.binary(16), pa.list_(pa.float32(), 4),
+        pa.list_(pa.int8()), pa.large_list(pa.bool_()), pa.list_view(pa.float64()),
+        pa.large_list_view(pa.uint8()), pa.list_(pa.string()), pa.list_(pa.list_(pa.int32())),
+        pa.dictionary(pa.int32(), pa.string()), pa.dictionary(pa.int8(), pa.int64()),
+        pa.struct([("a", pa.int32())]), pa.map_(pa.string(), pa.int32()), pa.null(),
+    ],
+    ids=str,
+)  # fmt: skip
+def test_kind_class_of_typed_columns_agrees_with_pyarrow(t: pa.DataType) -> None:
+    assert kind_class("value", str(t)) == _class_oracle(t)
+
+
+def test_kind_class_of_encoded_fields() -> None:
+    assert kind_class("int", None) == "int"
+    assert kind_class("text", None) == "str"
+    assert kind_class("bytes", None) == "bytes"
+    for kind in ("json", "image", "audio", "video"):
+        assert kind_class(kind, "int64") == "any", kind  # type: ignore[arg-type]
+    assert kind_class("value", None) == "any"  # a column of unknown type
