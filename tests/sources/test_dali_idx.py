@@ -1,0 +1,213 @@
+"""DALI ``.idx`` files: read against indexes DALI's own ``wds2idx`` writes, written back, and
+every way a stale or corrupt index is refused (with the message that names it); the member
+selection a read uses, against a per-row loop."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmload.errors import ShardError
+from mmload.sources.tar import TarIndex, read_dali_idx, scan_tar, write_dali_idx
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]], fmt: int = tarfile.GNU_FORMAT) -> str:
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in members:
+            if name.endswith("/"):
+                info = tarfile.TarInfo(name.rstrip("/"))
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _samples(n: int, fields: tuple[str, ...] = ("jpg", "cls", "txt")) -> list[tuple[str, bytes]]:
+    return [(f"k{i:03d}.{f}", f"{f}-{i}".encode() * (i + 1)) for i in range(n) for f in fields]
+
+
+def _lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def _dali_index(tar_path: str, idx_path: str) -> str:
+    from wds2idx import IndexCreator
+
+    with IndexCreator(tar_path, idx_path, verbose=False) as ic:
+        ic.create_index()
+    return idx_path
+
+
+def _same(a: TarIndex, b: TarIndex) -> None:
+    assert a.keys == b.keys
+    assert a.fields == b.fields
+    assert a.starts.tolist() == b.starts.tolist()
+    assert a.offsets.tolist() == b.offsets.tolist()
+    assert a.sizes.tolist() == b.sizes.tolist()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_read_equals_scan_on_indexes_dali_wrote(tmp_path: Path, fmt: int) -> None:
+    members = [("dir/", b""), *_samples(5)]
+    if fmt == tarfile.PAX_FORMAT:  # a name past 100 bytes (GNU long names: the next test)
+        members.append(("x" * 150 + ".jpg", b"long"))
+    path = _tar(tmp_path / "a.tar", members, fmt)
+    idx_path = _dali_index(path, str(tmp_path / "a.idx"))
+    assert _lines(idx_path)[0].split()[0] == "v1.2"
+    _same(read_dali_idx(idx_path, path), scan_tar(path))
+
+
+def test_dali_misplaced_gnu_long_name_members_are_refused_not_misread(tmp_path: Path) -> None:
+    """wds2idx (DALI 2.x with GNU tar 1.34) lists a GNU long-name member's data one block after
+    its first header, which is the long name itself; reading there would return the name's
+    bytes as the sample. The index is refused instead."""
+    path = _tar(tmp_path / "a.tar", [("a.jpg", b"1"), ("x" * 150 + ".jpg", b"long")])
+    idx_path = _dali_index(path, str(tmp_path / "a.idx"))
+    listed = int(_lines(idx_path)[2].split()[1])
+    with tarfile.open(path) as tf:
+        data_at = tf.getmembers()[1].offset_data
+    if listed == data_at:  # a fixed wds2idx: the index is right and reads like a scan
+        _same(read_dali_idx(idx_path, path), scan_tar(path))
+        return
+    with pytest.raises(ShardError, match=r"DALI index .* disagrees with the tar"):
+        read_dali_idx(idx_path, path)
+
+
+def test_v11_index_equals_scan(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "a.tar", _samples(4, ("jpg", "json")))
+    v12 = _lines(_dali_index(path, str(tmp_path / "a.idx")))
+    count = v12[0].split()[1]
+    lines = []
+    for line in v12[1:]:  # drop the names: ext offset size per member
+        tok = line.split()
+        lines.append(" ".join(" ".join(tok[j : j + 3]) for j in range(0, len(tok), 4)))
+    (tmp_path / "v11.idx").write_text(f"v1.1 {count}\n" + "\n".join(lines) + "\n\n")
+    _same(read_dali_idx(str(tmp_path / "v11.idx"), path), scan_tar(path))
+    # A v1.1 index that disagrees with the tar names the sample.
+    wrong = lines[:]
+    a, b, c = wrong[2].split()[:3]
+    wrong[2] = " ".join([a, str(int(b) + 512), c, *wrong[2].split()[3:]])
+    (tmp_path / "bad.idx").write_text(f"v1.1 {count}\n" + "\n".join(wrong) + "\n")
+    with pytest.raises(ShardError, match="disagrees with the tar at sample 2") as info:
+        read_dali_idx(str(tmp_path / "bad.idx"), path)
+    assert info.value.key == "k002"
+    (tmp_path / "few.idx").write_text(f"v1.1 {count}\n" + "\n".join(lines[:3]) + "\n")
+    with pytest.raises(ShardError, match="announces 4 samples, lists 3"):
+        read_dali_idx(str(tmp_path / "few.idx"), path)
+    (tmp_path / "more.idx").write_text("v1.1 5\n" + "\n".join([*lines, lines[0]]) + "\n")
+    with pytest.raises(ShardError, match="lists 5 samples, the tar holds 4"):
+        read_dali_idx(str(tmp_path / "more.idx"), path)
+    for bad in ("jpg 1 2 json", "jpg x 2", "jpg 1 -2", "jpg 1 2 3"):
+        (tmp_path / "m.idx").write_text(f"v1.1 1\n{bad}\n")
+        with pytest.raises(ShardError, match="malformed line"):
+            read_dali_idx(str(tmp_path / "m.idx"), path)
+
+
+def _rewrite(tmp_path: Path, lines: list[str], name: str = "edit.idx") -> str:
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def test_stale_or_corrupt_v12_indexes_are_refused(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "a.tar", [("dir/", b""), *_samples(4)])
+    good = _lines(_dali_index(path, str(tmp_path / "a.idx")))
+    head, rows = good[0], good[1:]
+    cases: list[tuple[list[str], str]] = [
+        (["v1.3 4", *rows], "unsupported header"),
+        (["v1.2", *rows], "unsupported header"),
+        (["v1.2 4 extra", *rows], "unsupported header"),
+        (["v1.2 four", *rows], "unsupported header"),
+        (["v1.2 5", *rows], "announces 5 samples, lists 4"),
+        ([head, *rows, rows[0].rsplit(" ", 1)[0]], "malformed line"),
+        ([head, *rows[:-1], rows[-1].replace(" ", " x", 1)], "malformed line"),
+        (["v1.2 3", *rows[:3]], "leaves out the tar member 'k003.jpg'"),
+        (["v1.2 3", *rows[1:]], "leaves out the tar member 'k000.jpg'"),
+        ([head, *rows[:-1], "jpg 99999999 4 k9.jpg"], "points past the end of the tar"),
+    ]
+    # A member listed one block early (at its own header): inside what the index covers already.
+    third = rows[2].split()
+    early = int(third[1]) - 512
+    shifted = " ".join([third[0], str(early), *third[2:]])
+    cases.append(([head, *rows[:2], shifted, rows[3]], f"no member's data starts at byte {early}"))
+    for i, (lines, message) in enumerate(cases):
+        with pytest.raises(ShardError, match=message) as info:
+            read_dali_idx(_rewrite(tmp_path, lines, f"e{i}.idx"), path, shard="the-shard")
+        assert info.value.shard == "the-shard"
+        assert "DALI index" in str(info.value), message
+    with pytest.raises(ShardError, match="cannot read DALI index"):
+        read_dali_idx(str(tmp_path / "missing.idx"), path)
+    with pytest.raises(ShardError, match="cannot stat shard"):
+        read_dali_idx(str(tmp_path / "a.idx"), str(tmp_path / "missing.tar"))
+
+
+def test_a_corrupt_header_between_members_is_refused(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "a.tar", _samples(3))
+    idx = _dali_index(path, str(tmp_path / "a.idx"))
+    lines = _lines(idx)
+    # Drop sample 1 from the index and break its first header's checksum: the gap is not a header.
+    data = bytearray(Path(path).read_bytes())
+    off = int(lines[2].split()[1]) - 512
+    data[off + 148 : off + 156] = b"0000000\0"
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"no tar header at byte {off}"):
+        read_dali_idx(_rewrite(tmp_path, ["v1.2 2", lines[1], lines[3]]), path)
+
+
+def test_write_then_read_round_trips(tmp_path: Path) -> None:
+    members = [*_samples(3), ("x" * 120 + ".cls", b"7")]
+    path = _tar(tmp_path / "a.tar", members, tarfile.PAX_FORMAT)
+    scanned = scan_tar(path)
+    target = str(tmp_path / "w.idx")
+    assert write_dali_idx(scanned, target) is None
+    text = _lines(target)
+    assert text[0] == "v1.2 4"
+    first = scanned.members(0)[0]
+    assert text[1].split()[:4] == [
+        "jpg",
+        str(scanned.offsets[first]),
+        str(scanned.sizes[first]),
+        "k000.jpg",
+    ]
+    _same(read_dali_idx(target, path), scanned)
+    # The file DALI itself writes lists the same members.
+    dali = _lines(_dali_index(path, str(tmp_path / "d.idx")))
+    assert sorted(" ".join(sorted(line.split())) for line in dali) == sorted(
+        " ".join(sorted(line.split())) for line in text
+    )
+
+
+def test_write_refuses_names_the_format_cannot_hold(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "a.tar", [("a b.jpg", b"1"), ("c.jpg", b"2")])
+    why = write_dali_idx(scan_tar(path), str(tmp_path / "x.idx"))
+    assert why == "key 'a b' contains whitespace, which DALI .idx lines cannot represent"
+    assert not (tmp_path / "x.idx").exists()
+    path = _tar(tmp_path / "b.tar", [("a.my field", b"1")])
+    why = write_dali_idx(scan_tar(path), str(tmp_path / "y.idx"))
+    assert why == "field 'my field' contains whitespace, which DALI .idx lines cannot represent"
+
+
+def test_select_equals_a_per_row_loop(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    members = []
+    for i in range(30):  # samples with 1-4 of the fields, in varying order
+        fields = list(rng.permutation(["jpg", "cls", "txt", "json"])[: rng.integers(1, 5)])
+        members += [(f"k{i:02d}.{f}", b"x") for f in fields]
+    idx = scan_tar(_tar(tmp_path / "a.tar", members))
+    rows = rng.integers(0, 30, 50)  # any order, repeats
+    for fields in (None, {"jpg"}, {"cls", "json"}, set(), {"nothing"}):
+        got, bounds = idx.select(rows, fields)
+        assert got.dtype == np.int64 and bounds.dtype == np.int64
+        assert len(bounds) == len(rows) + 1 and bounds[0] == 0
+        for i, r in enumerate(rows.tolist()):
+            want = [m for m in idx.members(r) if fields is None or idx.fields[m] in fields]
+            assert got[bounds[i] : bounds[i + 1]].tolist() == want
+        assert bounds[-1] == len(got)
