@@ -86,6 +86,7 @@ def test_pieces_cover_every_sample_once_even_past_the_data(
     full = order.full()
     n = int(sum(counts))
     covered: list[int] = []
+    spans: dict[tuple[int, int], list[int]] = {}
     for p in range(partitions):
         first, lens, lo, hi = order.pieces(p)
         local = full[p::partitions]  # the partition's samples in order (oracle: the round robin)
@@ -96,6 +97,12 @@ def test_pieces_cover_every_sample_once_even_past_the_data(
             covered += ids
             where = [int(np.flatnonzero(local == i)[0]) for i in ids]
             assert a <= min(where) and max(where) <= b
+            spans.setdefault((a, b), []).extend(where)
+        # The spans are tight: a piece unshuffled is read exactly where it lies; shuffled, the
+        # pieces sharing a span (one group) fill every position of it and no other.
+        for (a, b), where in spans.items():
+            assert sorted(where) == list(range(a, b + 1)), (p, a, b)
+        spans.clear()
         if len(local) == 0:
             assert len(first) == len(lens) == len(lo) == len(hi) == 0
     assert sorted(covered) == list(range(n))

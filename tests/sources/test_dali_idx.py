@@ -138,6 +138,10 @@ def test_stale_or_corrupt_v12_indexes_are_refused(tmp_path: Path) -> None:
     early = int(third[1]) - 512
     shifted = " ".join([third[0], str(early), *third[2:]])
     cases.append(([head, *rows[:2], shifted, rows[3]], f"no member's data starts at byte {early}"))
+    # Counts: up to 18 digits (all fit in int64) are numbers; 19 digits are refused unread.
+    cases.append(([head, *rows[:-1], "jpg 100000000000000000 4 k9.jpg"], "points past the end"))
+    cases.append(([head, *rows[:-1], "jpg 1000000000000000000 4 k9.jpg"], "malformed line"))
+    cases.append(([head, *rows[:-1], "jpg 1 ４ k9.jpg"], "malformed line"))  # a non-ASCII digit
     for i, (lines, message) in enumerate(cases):
         with pytest.raises(ShardError, match=message) as info:
             read_dali_idx(_rewrite(tmp_path, lines, f"e{i}.idx"), path, shard="the-shard")
@@ -211,3 +215,32 @@ def test_select_equals_a_per_row_loop(tmp_path: Path) -> None:
             want = [m for m in idx.members(r) if fields is None or idx.fields[m] in fields]
             assert got[bounds[i] : bounds[i + 1]].tolist() == want
         assert bounds[-1] == len(got)
+
+
+@pytest.mark.parametrize(
+    ("typeflag", "what"),
+    [
+        (tarfile.LNKTYPE, "a hard link"),
+        (tarfile.SYMTYPE, "a symbolic link"),
+        (tarfile.CHRTYPE, "a character device"),
+        (tarfile.BLKTYPE, "a block device"),
+        (tarfile.FIFOTYPE, "a FIFO"),
+        (b"S", "of unsupported tar type b'S'"),
+    ],
+)
+def test_a_sample_member_that_is_not_a_file_names_its_type(
+    tmp_path: Path, typeflag: bytes, what: str
+) -> None:
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        info = tarfile.TarInfo("k0.cls")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"1"))
+        odd = tarfile.TarInfo("k1.jpg")
+        odd.type = typeflag
+        odd.linkname = "k0.cls" if typeflag in (tarfile.LNKTYPE, tarfile.SYMTYPE) else ""
+        tf.addfile(odd)
+    with pytest.raises(ShardError) as info_:
+        scan_tar(str(path))
+    assert info_.value.reason == f"tar member 'k1.jpg' is {what}, not a regular file"
+    assert info_.value.key == "k1"
