@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmload.errors import ShardError
+from mmload.errors import BadEntry, ShardError
 from mmload.sources.tar import TarIndex, read_dali_idx, scan_tar, write_dali_idx
 
 
@@ -244,3 +244,97 @@ def test_a_sample_member_that_is_not_a_file_names_its_type(
         scan_tar(str(path))
     assert info_.value.reason == f"tar member 'k1.jpg' is {what}, not a regular file"
     assert info_.value.key == "k1"
+
+
+def test_refusals_name_the_index_the_shard_and_the_line(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "a.tar", _samples(2))
+    idx_path = _dali_index(path, str(tmp_path / "a.idx"))
+    head, *rows = _lines(idx_path)
+    size = Path(path).stat().st_size
+
+    def refused(lines: list[str], name: str = "e.idx") -> ShardError:
+        with pytest.raises(ShardError) as info:
+            read_dali_idx(_rewrite(tmp_path, lines, name), path, shard="S")
+        assert info.value.shard == "S"
+        return info.value
+
+    e = refused(["v1.2 2 x y", *rows])
+    assert e.reason == (
+        f"DALI index {str(tmp_path / 'e.idx')!r}: unsupported header ['v1.2', '2', 'x'] "
+        "(want 'v1.2 <count>' or 'v1.1 <count>')"
+    )
+    long_line = "jpg 1 2 k.jpg " + "k" * 200
+    e = refused([head, rows[0], long_line])
+    assert e.reason == f"DALI index {str(tmp_path / 'e.idx')!r}: malformed line {long_line[:120]!r}"
+    # Past the end by a little: the member starts inside the file, its data runs past it.
+    e = refused([head, rows[0], f"jpg {size - 2} 4 k001.jpg"])
+    assert "points past the end of the tar (stale index?)" in e.reason
+    assert e.key == "k001.jpg"
+    # A sample listed twice, a field twice: the builder's errors, raised (never read leniently).
+    e = refused(["v1.2 2", rows[0], rows[1], rows[0]])
+    assert e.reason == "members of sample 'k000' are not contiguous in the tar"
+    first = rows[0].split()[:4]
+    e = refused(["v1.2 2", " ".join(first + first), rows[1]])
+    assert e.reason == "duplicate field 'jpg' in sample"
+    # _check_covers' messages name the index too.
+    e = refused(["v1.2 1", rows[1]], "c.idx")
+    assert e.reason.startswith(f"DALI index {str(tmp_path / 'c.idx')!r} disagrees with the tar")
+    # Unreadable index, missing tar: named by the shard.
+    with pytest.raises(ShardError, match="cannot read DALI index") as info:
+        read_dali_idx(str(tmp_path / "nope.idx"), path, shard="S")
+    assert info.value.shard == "S"
+    with pytest.raises(ShardError, match="cannot stat shard") as info:
+        read_dali_idx(idx_path, str(tmp_path / "nope.tar"), shard="S")
+    assert info.value.shard == "S"
+
+
+def test_v11_refusals_name_the_index_and_shard(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "a.tar", _samples(2, ("jpg", "json")))
+    v12 = _lines(_dali_index(path, str(tmp_path / "a.idx")))
+    lines = []
+    for line in v12[1:]:
+        tok = line.split()
+        lines.append(" ".join(" ".join(tok[j : j + 3]) for j in range(0, len(tok), 4)))
+    # Blank lines are skipped wherever they are.
+    ok = _rewrite(tmp_path, ["v1.1 2", "", lines[0], "", lines[1], ""], "ok.idx")
+    _same(read_dali_idx(ok, path), scan_tar(path))
+    bad_offset = lines[0].split()
+    bad_offset[4] = "x"  # the second member's offset
+    p = _rewrite(tmp_path, ["v1.1 2", " ".join(bad_offset), lines[1]], "v.idx")
+    with pytest.raises(ShardError) as info:
+        read_dali_idx(p, path, shard="S")
+    assert info.value.shard == "S"
+    assert info.value.reason == f"DALI index {p!r}: malformed line {' '.join(bad_offset)!r}"
+    p = _rewrite(tmp_path, ["v1.1 1", lines[0]], "w.idx")
+    with pytest.raises(ShardError) as info:
+        read_dali_idx(p, path, shard="S")
+    assert info.value.shard == "S"
+    assert info.value.reason.startswith(f"DALI index {p!r} lists 1 samples, the tar holds 2")
+
+
+def test_a_tar_without_end_blocks_ending_at_a_members_end(tmp_path: Path) -> None:
+    """The last member's data ends exactly at the end of the file (no end-of-archive blocks, a
+    size that needs no padding). A scan cannot tell this from a cut tar and refuses it; an index
+    that lists every member accounts for all of it, so it is in range and reads."""
+    path = tmp_path / "a.tar"
+    _tar(path, [("k0.cls", b"1"), ("k1.bin", b"z" * 1024)])
+    scanned = scan_tar(str(path))
+    end = int(scanned.offsets[-1] + scanned.sizes[-1])
+    path.write_bytes(path.read_bytes()[:end])
+    with pytest.raises(ShardError, match="without the end-of-archive blocks"):
+        scan_tar(str(path))
+    assert write_dali_idx(scanned, str(tmp_path / "a.idx")) is None
+    _same(read_dali_idx(str(tmp_path / "a.idx"), str(path)), scanned)
+
+
+def test_tar_index_json_round_trip_keeps_bad_and_ignored(tmp_path: Path) -> None:
+    import json
+
+    path = _tar(tmp_path / "a.tar", [("k0.cls", b"1"), ("README", b"r"), ("k1.cls", b"2")])
+    idx = scan_tar(path)
+    idx.bad.append(BadEntry("a.tar", "k9", "why"))
+    back = TarIndex.from_json(json.loads(json.dumps(idx.to_json())))
+    _same(back, idx)
+    assert back.bad == [BadEntry("a.tar", "k9", "why")]
+    assert back.ignored == idx.ignored == ["README"]
+    assert back.starts.dtype == back.offsets.dtype == back.sizes.dtype == np.int64
