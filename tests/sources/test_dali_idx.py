@@ -338,3 +338,60 @@ def test_tar_index_json_round_trip_keeps_bad_and_ignored(tmp_path: Path) -> None
     assert back.bad == [BadEntry("a.tar", "k9", "why")]
     assert back.ignored == idx.ignored == ["README"]
     assert back.starts.dtype == back.offsets.dtype == back.sizes.dtype == np.int64
+
+
+def test_long_malformed_lines_are_cut_at_120_characters(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "a.tar", _samples(1))
+    for header, line in (
+        ("v1.2 1", "jpg x 2 k.jpg " + "k" * 200),  # 4 tokens, a count that is not one
+        ("v1.1 1", "jpg 1 2 " + "k" * 200),  # not 3 tokens per member
+    ):
+        p = _rewrite(tmp_path, [header, line], "long.idx")
+        with pytest.raises(ShardError) as info:
+            read_dali_idx(p, path, shard="S")
+        assert info.value.reason == f"DALI index {p!r}: malformed line {line[:120]!r}"
+
+
+def test_v11_messages_and_scan_errors_name_the_shard(tmp_path: Path) -> None:
+    path = _tar(tmp_path / "a.tar", _samples(2, ("jpg",)))
+    v12 = _lines(_dali_index(path, str(tmp_path / "a.idx")))
+    lines = [" ".join(line.split()[:3]) for line in v12[1:]]
+    p = _rewrite(tmp_path, ["v1.1 3", *lines], "n.idx")
+    with pytest.raises(ShardError) as info:
+        read_dali_idx(p, path, shard="S")
+    assert (info.value.reason, info.value.shard) == (
+        f"DALI index {p!r} announces 3 samples, lists 2",
+        "S",
+    )
+    p = _rewrite(tmp_path, ["v1.1 1", lines[0]], "m.idx")
+    with pytest.raises(ShardError) as info:
+        read_dali_idx(p, path, shard="S")
+    assert info.value.reason == (
+        f"DALI index {p!r} lists 1 samples, the tar holds 2 (stale index?)"
+    )
+    swapped = lines[0].split()
+    swapped[1] = lines[1].split()[1]
+    p = _rewrite(tmp_path, ["v1.1 2", " ".join(swapped), lines[1]], "d.idx")
+    with pytest.raises(ShardError, match="disagrees with the tar at sample 0") as info:
+        read_dali_idx(p, path, shard="S")
+    assert (info.value.shard, info.value.key) == ("S", "k000")
+    # The tar scan a v1.1 index needs reports its own errors under the same shard name.
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(Path(path).read_bytes()[:700])
+    with pytest.raises(ShardError) as info:
+        read_dali_idx(_rewrite(tmp_path, ["v1.1 1", lines[0]], "c.idx"), str(cut), shard="S")
+    assert info.value.shard == "S"
+
+
+def test_members_listed_past_the_end_of_archive_are_refused(tmp_path: Path) -> None:
+    """Two tars concatenated: the first one's end blocks end the archive, so members listed
+    after them are not in it (a reader stops there), whatever the bytes beyond hold."""
+    a = _tar(tmp_path / "a.tar", _samples(1, ("jpg",)))
+    b = _tar(tmp_path / "b.tar", [("k9.jpg", b"nine")])
+    both = tmp_path / "both.tar"
+    both.write_bytes(Path(a).read_bytes() + Path(b).read_bytes())
+    a_size = Path(a).stat().st_size
+    first = _lines(_dali_index(a, str(tmp_path / "a.idx")))[1]
+    p = _rewrite(tmp_path, ["v1.2 2", first, f"jpg {a_size + 512} 4 k9.jpg"], "both.idx")
+    with pytest.raises(ShardError, match=f"no member's data starts at byte {a_size + 512}"):
+        read_dali_idx(p, str(both), shard="S")
