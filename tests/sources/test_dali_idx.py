@@ -343,7 +343,7 @@ def test_tar_index_json_round_trip_keeps_bad_and_ignored(tmp_path: Path) -> None
 def test_long_malformed_lines_are_cut_at_120_characters(tmp_path: Path) -> None:
     path = _tar(tmp_path / "a.tar", _samples(1))
     for header, line in (
-        ("v1.2 1", "jpg x 2 k.jpg " + "k" * 200),  # 4 tokens, a count that is not one
+        ("v1.2 1", "jpg x 2 " + "k" * 200 + ".jpg"),  # 4 tokens, a count that is not one
         ("v1.1 1", "jpg 1 2 " + "k" * 200),  # not 3 tokens per member
     ):
         p = _rewrite(tmp_path, [header, line], "long.idx")
@@ -395,3 +395,46 @@ def test_members_listed_past_the_end_of_archive_are_refused(tmp_path: Path) -> N
     p = _rewrite(tmp_path, ["v1.2 2", first, f"jpg {a_size + 512} 4 k9.jpg"], "both.idx")
     with pytest.raises(ShardError, match=f"no member's data starts at byte {a_size + 512}"):
         read_dali_idx(p, str(both), shard="S")
+
+
+def _set_name(block: bytearray, name: bytes) -> None:
+    """Rename a tar header in place and fix its checksum (the tar format's definition)."""
+    block[0:100] = name.ljust(100, b"\0")
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+
+
+def test_headers_between_indexed_members(tmp_path: Path) -> None:
+    """What may stand in the gaps between the members an index lists: extension headers
+    whatever their names (GNU tar names PAX headers 'PaxHeaders/<member>'), directories, and
+    links not named like sample members. A link named like one is a member the index left out."""
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in (("k0.cls", b"0"), ("k1.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if name == "k1.cls":
+                info.pax_headers = {"comment": "an extended header before k1"}
+                link = tarfile.TarInfo("latest")
+                link.type = tarfile.SYMTYPE
+                link.linkname = "k0.cls"
+                tf.addfile(link)
+            tf.addfile(info, io.BytesIO(data))
+    raw = bytearray(path.read_bytes())
+    x_at = next(p for p in range(0, len(raw), 512) if raw[p + 156 : p + 157] == b"x")
+    block = raw[x_at : x_at + 512]
+    _set_name(block, b"PaxHeaders/k1.cls")
+    raw[x_at : x_at + 512] = block
+    path.write_bytes(bytes(raw))
+    scanned = scan_tar(str(path))
+    assert scanned.keys == ["k0", "k1"]
+    assert write_dali_idx(scanned, str(tmp_path / "a.idx")) is None
+    _same(read_dali_idx(str(tmp_path / "a.idx"), str(path)), scanned)
+    # The same link named like a sample member: the index leaves a member out.
+    link_at = next(p for p in range(0, len(raw), 512) if raw[p + 156 : p + 157] == b"2")
+    block = raw[link_at : link_at + 512]
+    _set_name(block, b"k5.jpg")
+    raw[link_at : link_at + 512] = block
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=f"leaves out the tar member 'k5.jpg' at byte {link_at}"):
+        read_dali_idx(str(tmp_path / "a.idx"), str(path))
