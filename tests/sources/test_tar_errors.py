@@ -1,0 +1,197 @@
+"""How a tar scan fails: each kind of damage, raised with its exact reason, the shard and the
+key where one is known, or (``skip=True``) listed with where the loss starts; and the PAX
+record parser against records built by the POSIX definition."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from mmload.errors import ShardError
+from mmload.sources.tar import _pax_path, scan_tar
+
+
+def _record(key: str, value: bytes) -> bytes:
+    """One PAX record, ``"%d %s=%s\\n"``, whose decimal length counts itself (POSIX pax)."""
+    body = b" " + key.encode() + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def test_pax_path_reads_the_path_record() -> None:
+    recs = _record("mtime", b"1.5") + _record("path", b"dir/a=b.jpg") + _record("uid", b"7")
+    assert _pax_path(recs) == "dir/a=b.jpg"  # the first '=' ends the key
+    assert _pax_path(recs + b"\0" * 300) == "dir/a=b.jpg"  # NUL padding after the records
+    assert _pax_path(_record("mtime", b"1") + b"\0\0") is None
+    assert _pax_path(b"") is None
+    long = _record("path", b"x" * 200 + b".jpg")  # a three-digit length
+    assert _pax_path(_record("a", b"1") + long) == "x" * 200 + ".jpg"
+    raw = b"caf\xe9.jpg"  # not UTF-8: kept byte for byte (surrogate escapes)
+    assert _pax_path(_record("path", raw)) == raw.decode("utf-8", "surrogateescape")
+    assert _pax_path(_record("path", "é.jpg".encode())) == "é.jpg"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"path=a.jpg\n", "PAX record at 0 has no decimal length"),
+        (_record("a", b"1") + b"x9 path=a\n", "PAX record at 6 has no decimal length"),
+        (b"99 path=a.jpg\n", "PAX record of length 99 at 0 does not fit its header"),
+        (b"1 path=a\n", "PAX record of length 1 at 0 does not fit its header"),
+        (b"12 path=a.jpX", "PAX record of length 12 at 0 does not fit its header"),
+    ],
+)
+def test_pax_path_refuses_malformed_records(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match="PAX record") as info:
+        _pax_path(data)
+    assert str(info.value) == message
+
+
+def _base(path: Path) -> tuple[Path, list[int]]:
+    """Three samples (a 1-byte and a 600-byte member each); the header offsets."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for i in range(3):
+            for ext, data in (("cls", b"%d" % i), ("bin", bytes([i + 1]) * 600)):
+                info = tarfile.TarInfo(f"k{i}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tf:
+        headers = [m.offset for m in tf.getmembers()]
+    return path, headers
+
+
+def _fix_checksum(raw: bytearray, at: int) -> None:
+    raw[at + 148 : at + 156] = b" " * 8
+    raw[at + 148 : at + 156] = b"%06o\0 " % sum(raw[at : at + 512])
+
+
+def _damaged(tmp_path: Path, how: str) -> tuple[str, str, str | None, int]:
+    """A damaged copy of the base tar: (path, reason, key, where the loss starts)."""
+    path, headers = _base(tmp_path / f"{how}.tar")
+    raw = bytearray(path.read_bytes())
+    k1 = headers[2]  # k1.cls's header
+    data_end = headers[-1] + 512 + 1024  # the last member's data and padding
+    if how == "no end blocks":
+        del raw[data_end:]
+        out = (
+            f"truncated tar: ends at byte {data_end} without the end-of-archive blocks",
+            None,
+            data_end,
+        )
+    elif how == "partial header":
+        del raw[k1 + 100 :]
+        out = (f"truncated tar: partial header at byte {k1}", None, k1)
+    elif how == "zero block then data":
+        raw[k1 : k1 + 512] = bytes(512)
+        out = (f"corrupt tar: a zero block at byte {k1} is followed by more data", None, k1)
+    elif how == "overwritten header":
+        raw[k1 + 3] ^= 0xFF
+        out = (f"corrupt tar header at byte {k1} (truncated or overwritten)", None, k1)
+    elif how == "bad size field":
+        raw[k1 + 124 : k1 + 136] = b"zzzzzzzzzzz\0"
+        _fix_checksum(raw, k1)
+        out = (f"corrupt tar header at byte {k1}: size field: ", None, k1)
+    elif how == "cut in a member":
+        k1_bin = headers[3]
+        del raw[k1_bin + 512 + 100 :]
+        size = len(raw)
+        out = (
+            f"truncated tar: member 'k1.bin' needs bytes up to {k1_bin + 512 + 600}, file has {size}",
+            "k1",
+            k1_bin,
+        )
+    else:
+        raise AssertionError(how)
+    path.write_bytes(bytes(raw))
+    return str(path), *out
+
+
+DAMAGE = [
+    "no end blocks", "partial header", "zero block then data", "overwritten header",
+    "bad size field", "cut in a member",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damage_is_raised_with_reason_shard_and_key(tmp_path: Path, how: str) -> None:
+    path, reason, key, _ = _damaged(tmp_path, how)
+    with pytest.raises(ShardError) as info:
+        scan_tar(path, shard="S")
+    assert info.value.reason.startswith(reason), info.value.reason
+    assert (info.value.shard, info.value.key) == ("S", key)
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damage_skipped_keeps_the_samples_before_and_lists_the_loss(
+    tmp_path: Path, how: str
+) -> None:
+    path, reason, key, at = _damaged(tmp_path, how)
+    idx = scan_tar(path, shard="S", skip=True)
+    full = scan_tar(str(_base(tmp_path / "ok.tar")[0]))
+    bad = [(b.shard, b.key, b.reason) for b in idx.bad]
+    lost = [r for s, k, r in bad if k is None]
+    assert len(lost) == 1 and lost[0].startswith(reason)
+    assert lost[0].endswith(f"; any samples after byte {at} are lost")
+    assert all(s == "S" for s, _, _ in bad)
+    if key is None:
+        assert len(bad) == 1
+    else:  # the sample whose member is cut is listed and left out
+        assert [(k, r.endswith(f"; sample {key!r} is incomplete")) for _, k, r in bad[:1]] == [
+            (key, True)
+        ]
+        assert key not in idx.keys
+    # What came before the damage is indexed exactly as in the undamaged tar.
+    n = idx.num_samples
+    assert idx.keys == full.keys[:n]
+    assert idx.offsets.tolist() == full.offsets[: len(idx.offsets)].tolist()
+    assert n >= (3 if how == "no end blocks" else 1)
+
+
+def test_files_that_are_no_tar(tmp_path: Path) -> None:
+    cases = {
+        "short": (b"x" * 100, "not a tar file (shorter than one tar header)"),
+        "text": (b"hello world\n" * 100, "not a tar file (bad header checksum at byte 0)"),
+        "empty tar": (bytes(10240), "tar shard holds no samples"),
+    }
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        for skip in (False, True):
+            with pytest.raises(ShardError) as info:
+                scan_tar(str(tmp_path / name), shard="S", skip=skip)
+            assert (info.value.reason, info.value.shard, info.value.key) == (reason, "S", None)
+    with pytest.raises(ShardError) as info:
+        scan_tar(str(tmp_path / "missing.tar"), shard="S")
+    assert (info.value.reason, info.value.shard) == ("shard file not found", "S")
+    with pytest.raises(ShardError) as info:
+        scan_tar(str(tmp_path / "missing.tar"))  # the path names the shard by default
+    assert info.value.shard == str(tmp_path / "missing.tar")
+    (tmp_path / "dir.tar").mkdir()
+    with pytest.raises(ShardError) as info:
+        scan_tar(str(tmp_path / "dir.tar"), shard="S")
+    assert info.value.reason in (
+        "cannot read shard: Is a directory",
+        "cannot open shard: Is a directory",
+    )
+    assert info.value.shard == "S"
+
+
+def test_end_blocks_and_zero_padding_of_any_length(tmp_path: Path) -> None:
+    path, _ = _base(tmp_path / "a.tar")
+    raw = path.read_bytes()
+    want = scan_tar(str(path)).keys
+    for extra in (0, 512, 3 << 20):  # record padding past one 1 MiB read
+        path.write_bytes(raw + bytes(extra))
+        assert scan_tar(str(path)).keys == want
+    # One non-zero byte 2 MiB into the zeros: the zero block is followed by more data.
+    end = raw.rstrip(b"\0")
+    first_zero = -(-len(end) // 512) * 512
+    path.write_bytes(raw + bytes(2 << 20) + b"x")
+    with pytest.raises(
+        ShardError, match=f"a zero block at byte {first_zero} is followed by more data"
+    ):
+        scan_tar(str(path))
