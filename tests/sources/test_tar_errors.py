@@ -195,3 +195,45 @@ def test_end_blocks_and_zero_padding_of_any_length(tmp_path: Path) -> None:
         ShardError, match=f"a zero block at byte {first_zero} is followed by more data"
     ):
         scan_tar(str(path))
+
+
+def test_empty_file_long_name_and_huge_sizes(tmp_path: Path) -> None:
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(ShardError) as info:
+        scan_tar(str(tmp_path / "empty.tar"), shard="S")
+    assert info.value.reason == "not a tar file (shorter than one tar header)"
+    with pytest.raises(ShardError) as info:  # the file system refuses the name itself
+        scan_tar(str(tmp_path / ("x" * 300 + ".tar")), shard="S")
+    assert (info.value.reason, info.value.shard) == ("cannot open shard: File name too long", "S")
+    # A size that needs all 11 octal digits (8**10 bytes): read whole, not from 10 of them.
+    path, _ = _base(tmp_path / "big.tar")
+    raw = bytearray(path.read_bytes())
+    raw[124:136] = b"10000000000\0"
+    _fix_checksum(raw, 0)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError) as info:
+        scan_tar(str(path))
+    assert info.value.reason == (
+        f"truncated tar: member 'k0.cls' needs bytes up to {512 + 8**10}, file has {len(raw)}"
+    )
+
+
+def test_a_tar_ending_exactly_at_a_members_end(tmp_path: Path) -> None:
+    """The last member's data fills its blocks and the file stops there: every member is
+    whole, the end-of-archive blocks are missing (the tar was cut at a member boundary)."""
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in (("k0.cls", b"0"), ("k1.bin", b"z" * 1024)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    raw = path.read_bytes()
+    end = 512 + 512 + 512 + 1024
+    path.write_bytes(raw[:end])
+    with pytest.raises(ShardError) as info:
+        scan_tar(str(path), shard="S")
+    assert info.value.reason == (
+        f"truncated tar: ends at byte {end} without the end-of-archive blocks"
+    )
+    assert info.value.key is None
+    assert scan_tar(str(path), skip=True).keys == ["k0", "k1"]
