@@ -257,3 +257,19 @@ def test_corrupt_pax_header_is_a_shard_error(tmp_path: Path, record: bytes) -> N
         scan_tar(p)
     assert "pax.tar" in str(e.value)
     assert scan_tar(p, skip=True).keys == ["a"]
+
+
+def test_index_store_pickles_without_its_loaded_tables(make_shards, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Worker processes get the store without the member tables loaded in the parent (each
+    loads what it reads), and can still load every one."""
+    import pickle
+
+    paths, _ = make_shards([3, 2])
+    ds = Dataset.open(paths, cache_dir=tmp_path / "cache")
+    want = [ds.index(s).keys for s in range(2)]
+    assert ds.store.loaded() == 2
+    store = pickle.loads(pickle.dumps(ds.store))
+    assert store.loaded() == 0
+    assert ds.store.loaded() == 2  # the parent's tables stay loaded
+    ds2 = pickle.loads(pickle.dumps(ds))
+    assert [ds2.index(s).keys for s in range(2)] == want
