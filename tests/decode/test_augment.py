@@ -175,7 +175,7 @@ def _reference_crop(
         "center-very-wide",
         "center-very-tall",
         "resize",
-    ],  # fmt: skip
+    ],
 )
 def test_draw_crops_equals_a_per_sample_reference(cfg: ImageConfig) -> None:
     rng = np.random.default_rng(7)

@@ -202,6 +202,9 @@ def test_jagged_class_agrees_with_pyarrow(t: pa.DataType) -> None:
 
 
 def test_collate_scalars_to_typed_vectors() -> None:
+    narrow = collate([np.int32(3), np.uint8(200)], "int")  # numpy scalars of any width
+    assert isinstance(narrow, torch.Tensor)
+    assert narrow.dtype == torch.int64 and narrow.tolist() == [3, 200]
     ints = collate([np.int64(3), 2**40, -1], "int")
     assert isinstance(ints, torch.Tensor)
     assert ints.dtype == torch.int64 and ints.tolist() == [3, 2**40, -1]
