@@ -6,7 +6,8 @@ one from its copy in the shard cache. Each is cached in its own file,
 ``<cache_dir>/index/<hash>.json``, valid while the shard's version (local: size and mtime;
 remote: size and ETag) is unchanged, and loaded only when the shard is read; a process keeps
 at most ``max_loaded`` of them in memory. A DALI ``.idx`` file next to a tar
-(``train-000.idx`` or ``train-000.tar.idx``) is used instead of scanning.
+(``train-000.idx`` or ``train-000.tar.idx``: the name with its last extension or with
+``.idx`` added) is used instead of scanning.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ ShardIndex = TarIndex | TableIndex
 
 
 def _dali_idx_for(path: str) -> str | None:
+    # ``train.000.tar`` -> ``train.000.tar.idx`` or ``train.000.idx``: only the last extension
+    # goes (a dot that starts the file name is part of it, not an extension).
     name_start = path.rfind("/") + 1
-    dot = path.find(".", name_start + 1)
-    candidates = [path + ".idx"] + ([path[:dot] + ".idx"] if dot > 0 else [])
+    dot = path.rfind(".", name_start + 1)
+    candidates = [path + ".idx"] + ([path[:dot] + ".idx"] if dot > name_start else [])
     for c in candidates:
         if os.path.isfile(c):
             return c

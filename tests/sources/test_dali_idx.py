@@ -438,3 +438,30 @@ def test_headers_between_indexed_members(tmp_path: Path) -> None:
     path.write_bytes(bytes(raw))
     with pytest.raises(ShardError, match=f"leaves out the tar member 'k5.jpg' at byte {link_at}"):
         read_dali_idx(str(tmp_path / "a.idx"), str(path))
+
+
+@pytest.mark.parametrize(
+    ("shard", "present", "found"),
+    [
+        ("a.tar", ["a.idx"], "a.idx"),
+        ("a.tar", ["a.tar.idx", "a.idx"], "a.tar.idx"),  # the full name first
+        ("train.000.tar", ["train.000.idx", "train.idx"], "train.000.idx"),  # one per shard
+        ("train.000.tar", ["train.idx"], None),  # another shard's (or no shard's) index
+        ("d.v1/x.tar", ["d.v1/x.idx", "d.idx"], "d.v1/x.idx"),  # dots in directories
+        ("d.v1/x", ["d.idx", "d.v1/x.idx"], "d.v1/x.idx"),
+        ("d.v1/x", ["d.idx"], None),
+        ("d/.hidden.tar", ["d/.hidden.idx", "d/.idx"], "d/.hidden.idx"),
+        ("d/.hidden", ["d/.idx"], None),  # a leading dot starts the name
+        ("d/ab.tar", ["d/ab.idx"], "d/ab.idx"),
+    ],
+)
+def test_which_idx_file_belongs_to_a_shard(
+    tmp_path: Path, shard: str, present: list[str], found: str | None
+) -> None:
+    from mmload.sources.index import _dali_idx_for
+
+    for name in present:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("v1.2 0\n")
+    got = _dali_idx_for(str(tmp_path / shard))
+    assert got == (None if found is None else str(tmp_path / found))
