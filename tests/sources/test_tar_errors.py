@@ -237,3 +237,76 @@ def test_a_tar_ending_exactly_at_a_members_end(tmp_path: Path) -> None:
     )
     assert info.value.key is None
     assert scan_tar(str(path), skip=True).keys == ["k0", "k1"]
+
+
+def _gnu_long(path: Path, name: str | bytes, data: bytes = b"x") -> bytearray:
+    with tarfile.open(
+        path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tf:
+        first = tarfile.TarInfo("k0.cls")
+        first.size = 1
+        tf.addfile(first, io.BytesIO(b"0"))
+        info = tarfile.TarInfo(
+            name if isinstance(name, str) else name.decode("utf-8", "surrogateescape")
+        )
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    return bytearray(path.read_bytes())
+
+
+def test_cut_inside_the_padding_names_the_member(tmp_path: Path) -> None:
+    path, headers = _base(tmp_path / "a.tar")
+    raw = path.read_bytes()
+    last = headers[-1]  # k2.bin: 600 bytes of data, padded to 1024
+    cut = last + 512 + 700
+    path.write_bytes(raw[:cut])
+    with pytest.raises(ShardError) as info:
+        scan_tar(str(path), shard="S")
+    assert (
+        info.value.reason == f"truncated tar: cut inside the padding of the member at byte {last}"
+    )
+    assert info.value.key == "k2"
+    idx = scan_tar(str(path), shard="S", skip=True)
+    assert idx.keys == ["k0", "k1"]
+    assert [b.key for b in idx.bad] == ["k2", None]
+
+
+def test_long_names_huge_name_headers_and_bad_pax(tmp_path: Path) -> None:
+    name = b"caf\xe9-" + b"x" * 120 + b".jpg"  # not UTF-8, longer than a header holds
+    raw = _gnu_long(tmp_path / "a.tar", name)
+    (tmp_path / "a.tar").write_bytes(bytes(raw))
+    idx = scan_tar(str(tmp_path / "a.tar"))
+    assert idx.keys == ["k0", name[:-4].decode("utf-8", "surrogateescape")]
+    # The GNU long-name header ('L') claims more than 1 MiB: refused, not read into memory.
+    at = next(p for p in range(0, len(raw), 512) if raw[p + 156 : p + 157] == b"L")
+    for size, refused in (((1 << 20) + 1, True), (1 << 20, False)):
+        big = bytearray(raw)
+        big[at + 124 : at + 136] = b"%011o\0" % size
+        _fix_checksum(big, at)
+        (tmp_path / "b.tar").write_bytes(bytes(big) + bytes(3 << 20))
+        if refused:
+            with pytest.raises(ShardError) as info:
+                scan_tar(str(tmp_path / "b.tar"), shard="S")
+            assert info.value.reason == (
+                f"corrupt tar header at byte {at}: a name header of {size} bytes"
+            )
+            skipped = scan_tar(str(tmp_path / "b.tar"), shard="S", skip=True)
+            assert skipped.keys == ["k0"]
+            assert skipped.bad[0].reason.endswith(f"any samples after byte {at} are lost")
+        else:  # 1 MiB exactly is read (it swallows the member after it; zeros follow)
+            assert scan_tar(str(tmp_path / "b.tar")).keys == ["k0"]
+    # A PAX header whose records do not parse.
+    with tarfile.open(tmp_path / "p.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("k0.cls")
+        info.size = 1
+        info.pax_headers = {"comment": "x"}
+        tf.addfile(info, io.BytesIO(b"0"))
+    raw = bytearray((tmp_path / "p.tar").read_bytes())
+    assert raw[156:157] == b"x"
+    raw[512:514] = b"zz"  # the first record's length
+    (tmp_path / "p.tar").write_bytes(bytes(raw))
+    skipped = scan_tar(str(tmp_path / "p.tar"), shard="S", skip=True)
+    assert [b.reason for b in skipped.bad] == [
+        "corrupt PAX header at byte 0: PAX record at 0 has no decimal length; "
+        "any samples after byte 0 are lost"
+    ]
