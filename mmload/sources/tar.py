@@ -420,13 +420,20 @@ def _scan(fd: int, b: _Builder, shard: str) -> None:
         elif typeflag in _REGULAR:
             name = long_name or _header_name(h)
             long_name = None
-            b.add(name, data, size)
+            if _is_file(typeflag, name):
+                b.add(name, data, size)
         elif typeflag in (b"g", b"K", b"5"):  # global PAX header, GNU long link name, directory
             long_name = None
         else:
             b.not_regular(long_name or _header_name(h), typeflag)
             long_name = None
         pos = nxt
+
+
+def _is_file(typeflag: bytes, name: str) -> bool:
+    """A regular file member. A NUL type flag on a name ending in ``/`` is a pre-POSIX
+    directory, as tarfile and GNU tar read it."""
+    return typeflag in _REGULAR and not (typeflag == b"\0" and name.endswith("/"))
 
 
 def _header_name(h: bytes) -> str:
@@ -560,7 +567,7 @@ def _check_covers(path: str, idx: TarIndex, shard: str, idx_path: str) -> None:
                 if not _checksum_ok(h):
                     why = f"no tar header at byte {pos}"
                 elif h[156:157] not in _BETWEEN and (
-                    h[156:157] in _REGULAR or split_name(_header_name(h)) is not None
+                    _is_file(h[156:157], _header_name(h)) or split_name(_header_name(h)) is not None
                 ):
                     why = f"it leaves out the tar member {_header_name(h)!r} at byte {pos}"
                 else:
