@@ -109,8 +109,8 @@ class TarIndex:
             fields=list(d["fields"]),  # type: ignore[call-overload]
             offsets=np.asarray(d["offsets"], dtype=np.int64),
             sizes=np.asarray(d["sizes"], dtype=np.int64),
-            bad=[BadEntry(**b) for b in d.get("bad", [])],  # type: ignore[attr-defined]
-            ignored=list(d.get("ignored", [])),  # type: ignore[call-overload]
+            bad=[BadEntry(**b) for b in d["bad"]],  # type: ignore[attr-defined]
+            ignored=list(d["ignored"]),  # type: ignore[call-overload]
         )
 
 

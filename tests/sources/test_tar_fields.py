@@ -6,13 +6,16 @@ every padding writers use, GNU base-256 for sizes of 8 GiB and more), names that
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmload.errors import ShardError
 from mmload.sources.tar import (
+    TarIndex,
     _octal,
     _pax_path,
     is_non_sample_member,
@@ -184,3 +187,16 @@ def test_a_dali_index_may_leave_out_old_style_directories(tmp_path: Path) -> Non
     assert write_dali_idx(scan_tar(str(path)), str(tmp_path / "v7.idx")) is None
     idx = read_dali_idx(str(tmp_path / "v7.idx"), str(path))
     assert idx.keys == ["d/s1"] and idx.fields == ["jpg", "cls"]
+
+
+def test_an_index_without_samples_keeps_int64_columns(tmp_path: Path) -> None:
+    # empty lists would become float64 arrays; offsets and sizes index and slice files
+    path = tmp_path / "meta_only.tar"
+    path.write_bytes(_tar([_file("README"), _file("s1/")]))  # skipped: no samples left
+    idx = scan_tar(str(path), skip=True)
+    back = TarIndex.from_json(json.loads(json.dumps(idx.to_json())))
+    for i in (idx, back):
+        assert i.num_samples == 0 and i.ignored == ["README"] and len(i.bad) == 1
+        assert [a.dtype for a in (i.starts, i.offsets, i.sizes)] == [np.dtype(np.int64)] * 3
+        members, bounds = i.select(np.zeros(0, dtype=np.int64), {"jpg"})
+        assert members.dtype == bounds.dtype == np.int64 and bounds.tolist() == [0]
