@@ -310,3 +310,99 @@ def test_long_names_huge_name_headers_and_bad_pax(tmp_path: Path) -> None:
         "corrupt PAX header at byte 0: PAX record at 0 has no decimal length; "
         "any samples after byte 0 are lost"
     ]
+
+
+def test_a_member_outside_any_sample_cut_short(tmp_path: Path) -> None:
+    """A README cut inside its data or its padding: the shard's error has no sample key."""
+    path = tmp_path / "r.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in (("k0.cls", b"0"), ("README", b"r" * 600)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    raw = path.read_bytes()
+    at = 1024  # README's header
+    for cut, reason in (
+        (
+            at + 812,
+            f"truncated tar: member 'README' needs bytes up to {at + 1112}, file has {at + 812}",
+        ),
+        (at + 1212, f"truncated tar: cut inside the padding of the member at byte {at}"),
+    ):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(ShardError) as info:
+            scan_tar(str(path), shard="S")
+        assert (info.value.reason, info.value.key) == (reason, None)
+        idx = scan_tar(str(path), shard="S", skip=True)
+        assert idx.keys == ["k0"]
+        assert [(b.key, b.reason) for b in idx.bad] == [
+            (None, f"{reason}; any samples after byte {at} are lost")
+        ]
+
+
+def test_a_cut_inside_the_padding_lists_the_sample_and_the_loss(tmp_path: Path) -> None:
+    path, headers = _base(tmp_path / "a.tar")
+    last = headers[-1]
+    path.write_bytes(path.read_bytes()[: last + 512 + 700])
+    reason = f"truncated tar: cut inside the padding of the member at byte {last}"
+    idx = scan_tar(str(path), shard="S", skip=True)
+    assert [(b.shard, b.key, b.reason) for b in idx.bad] == [
+        ("S", "k2", f"{reason}; sample 'k2' is incomplete"),
+        ("S", None, f"{reason}; any samples after byte {last} are lost"),
+    ]
+
+
+def test_a_pax_header_over_1_mib_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, pax in (("k0.cls", {}), ("k1.cls", {"comment": "c" * (1 << 20)})):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            info.pax_headers = pax
+            tf.addfile(info, io.BytesIO(b"1"))
+    raw = path.read_bytes()
+    at = 1024  # k0's header and data, then k1's PAX header
+    assert raw[at + 156 : at + 157] == b"x"
+    size = int(raw[at + 124 : at + 135], 8)
+    assert size > 1 << 20
+    with pytest.raises(ShardError) as info:
+        scan_tar(str(path), shard="S")
+    assert info.value.reason == f"corrupt tar header at byte {at}: a name header of {size} bytes"
+    assert scan_tar(str(path), shard="S", skip=True).keys == ["k0"]
+
+
+@pytest.mark.parametrize("typeflag", [b"g", b"K", b"5"])
+def test_headers_that_are_no_members_are_skipped_whatever_their_name(
+    tmp_path: Path, typeflag: bytes
+) -> None:
+    # a global PAX header as GNU tar names it, a long link name, a directory written without
+    # its trailing '/': names that look like 'key.field' but are not sample members
+    info = tarfile.TarInfo("GlobalHead.7.1" if typeflag == b"g" else "frames.v2")
+    h = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    h[156:157] = typeflag
+    _fix_checksum(h, 0)
+    path, _ = _base(tmp_path / "a.tar")
+    body = path.read_bytes()
+    path.write_bytes(bytes(h) + body)
+    idx = scan_tar(str(path), shard="S")
+    assert idx.keys == ["k0", "k1", "k2"] and idx.bad == [] and idx.ignored == []
+
+
+def test_a_member_of_8_gib_or_more(tmp_path: Path) -> None:
+    """GNU base-256 sizes (a member of 8 GiB or more), in a sparse file: only headers are read."""
+    big = (1 << 33) + 5
+    info = tarfile.TarInfo("k0.bin")
+    info.size = big
+    h = info.tobuf(tarfile.GNU_FORMAT)
+    assert h[124] & 0x80  # base-256: 11 octal digits cannot hold it
+    small = tarfile.TarInfo("k1.cls")
+    small.size = 1
+    nxt = 512 + -(-big // 512) * 512
+    path = tmp_path / "big.tar"
+    with open(path, "wb") as f:
+        f.write(h)
+        f.seek(nxt)
+        f.write(small.tobuf(tarfile.GNU_FORMAT) + b"1".ljust(512, b"\0") + bytes(1024))
+    idx = scan_tar(str(path))
+    assert idx.keys == ["k0", "k1"]
+    assert idx.sizes.tolist() == [big, 1] and idx.offsets.tolist() == [512, nxt + 512]
