@@ -81,6 +81,8 @@ def _int_keys(keys: Any) -> np.ndarray | torch.Tensor:
             raise JoinError(f"join: keys have dtype {keys.dtype}; this table has integer keys")
         return keys.reshape(-1).to(torch.int64).contiguous()
     if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+        if keys.null_count:
+            raise JoinError(f"join: {keys.null_count} of the keys are null")
         keys = keys.to_numpy(zero_copy_only=False)
     arr = np.asarray(keys) if not isinstance(keys, np.ndarray) else keys
     if arr.size == 0:
