@@ -75,6 +75,13 @@ class KeyCodec:
         return np.fromiter((get(k, MISSING) for k in items), dtype=np.int64, count=len(items))
 
 
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+
+def _is_int(k: object) -> bool:
+    return isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+
+
 def _int_keys(keys: Any) -> np.ndarray | torch.Tensor:
     if isinstance(keys, torch.Tensor):
         if keys.dtype.is_floating_point or keys.dtype.is_complex or keys.dtype == torch.bool:
@@ -89,10 +96,16 @@ def _int_keys(keys: Any) -> np.ndarray | torch.Tensor:
         return np.empty(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
         flat = arr.reshape(-1)
-        bad = next((k for k in flat if not isinstance(k, (int, np.integer))), flat[0])
-        raise JoinError(
-            f"join: key {bad!r} ({type(bad).__name__}) given to a table with integer keys"
-        )
+        bad = next((k for k in flat if not _is_int(k)), None)
+        if bad is not None:
+            raise JoinError(
+                f"join: key {bad!r} ({type(bad).__name__}) given to a table with integer keys"
+            )
+        # an object array of ints (a pandas object column; ints beyond uint64)
+        big = next((k for k in flat if not _INT64_MIN <= k <= _INT64_MAX), None)
+        if big is not None:
+            raise JoinError(f"join: key {big} does not fit int64")
+        arr = flat.astype(np.int64)
     if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
         raise JoinError("join: a uint64 key does not fit int64")
     return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)

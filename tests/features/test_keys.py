@@ -32,6 +32,8 @@ def _eq(got: np.ndarray | torch.Tensor, want: list[int]) -> None:
         np.array([3, 1, 2], dtype=np.uint64),
         np.array([[3, 1, 2]], dtype=np.int16),  # flattened
         np.array([3, 9, 1, 9, 2], dtype=np.int64)[::2],  # strided: made contiguous
+        np.array([3, 1, 2], dtype=object),  # a pandas object column of ints
+        np.array([3, np.int8(1), 2], dtype=object),
         pa.array([3, 1, 2], type=pa.int32()),
         pa.chunked_array([[3], [1, 2]], type=pa.uint16()),
         torch.tensor([3, 1, 2], dtype=torch.int32),
@@ -69,6 +71,16 @@ def test_empty_integer_keys() -> None:
             "join: 2 of the keys are null",
         ),
         (np.array([2**63], dtype=np.uint64), "join: a uint64 key does not fit int64"),
+        ([1, 2**64], f"join: key {2**64} does not fit int64"),  # an object array
+        ([-(2**63) - 1], f"join: key {-(2**63) - 1} does not fit int64"),
+        (
+            np.array([1, True], dtype=object),
+            "join: key True (bool) given to a table with integer keys",
+        ),
+        (
+            np.array([True, False]),
+            f"join: key {np.True_!r} (bool) given to a table with integer keys",
+        ),
         (torch.tensor([1.0]), "join: keys have dtype torch.float32; this table has integer keys"),
         (torch.tensor([True]), "join: keys have dtype torch.bool; this table has integer keys"),
         (torch.tensor([1j]), "join: keys have dtype torch.complex64; this table has integer keys"),
