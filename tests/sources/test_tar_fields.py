@@ -64,7 +64,7 @@ def test_base256_keeps_every_bit_after_the_flag() -> None:
 def test_negative_base256_and_garbage_are_refused() -> None:
     with pytest.raises(ValueError, match=r"^negative base-256 number$"):
         _octal(tarfile.itn(-1, 12, tarfile.GNU_FORMAT))
-    for raw in (b"-000001\0", b"0x12\0", b"12_3\0", b"0009\0"):
+    for raw in (b"-000001\0", b"0x12\0", b"12_3\0", b"0009\0", b"X644X\0", b"+644\0"):
         with pytest.raises(ValueError, match="not an octal number"):
             _octal(raw)
 
@@ -200,3 +200,13 @@ def test_an_index_without_samples_keeps_int64_columns(tmp_path: Path) -> None:
         assert [a.dtype for a in (i.starts, i.offsets, i.sizes)] == [np.dtype(np.int64)] * 3
         members, bounds = i.select(np.zeros(0, dtype=np.int64), {"jpg"})
         assert members.dtype == bounds.dtype == np.int64 and bounds.tolist() == [0]
+
+
+def test_a_checksum_that_needs_all_six_digits(tmp_path: Path) -> None:
+    # a header full of non-ASCII bytes sums past 0o77777: its checksum's first digit is not 0
+    path = tmp_path / "utf8.tar"
+    path.write_bytes(_tar([_file("é" * 70 + "/" + "ü" * 45 + ".jpg")]))
+    raw = path.read_bytes()
+    assert raw[148:149] != b"0" and tarfile.nti(raw[148:156]) > 0o77777
+    idx = scan_tar(str(path))
+    assert idx.keys == ["é" * 70 + "/" + "ü" * 45] and idx.fields == ["jpg"]
