@@ -1,0 +1,92 @@
+"""Updates whose vector or list columns do not fit the table's layout: each refused with a
+JoinError naming the column, its type or lengths, and what the table holds; null vector rows of
+a float column become NaN rows, of an int column an error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mmload.errors import JoinError
+from mmload.features import FOUND, FeatureTable
+
+
+def _vectors(kind: pa.DataType) -> FeatureTable:
+    t = FeatureTable(key="k", timestamp="ts")  # the first update fixes vec as a [2] vector
+    t.update(pa.table({"k": [1], "ts": [1], "vec": pa.array([[1, 2]], pa.list_(kind))}))
+    return t
+
+
+def _refused(t: FeatureTable, table: pa.Table, message: str) -> None:
+    with pytest.raises(JoinError) as info:
+        t.update(table)
+    assert str(info.value) == message
+
+
+def test_vector_updates_that_do_not_fit() -> None:
+    t = _vectors(pa.float32())
+    _refused(
+        t,
+        pa.table({"k": [2], "ts": [2], "vec": pa.array([[1, 2, 3]], pa.list_(pa.float32(), 3))}),
+        "feature column 'vec' has length 3, expected 2",
+    )
+    _refused(
+        t,
+        pa.table(
+            {"k": [2, 3], "ts": [2, 2], "vec": pa.array([[1, 2], [1]], pa.list_(pa.float32()))}
+        ),
+        "feature column 'vec': vector rows have lengths [1, 2], expected 2",
+    )
+    _refused(
+        t,
+        pa.table({"k": [2], "ts": [2], "vec": pa.array([1.5], pa.float32())}),
+        "feature column 'vec' has type float; the table holds a vector",
+    )
+    ti = _vectors(pa.int64())
+    _refused(
+        ti,
+        pa.table(
+            {"k": [2, 3], "ts": [2, 2], "vec": pa.array([[1, 2], None], pa.list_(pa.int64()))}
+        ),
+        "integer vector column 'vec' has 1 null row(s)",
+    )
+
+
+def test_a_null_float_vector_row_is_a_row_of_nan() -> None:
+    t = _vectors(pa.float32())
+    t.update(
+        pa.table(
+            {"k": [2, 3], "ts": [5, 5], "vec": pa.array([None, [3, 4]], pa.list_(pa.float32(), 2))}
+        )
+    )
+    out = t.join([2, 3, 1], np.array([9, 9, 9]))
+    assert out[FOUND].tolist() == [True, True, True]
+    v = out["vec"].numpy()
+    assert np.isnan(v[0]).all() and v[1:].tolist() == [[3.0, 4.0], [1.0, 2.0]]
+
+
+SCHEMA = pa.schema([("k", pa.int64()), ("ts", pa.int64()), ("tags", pa.list_(pa.int32()))])
+
+
+@pytest.mark.parametrize(
+    ("column", "message"),
+    [
+        (pa.array([7], pa.int32()), "feature column 'tags' has type int32; the table holds a list"),
+        (
+            pa.array([[7, 8]], pa.list_(pa.int32(), 2)),
+            "feature column 'tags' has type fixed_size_list<item: int32>[2]; the table holds a list",
+        ),
+        (
+            pa.array([["a"]], pa.list_(pa.string())),
+            "feature column 'tags' has values of type string; the table holds int",
+        ),
+        (
+            pa.array([[1, None]], pa.list_(pa.int32())),
+            "list feature column 'tags' has 1 null element(s)",
+        ),
+    ],
+)
+def test_list_updates_that_do_not_fit(column: pa.Array, message: str) -> None:
+    t = FeatureTable(key="k", timestamp="ts", columns=SCHEMA)
+    _refused(t, pa.table({"k": [1], "ts": [1], "tags": column}), message)
