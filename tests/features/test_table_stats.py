@@ -1,0 +1,61 @@
+"""``FeatureTable.stats()`` value by value, counted by hand: rows, runs, merges (by updates and
+by ``compact``), dropped rows, string keys, joins, newest times and the feature lag."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from mmload.features import FeatureTable
+
+
+def _rows(key: object, ts: list[int]) -> pa.Table:
+    return pa.table({"k": [key] * len(ts), "ts": ts, "v": [float(t) for t in ts]})
+
+
+def test_a_fresh_table() -> None:
+    assert FeatureTable(key="k", timestamp="ts").stats() == {
+        "device": "cpu",
+        "version": 0,
+        "rows": 0,
+        "runs": 0,
+        "string_keys": 0,
+        "rows_ingested": 0,
+        "updates_applied": 0,
+        "update_errors": 0,
+        "errors": [],
+        "newest_feature_ts": None,
+        "newest_sample_ts": None,
+        "rows_dropped": 0,
+        "merges": 0,
+        "joins": 0,
+        "rows_joined": 0,
+        "feature_lag": None,
+        "sources": [],
+    }
+
+
+def test_counters_through_updates_compaction_and_joins() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    # 100, 20 and 4 rows: each older run is more than 4x the newer, so none merge
+    for key, n in (("a", 100), ("b", 20), ("c", 4)):
+        t.update(_rows(key, list(range(300 - n, 300))))
+    s = t.stats()
+    assert (s["runs"], s["merges"], s["rows"], s["string_keys"]) == (3, 0, 124, 3)
+    assert (s["version"], s["updates_applied"], s["rows_ingested"]) == (3, 3, 124)
+    assert s["newest_feature_ts"] == 299 and s["feature_lag"] is None
+    t.compact()  # three runs into one: two merges
+    s = t.stats()
+    assert (s["runs"], s["merges"], s["version"], s["rows"]) == (1, 2, 4, 124)
+    t.update(_rows("c", list(range(296, 300))))  # the same 4 (key, ts) pairs again
+    assert t.stats()["runs"] == 2
+    t.compact()
+    s = t.stats()
+    assert (s["runs"], s["merges"], s["rows"], s["rows_dropped"]) == (1, 3, 124, 4)
+    t.join(["a", "zz", "b"], np.array([310, 500, 5]))
+    s = t.stats()
+    assert (s["joins"], s["rows_joined"], s["newest_sample_ts"]) == (1, 3, 500)
+    assert s["feature_lag"] == 500 - 299
+    t.advance_watermark(290)
+    t.advance_watermark(280)  # never moves back
+    assert t.watermark == 290
