@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from mmload.features import FOUND, FeatureTable
 from mmload.features.watermark import EARLY, PinnedTable, join_with_watermark
@@ -72,7 +73,7 @@ def test_wait_policy_gives_up_after_max_wait() -> None:
     t0 = time.monotonic()
     out, n_early, waited = join_with_watermark(t, KEYS, TS, "wait", 0.3)
     assert 0.3 <= waited <= time.monotonic() - t0 and n_early == 4
-    assert out[EARLY].tolist() == [True] * 4
+    assert out[EARLY].tolist() == [True] * 4 and out[EARLY].dtype == torch.bool
     out, n_early, waited = join_with_watermark(t, [], np.zeros(0, np.int64), "wait", 30.0)
     assert (n_early, waited) == (0, 0.0) and out[EARLY].tolist() == []
 
