@@ -465,3 +465,22 @@ def test_which_idx_file_belongs_to_a_shard(
         (tmp_path / name).write_text("v1.2 0\n")
     got = _dali_idx_for(str(tmp_path / shard))
     assert got == (None if found is None else str(tmp_path / found))
+
+
+def test_write_then_read_keeps_names_that_are_not_utf8(tmp_path: Path) -> None:
+    # a Latin-1 name (bytes that are not UTF-8): written and read back byte for byte
+    name = b"caf\xe9-1".decode("utf-8", "surrogateescape")
+    path = str(tmp_path / "latin1.tar")
+    with tarfile.open(
+        path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tf:
+        for n in (name + ".jpg", name + ".cls", "k2.jpg"):
+            info = tarfile.TarInfo(n)
+            info.size = 1
+            tf.addfile(info, io.BytesIO(b"1"))
+    scanned = scan_tar(path)
+    assert scanned.keys == [name, "k2"]
+    target = str(tmp_path / "latin1.idx")
+    assert write_dali_idx(scanned, target) is None
+    assert b"caf\xe9-1.jpg" in Path(target).read_bytes()
+    _same(read_dali_idx(target, path), scanned)
