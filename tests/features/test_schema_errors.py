@@ -5,6 +5,7 @@ a float column become NaN rows, of an int column an error."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -90,3 +91,49 @@ SCHEMA = pa.schema([("k", pa.int64()), ("ts", pa.int64()), ("tags", pa.list_(pa.
 def test_list_updates_that_do_not_fit(column: pa.Array, message: str) -> None:
     t = FeatureTable(key="k", timestamp="ts", columns=SCHEMA)
     _refused(t, pa.table({"k": [1], "ts": [1], "tags": column}), message)
+
+
+def test_update_inputs_that_are_not_tables() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    _refused(
+        t,
+        42,  # type: ignore[arg-type]
+        "update: expected a pyarrow.Table, pyarrow.RecordBatch, pandas.DataFrame or dict of "
+        "columns, got int",
+    )
+
+    class Frame:  # has .columns but is not pandas: not mistaken for a DataFrame
+        columns = ("k", "ts")
+
+    _refused(
+        t,
+        Frame(),  # type: ignore[arg-type]
+        "update: expected a pyarrow.Table, pyarrow.RecordBatch, pandas.DataFrame or dict of "
+        "columns, got Frame",
+    )
+    with pytest.raises(JoinError, match=r"^update: cannot convert the pandas DataFrame to Arrow: "):
+        t.update(pd.DataFrame({"k": [1, 2], "ts": [1, 2], "v": [1.0, "x"]}))
+    with pytest.raises(JoinError, match=r"^update: cannot convert the dict of columns to Arrow: "):
+        t.update({"k": [1, 2], "ts": [1, 2], "v": [1.0, "x"]})
+
+
+def test_a_dataframes_index_is_not_a_column() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    t.update(pd.DataFrame({"k": [1, 2], "ts": [5, 5], "v": [1.5, 2.5]}, index=[10, 20]))
+    assert t.column_names == ("v",)
+    assert t.join([2], np.array([9]))["v"].tolist() == [2.5]
+
+
+def test_key_columns_that_do_not_fit() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    t.update(pa.table({"k": ["a"], "ts": [1], "v": [1.0]}))
+    _refused(
+        t,
+        pa.table({"k": [1], "ts": [2], "v": [1.0]}),
+        "key column 'k' has type int64; this table has string keys",
+    )
+    _refused(
+        t,
+        pa.table({"k": ["a", None], "ts": [2, 2], "v": [1.0, 2.0]}),
+        "key column 'k' has 1 null(s)",
+    )

@@ -3,9 +3,13 @@ by ``compact``), dropped rows, string keys, joins, newest times and the feature 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
+import pytest
 
+from mmload.errors import JoinError
 from mmload.features import FeatureTable
 
 
@@ -59,3 +63,17 @@ def test_counters_through_updates_compaction_and_joins() -> None:
     t.advance_watermark(290)
     t.advance_watermark(280)  # never moves back
     assert t.watermark == 290
+
+
+def test_failed_updates_are_listed_with_origin_reason_and_time() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    t.update(_rows("a", [1]))
+    before = time.time()
+    with pytest.raises(JoinError):
+        t.update(pa.table({"k": [1], "ts": [2], "v": [1.0]}), origin="part-7.parquet")
+    (err,) = t.stats()["errors"]
+    assert sorted(err) == ["origin", "reason", "time"]
+    assert err["origin"] == "part-7.parquet"
+    assert err["reason"] == "key column 'k' has type int64; this table has string keys"
+    assert before <= err["time"] <= time.time()
+    assert t.stats()["update_errors"] == 1
