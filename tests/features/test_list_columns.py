@@ -80,7 +80,10 @@ def test_retention_releases_list_rows_and_defaults_are_refused() -> None:
         )
     table.compact()
     store = table.snapshot().lists
-    assert store.rows <= 6 and store.next_id == 40  # old chunks gone, ids never reused
+    # only the chunks of ts 180 (each key's newest row at the cutoff) and 190 are left; ids
+    # are never reused
+    assert [c.base for c in store.chunks] == [36, 38] and store.rows == 4
+    assert store.next_id == 40
     out = table.join([1, 2, 1], [195, 195, 185])
     assert out["hist"].tolist() == [[190], [190, 190], [180]]
     with pytest.raises(mmload.ConfigError, match="default is"):

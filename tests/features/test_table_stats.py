@@ -51,15 +51,19 @@ def test_counters_through_updates_compaction_and_joins() -> None:
     t.compact()  # three runs into one: two merges
     s = t.stats()
     assert (s["runs"], s["merges"], s["version"], s["rows"]) == (1, 2, 4, 124)
-    t.update(_rows("c", list(range(296, 300))))  # the same 4 (key, ts) pairs again
-    assert t.stats()["runs"] == 2
-    t.compact()
-    s = t.stats()
-    assert (s["runs"], s["merges"], s["rows"], s["rows_dropped"]) == (1, 3, 124, 4)
+    for i in (1, 2):  # the same 4 (key, ts) pairs again, compacted away each time
+        t.update(_rows("c", list(range(296, 300))))
+        assert t.stats()["runs"] == 2
+        t.compact()
+        s = t.stats()
+        assert (s["runs"], s["merges"], s["rows"], s["rows_dropped"]) == (1, 2 + i, 124, 4 * i)
     t.join(["a", "zz", "b"], np.array([310, 500, 5]))
     s = t.stats()
     assert (s["joins"], s["rows_joined"], s["newest_sample_ts"]) == (1, 3, 500)
     assert s["feature_lag"] == 500 - 299
+    t.join(["a", "b"], np.array([7, 400]))
+    s = t.stats()
+    assert (s["joins"], s["rows_joined"], s["newest_sample_ts"]) == (2, 5, 500)
     t.advance_watermark(290)
     t.advance_watermark(280)  # never moves back
     assert t.watermark == 290
@@ -77,3 +81,13 @@ def test_failed_updates_are_listed_with_origin_reason_and_time() -> None:
     assert err["reason"] == "key column 'k' has type int64; this table has string keys"
     assert before <= err["time"] <= time.time()
     assert t.stats()["update_errors"] == 1
+
+
+def test_a_join_before_the_first_update() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    with pytest.raises(JoinError) as info:
+        t.join([1], np.array([1]))
+    assert str(info.value) == (
+        "join before any feature update: the table has no schema yet (pass "
+        "columns=pyarrow.schema([...]) to join before the first update)"
+    )
