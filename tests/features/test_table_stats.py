@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mmload.errors import JoinError
-from mmload.features import FeatureTable
+from mmload.errors import ConfigError, JoinError
+from mmload.features import FOUND, FeatureTable
 
 
 def _rows(key: object, ts: list[int]) -> pa.Table:
@@ -91,3 +91,51 @@ def test_a_join_before_the_first_update() -> None:
         "join before any feature update: the table has no schema yet (pass "
         "columns=pyarrow.schema([...]) to join before the first update)"
     )
+
+
+BASE = pa.table({"k": [1], "ts": [1], "a": [1.0], "n": pa.array([1], pa.int64())})
+
+
+@pytest.mark.parametrize(
+    ("defaults", "message"),
+    [
+        ({"zz": 1}, "defaults={'zz': 1}: names unknown column(s) ['zz']"),
+        ({"a": "x"}, "defaults['a']='x': must be a number"),
+        ({"a": True}, "defaults['a']=True: must be a number"),
+        ({"n": 1.5}, "defaults['n']=1.5: column holds int64; need an integer"),
+    ],
+)
+def test_defaults_the_first_update_refuses(defaults: dict[str, object], message: str) -> None:
+    t = FeatureTable(key="k", timestamp="ts", defaults=defaults)  # type: ignore[arg-type]
+    with pytest.raises(JoinError) as info:
+        t.update(BASE)
+    assert str(info.value) == f"the first update fixes the schema, and then {message}"
+
+
+def test_defaults_name_some_columns_and_the_rest_are_zero() -> None:
+    t = FeatureTable(key="k", timestamp="ts", defaults={"a": 5.0})
+    t.update(BASE)
+    out = t.join([9], np.array([1]))
+    assert out["a"].tolist() == [5.0] and out["n"].tolist() == [0]
+    t = FeatureTable(key="k", timestamp="ts", defaults=-1)
+    t.update(BASE)
+    assert t.join([9], np.array([1]))["n"].tolist() == [-1]
+
+
+def test_a_list_columns_default_and_the_reserved_name() -> None:
+    schema = pa.schema([("k", pa.int64()), ("ts", pa.int64()), ("h", pa.list_(pa.int32()))])
+    with pytest.raises(ConfigError) as info:
+        FeatureTable(key="k", timestamp="ts", columns=schema, defaults={"h": 1})
+    assert str(info.value) == "defaults['h']=1: a list column's default is []"
+    with pytest.raises(JoinError) as jinfo:
+        FeatureTable(key="k", timestamp="ts").update(pa.table({"k": [1], "ts": [1], FOUND: [1.0]}))
+    assert str(jinfo.value) == f"feature column name {FOUND!r} is reserved"
+
+
+def test_rows_dropped_when_updates_merge() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    t.update(_rows("a", list(range(100))))
+    for _ in range(2):  # 100, 4, 4: the two small runs merge, and 4 rows are duplicates
+        t.update(_rows("b", [1, 2, 3, 4]))
+    s = t.stats()
+    assert (s["runs"], s["merges"], s["rows"], s["rows_dropped"]) == (2, 1, 104, 4)
