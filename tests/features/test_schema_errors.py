@@ -137,3 +137,45 @@ def test_key_columns_that_do_not_fit() -> None:
         pa.table({"k": ["a", None], "ts": [2, 2], "v": [1.0, 2.0]}),
         "key column 'k' has 1 null(s)",
     )
+
+
+def test_dictionary_encoded_string_keys() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    keys = pa.array(["a", "b", "a"]).dictionary_encode()
+    t.update(pa.table({"k": keys, "ts": [1, 1, 2], "v": [1.0, 2.0, 3.0]}))
+    t.update(pa.table({"k": pa.array(["b"]).dictionary_encode(), "ts": [3], "v": [4.0]}))
+    assert t.join(["a", "b", "c"], np.array([5, 5, 5]))["v"].tolist() == [3.0, 4.0, 0.0]
+
+
+def test_values_converted_to_the_columns_kind() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    t.update(pa.table({"k": [1], "ts": [1], "f": [0.5], "n": pa.array([1], pa.int64())}))
+    # ints into a float column round as NumPy's float32 conversion does (no error)
+    big = 2**24 + 1
+    t.update(pa.table({"k": [2], "ts": [1], "f": pa.array([big], pa.int64()), "n": [2]}))
+    assert t.join([2], np.array([1]))["f"].tolist() == [float(np.float32(big))]
+    for table, message in (
+        (
+            pa.table({"k": [3], "ts": [1], "f": [1.0], "n": pa.array([None], pa.int64())}),
+            "integer feature column 'n' has 1 null value(s)",
+        ),
+        (
+            pa.table({"k": [3], "ts": [1], "f": [1.0], "n": pa.array([1], pa.int64()), "x": [1]}),
+            "update has unexpected column(s) ['x']; the table's columns are "
+            "['k', 'ts', 'f', 'n'] (pass columns=[...] to the table to pick some)",
+        ),
+    ):
+        _refused(t, table, message)
+    for table, start in (
+        (
+            pa.table({"k": [3], "ts": [1], "f": [1.0], "n": pa.array([2**63], pa.uint64())}),
+            "feature column 'n' does not fit int64: ",
+        ),
+        (
+            pa.table({"k": [3], "ts": pa.array([2**63], pa.uint64()), "f": [1.0], "n": [1]}),
+            "timestamp column 'ts' does not fit int64: ",
+        ),
+    ):
+        with pytest.raises(JoinError) as info:
+            t.update(table)
+        assert str(info.value).startswith(start)
