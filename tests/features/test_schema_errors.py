@@ -179,3 +179,66 @@ def test_values_converted_to_the_columns_kind() -> None:
         with pytest.raises(JoinError) as info:
             t.update(table)
         assert str(info.value).startswith(start)
+
+
+def test_the_packed_layout_of_every_column_kind() -> None:
+    # each kind packs its columns in name order from 0: a float scalar takes one float slot,
+    # a [2] vector two, an int one, a variable-length list one int slot (a row id)
+    schema = pa.schema(
+        [
+            ("k", pa.int64()),
+            ("ts", pa.int64()),
+            ("b", pa.float32()),
+            ("a", pa.list_(pa.float32(), 2)),
+            ("n", pa.int16()),
+            ("h", pa.list_(pa.int32())),
+            ("c", pa.float64()),
+        ]
+    )
+    layout = FeatureTable(key="k", timestamp="ts", columns=schema).layout
+    assert layout is not None
+    got = [(c.name, c.kind, c.width, c.offset, c.elem) for c in layout.columns]
+    assert got == [
+        ("a", "float", 2, 0, None),
+        ("b", "float", 0, 2, None),
+        ("c", "float", 0, 3, None),
+        ("h", "int", 0, 0, "int"),
+        ("n", "int", 0, 1, None),
+    ]
+    assert (layout.n_float, layout.n_int) == (4, 2)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (
+            pa.table({"k": [1], "v": [1.0]}),
+            "timestamp column 'ts' is missing (columns: ['k', 'v'])",
+        ),
+        (
+            pa.table({"k": [1.5], "ts": [1], "v": [1.0]}),
+            "key column 'k' has type double; need an integer or string type",
+        ),
+        (
+            pa.table({"k": [1], "ts": ["x"], "v": [1.0]}),
+            "timestamp column 'ts' has type string; need an integer or Arrow timestamp type",
+        ),
+        (
+            pa.table({"k": [1, 2], "ts": [1, 1], "v": pa.array([[1.0], [1.0, 2.0]])}),
+            "column 'v': vector rows need one length, found lengths [1, 2] (for "
+            "variable-length lists, declare the column as pa.list_(...) in the table's "
+            "columns=pyarrow.schema([...]))",
+        ),
+    ],
+)
+def test_first_updates_that_fix_no_layout(table: pa.Table, message: str) -> None:
+    _refused(FeatureTable(key="k", timestamp="ts"), table, message)
+
+
+def test_picked_columns_that_are_missing() -> None:
+    t = FeatureTable(key="k", timestamp="ts", columns=["v", "w"])
+    _refused(
+        t,
+        pa.table({"k": [1], "ts": [1], "v": [1.0]}),
+        "feature column(s) ['w'] are missing (columns: ['k', 'ts', 'v'])",
+    )

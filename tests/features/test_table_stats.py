@@ -11,6 +11,7 @@ import pytest
 
 from mmload.errors import ConfigError, JoinError
 from mmload.features import FOUND, FeatureTable
+from mmload.features.stats import LISTED, UpdateLog
 
 
 def _rows(key: object, ts: list[int]) -> pa.Table:
@@ -139,3 +140,12 @@ def test_rows_dropped_when_updates_merge() -> None:
         t.update(_rows("b", [1, 2, 3, 4]))
     s = t.stats()
     assert (s["runs"], s["merges"], s["rows"], s["rows_dropped"]) == (2, 1, 104, 4)
+
+
+def test_the_newest_100_failures_are_listed_and_all_counted() -> None:
+    log = UpdateLog()
+    for i in range(LISTED + 5):
+        log.failed(f"part-{i}", "bad")
+    snap = log.snapshot()
+    assert LISTED == 100 and snap["update_errors"] == 105
+    assert [e["origin"] for e in snap["errors"]] == [f"part-{i}" for i in range(5, 105)]
