@@ -149,3 +149,14 @@ def test_the_newest_100_failures_are_listed_and_all_counted() -> None:
     snap = log.snapshot()
     assert LISTED == 100 and snap["update_errors"] == 105
     assert [e["origin"] for e in snap["errors"]] == [f"part-{i}" for i in range(5, 105)]
+
+
+def test_repr() -> None:
+    t = FeatureTable(key="k", timestamp="ts")
+    assert repr(t) == (
+        "FeatureTable(key='k', timestamp='ts', columns=[], device='cpu', rows=0, runs=0)"
+    )
+    t.update(_rows("a", [1, 2]))
+    assert repr(t) == (
+        "FeatureTable(key='k', timestamp='ts', columns=['v'], device='cpu', rows=2, runs=1)"
+    )
