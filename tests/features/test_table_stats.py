@@ -160,3 +160,28 @@ def test_repr() -> None:
     assert repr(t) == (
         "FeatureTable(key='k', timestamp='ts', columns=['v'], device='cpu', rows=2, runs=1)"
     )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"key": ""}, "key='': must be a non-empty column name"),
+        ({"timestamp": 5}, "timestamp=5: must be a non-empty column name"),
+        ({"timestamp": "k"}, "timestamp='k': must differ from key"),
+        ({"duplicate": "newest"}, "duplicate='newest': must be 'last' or 'first'"),
+        ({"defaults": "x"}, "defaults='x': must be a number or a mapping column -> number"),
+        ({"defaults": True}, "defaults=True: must be a number or a mapping column -> number"),
+        ({"columns": "v"}, "columns='v': must be a list of column names or a Schema"),
+        ({"columns": ["v", 3]}, "columns=['v', 3]: must be a list of column names or a Schema"),
+        ({"columns": ["v", "v"]}, "columns=['v', 'v']: need unique names other than key/timestamp"),
+        ({"columns": ["ts"]}, "columns=['ts']: need unique names other than key/timestamp"),
+        ({"columns": [FOUND]}, f"columns=[{FOUND!r}]: need unique names other than key/timestamp"),
+    ],
+)
+def test_settings_refused_with_the_setting_and_value(
+    kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {"key": "k", "timestamp": "ts", **kwargs}
+    with pytest.raises(ConfigError) as info:
+        FeatureTable(**args)  # type: ignore[arg-type]
+    assert str(info.value) == message
