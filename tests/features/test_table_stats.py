@@ -3,6 +3,7 @@ by ``compact``), dropped rows, string keys, joins, newest times and the feature 
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import numpy as np
@@ -185,3 +186,41 @@ def test_settings_refused_with_the_setting_and_value(
     with pytest.raises(ConfigError) as info:
         FeatureTable(**args)  # type: ignore[arg-type]
     assert str(info.value) == message
+
+
+def test_a_schema_given_up_front() -> None:
+    schema = pa.schema([("k", pa.int64()), ("ts", pa.int64()), ("v", pa.float32())])
+    t = FeatureTable(key="k", timestamp="ts", columns=schema)
+    s = t.stats()
+    assert (s["rows"], s["runs"], t.column_names) == (0, 0, ("v",))
+    assert t.join([1], np.array([1]))[FOUND].tolist() == [False]  # joins before any update
+    bad = pa.schema([("k", pa.int64()), ("ts", pa.int64()), (FOUND, pa.float32())])
+    with pytest.raises(ConfigError) as info:
+        FeatureTable(key="k", timestamp="ts", columns=bad)
+    assert str(info.value) == f"columns={bad!r}: {FOUND!r} is reserved"
+    text = pa.schema([("k", pa.int64()), ("ts", pa.int64()), ("s", pa.string())])
+    with pytest.raises(ConfigError) as info:
+        FeatureTable(key="k", timestamp="ts", columns=text)
+    assert str(info.value) == (
+        f"columns={text!r}: feature column 's' has type string; need a numeric scalar or a "
+        "list of numbers"
+    )
+
+
+@pytest.mark.parametrize("field", ["ttl", "retention"])
+def test_timedeltas_need_an_arrow_timestamp_column(field: str) -> None:
+    t = FeatureTable(key="k", timestamp="ts", **{field: datetime.timedelta(seconds=1)})  # type: ignore[arg-type]
+    with pytest.raises(JoinError) as info:
+        t.update(_rows("a", [1]))
+    assert str(info.value) == (
+        f"the first update fixes the schema, and then {field}=datetime.timedelta(seconds=1): "
+        "a timedelta needs an Arrow timestamp column; give an int"
+    )
+
+
+def test_a_timedelta_retention_in_the_columns_unit() -> None:
+    t = FeatureTable(key="k", timestamp="ts", retention=datetime.timedelta(seconds=1))
+    ts = pa.array([0, 500, 1000, 3000], pa.timestamp("ms"))
+    t.update(pa.table({"k": ["a"] * 4, "ts": ts, "v": [0.0, 0.5, 1.0, 3.0]}))
+    # cutoff 3000 - 1000 ms: the rows after it and the newest at or before it (1000) are kept
+    assert t.stats()["rows"] == 2 and t.stats()["rows_dropped"] == 2
