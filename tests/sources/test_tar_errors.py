@@ -218,15 +218,19 @@ def test_empty_file_long_name_and_huge_sizes(tmp_path: Path) -> None:
     )
 
 
-def test_a_tar_ending_exactly_at_a_members_end(tmp_path: Path) -> None:
-    """The last member's data fills its blocks and the file stops there: every member is
-    whole, the end-of-archive blocks are missing (the tar was cut at a member boundary)."""
-    path = tmp_path / "a.tar"
+def _gnu_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
-        for name, data in (("k0.cls", b"0"), ("k1.bin", b"z" * 1024)):
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_tar_ending_exactly_at_a_members_end(tmp_path: Path) -> None:
+    """The last member's data fills its blocks and the file stops there: every member is
+    whole, the end-of-archive blocks are missing (the tar was cut at a member boundary)."""
+    path = _gnu_tar(tmp_path / "a.tar", [("k0.cls", b"0"), ("k1.bin", b"z" * 1024)])
     raw = path.read_bytes()
     end = 512 + 512 + 512 + 1024
     path.write_bytes(raw[:end])
@@ -314,12 +318,7 @@ def test_long_names_huge_name_headers_and_bad_pax(tmp_path: Path) -> None:
 
 def test_a_member_outside_any_sample_cut_short(tmp_path: Path) -> None:
     """A README cut inside its data or its padding: the shard's error has no sample key."""
-    path = tmp_path / "r.tar"
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
-        for name, data in (("k0.cls", b"0"), ("README", b"r" * 600)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    path = _gnu_tar(tmp_path / "r.tar", [("k0.cls", b"0"), ("README", b"r" * 600)])
     raw = path.read_bytes()
     at = 1024  # README's header
     for cut, reason in (
