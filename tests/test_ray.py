@@ -166,6 +166,11 @@ def test_too_many_deaths_is_a_worker_error(cluster: Any, shards: list[str], tmp_
 def test_bad_backend_arguments() -> None:
     with pytest.raises(mmload.ConfigError, match="num_workers"):
         RayWorkers(0)
+    for bad in (0, -1.0, True, "60"):
+        with pytest.raises(mmload.ConfigError) as info:
+            RayWorkers(1, restart_timeout_s=bad)  # type: ignore[arg-type]
+        assert str(info.value) == f"RayWorkers(restart_timeout_s={bad!r}): must be a number > 0"
+    assert RayWorkers(1).restart_timeout_s == 300.0
     with pytest.raises(mmload.ConfigError, match="worker backend"):
         mmload.Loader([], batch_size=1, workers="ray")  # type: ignore[arg-type]
 

@@ -71,7 +71,9 @@ class RayWorkers:
     ``decode``: decode on the actors and ship tensors (default False: ship the encoded bytes
     and decode on the trainer, on its GPU when it has one; see ``docs/scaling.md``).
     ``num_cpus``: CPUs Ray reserves per actor. ``prefetch``: batches in flight per actor.
-    ``max_restarts``: restarts of a dead actor before the loader gives up. ``init``: keyword
+    ``max_restarts``: restarts of a dead actor before the loader gives up;
+    ``restart_timeout_s``: how long to wait for a restarted actor (a new process that imports
+    torch: over a minute on a loaded 2-core host). ``init``: keyword
     arguments for ``ray.init`` when Ray is not initialised yet; without an ``address`` (and
     without ``RAY_ADDRESS`` in the environment) a local Ray instance is started."""
 
@@ -83,6 +85,7 @@ class RayWorkers:
         num_cpus: float = 1.0,
         prefetch: int = 2,
         max_restarts: int = 3,
+        restart_timeout_s: float = 300.0,
         init: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -95,7 +98,16 @@ class RayWorkers:
         self.decode = decode
         self.num_cpus = float(num_cpus)
         self.prefetch = prefetch
+        if (
+            isinstance(restart_timeout_s, bool)
+            or not isinstance(restart_timeout_s, (int, float))
+            or not restart_timeout_s > 0
+        ):
+            raise ConfigError(
+                f"RayWorkers(restart_timeout_s={restart_timeout_s!r}): must be a number > 0"
+            )
         self.max_restarts = max_restarts
+        self.restart_timeout_s = float(restart_timeout_s)
         self.init = dict(init or {})
 
     def __bool__(self) -> bool:
@@ -293,13 +305,17 @@ class _RayStream:
         self._closed = True
 
     def _restart(self, sched: Schedule) -> int:
-        deadline = time.monotonic() + 60.0
+        wait = self.pool.cfg.restart_timeout_s
+        deadline = time.monotonic() + wait
         while True:
             try:
                 return self.pool._start(self.epoch, sched, self.world)
             except ray.exceptions.RayActorError:
                 if time.monotonic() > deadline:
-                    raise WorkerError("Ray actors did not come back within 60 s") from None
+                    raise WorkerError(
+                        f"Ray actors did not come back within {wait:g} s "
+                        "(RayWorkers(restart_timeout_s=...))"
+                    ) from None
                 time.sleep(0.2)
 
     def _fill(self, inflight: list[deque[Any]], gen: int, w: int, count: int, j: int) -> None:
