@@ -106,7 +106,7 @@ def _int_keys(keys: Any) -> np.ndarray | torch.Tensor:
         if big is not None:
             raise JoinError(f"join: key {big} does not fit int64")
         arr = flat.astype(np.int64)
-    if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
+    if arr.dtype == np.uint64 and arr.max() > _INT64_MAX:
         raise JoinError("join: a uint64 key does not fit int64")
     return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
 

@@ -564,12 +564,13 @@ def _check_covers(path: str, idx: TarIndex, shard: str, idx_path: str) -> None:
                         return
                     break
                 why = None
+                flag, name = h[156:157], _header_name(h)
                 if not _checksum_ok(h):
                     why = f"no tar header at byte {pos}"
-                elif h[156:157] not in _BETWEEN and (
-                    _is_file(h[156:157], _header_name(h)) or split_name(_header_name(h)) is not None
+                elif flag not in _BETWEEN and (
+                    _is_file(flag, name) or split_name(name) is not None
                 ):
-                    why = f"it leaves out the tar member {_header_name(h)!r} at byte {pos}"
+                    why = f"it leaves out the tar member {name!r} at byte {pos}"
                 else:
                     try:
                         pos += _BLOCK + -(-_octal(h[124:136]) // _BLOCK) * _BLOCK
