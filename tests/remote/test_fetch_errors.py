@@ -1,0 +1,317 @@
+"""What mmload.sources.fetch reports when a fetch or stat fails (the error names the shard,
+says why, and counts its requests), how a failing pipe command is cleaned up, and that every
+copy loop reads in bounded chunks. Written from the surviving mutants of issue 15."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import http.server
+import os
+import re
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mmload.config import RemoteConfig
+from mmload.errors import ShardError
+from mmload.sources import fetch
+from mmload.sources.fetch import FETCH_STATS, RemoteObject, download, stat_remote
+from tests.remote import servers
+from tests.remote.servers import FileServer, Status, etag_of
+
+range_server = servers.range_server
+flaky_fs = servers.flaky_fs
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = RemoteConfig(
+    connect_timeout=2.0, read_timeout=0.5, retries=3, backoff=0.01, backoff_max=0.02
+)
+BIG = 3 * fetch._CHUNK + 5  # more than one read's worth
+
+
+def delta(before: dict[str, int]) -> dict[str, int]:
+    now = FETCH_STATS.snapshot()
+    return {k: now[k] - before[k] for k in now}
+
+
+class Writes:
+    """A file-like sink that records the size of every write."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def write(self, b: bytes) -> int:
+        self.sizes.append(len(b))
+        return len(b)
+
+
+# -- local files --------------------------------------------------------------------------------
+
+
+def test_local_stat_and_download_errors_name_the_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "missing.tar"
+    for url in (str(missing), "file://" + str(missing)):
+        with pytest.raises(ShardError) as e:
+            stat_remote(url, FAST)
+        assert (e.value.reason, e.value.shard) == ("shard not found", url)
+        with pytest.raises(ShardError) as e:
+            download(url, tmp_path / "out", FAST)
+        assert (e.value.reason, e.value.shard) == ("shard not found", url)
+
+    with pytest.raises(ShardError) as e:
+        download(str(tmp_path), tmp_path / "out", FAST)  # a directory
+    assert e.value.shard == str(tmp_path)
+    assert e.value.reason.startswith("cannot open shard: IsADirectoryError: [Errno 21]")
+
+    secret = tmp_path / "secret.tar"
+    secret.write_bytes(b"x")
+    real_stat = os.stat
+
+    def denied(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(path) == str(secret):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(fetch.os, "stat", denied)
+    with pytest.raises(ShardError) as e:
+        stat_remote(str(secret), FAST)
+    assert e.value.shard == str(secret)
+    assert e.value.reason.startswith("access denied (PermissionError: [Errno 13] Permission")
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_download_checks_expect_and_counts(tmp_path: Path) -> None:
+    src = tmp_path / "a.tar"
+    src.write_bytes(os.urandom(BIG))
+    version = str(src.stat().st_mtime_ns)
+    before = FETCH_STATS.snapshot()
+    assert download(str(src), tmp_path / "o", FAST) == RemoteObject(BIG, version)
+    assert delta(before) == {"bytes": BIG, "requests": 1, "retries": 0}
+    for expect in (RemoteObject(BIG + 1, None), RemoteObject(None, "other")):
+        with pytest.raises(ShardError) as e:
+            download(str(src), tmp_path / "o2", FAST, expect=expect)
+        assert e.value.shard == str(src)
+        assert e.value.reason.startswith("shard changed since it was indexed")
+    assert not (tmp_path / "o2").exists()
+    download(str(src), tmp_path / "o2", FAST, expect=RemoteObject(BIG, version))
+
+
+def test_pipe_stat_is_unknown() -> None:
+    assert stat_remote("pipe:echo hi", FAST) == RemoteObject(None, None)
+
+
+# -- pipes --------------------------------------------------------------------------------------
+
+
+def test_failing_pipe_reports_exit_code_and_stderr_tail(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    url = "pipe:echo boom >&2; exit 3"
+    before = FETCH_STATS.snapshot()
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o", FAST)
+    assert (e.value.reason, e.value.shard) == ("pipe command exited with 3: boom", url)
+    assert delta(before)["requests"] == 1
+    assert "boom" not in capfd.readouterr().err  # captured, not passed through
+
+    # Only the last 500 bytes of a long stderr; bytes that are not UTF-8 are replaced.
+    long = "pipe:python3 -c \"import sys; sys.stderr.write('a' * 1000 + 'b' * 500); sys.exit(2)\""
+    with pytest.raises(ShardError) as e:
+        download(long, tmp_path / "o", FAST)
+    assert e.value.reason == "pipe command exited with 2: " + "b" * 500
+    raw = "pipe:printf 'bad \\377\\376 bytes' >&2; exit 1"
+    with pytest.raises(ShardError) as e:
+        download(raw, tmp_path / "o", FAST)
+    assert e.value.reason == "pipe command exited with 1: bad \ufffd\ufffd bytes"
+    assert not (tmp_path / "o").exists()
+
+
+def test_pipe_that_cannot_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_memory(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(fetch.subprocess, "Popen", no_memory)
+    with pytest.raises(ShardError) as e:
+        download("pipe:cat x", tmp_path / "o", FAST)
+    assert e.value.shard == "pipe:cat x"
+    assert e.value.reason == "cannot run pipe command: OSError: [Errno 12] Cannot allocate memory"
+
+
+def test_pipe_is_killed_and_reaped_when_writing_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def recording(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = real(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    class Full:
+        def write(self, b: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch.subprocess, "Popen", recording)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            fetch._run_pipe("pipe:yes", Full())  # type: ignore[arg-type]
+        (proc,) = started
+        assert proc.returncode == -9  # killed (`yes` never ends) and reaped
+        assert proc.stdout is not None and proc.stdout.closed
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_copy_loops_read_in_bounded_chunks(tmp_path: Path) -> None:
+    data = os.urandom(BIG)
+    src = tmp_path / "a.bin"
+    src.write_bytes(data)
+    gz = tmp_path / "a.bin.gz"
+    gz.write_bytes(gzip.compress(data, compresslevel=1))
+    for copy in (
+        lambda out: fetch._local_download(str(src), out, None),
+        lambda out: fetch._run_pipe(f"pipe:cat {src}", out),
+        lambda out: fetch._gunzip(str(gz), out, str(gz)),
+    ):
+        out = Writes()
+        copy(out)
+        assert sum(out.sizes) == BIG
+        assert max(out.sizes) <= fetch._CHUNK
+
+
+def test_corrupt_gzip_names_the_decoder_error(tmp_path: Path) -> None:
+    src = tmp_path / "a.tar.gz"
+    src.write_bytes(b"this is not gzip at all" * 10)
+    with pytest.raises(ShardError) as e:
+        download(str(src), tmp_path / "o", FAST, compressed=True)
+    assert e.value.shard == str(src)
+    assert e.value.reason.startswith("corrupt gzip stream: BadGzipFile: Not a gzipped file")
+
+
+# -- http(s) stat -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refusal", [403, 405, 501])
+def test_stat_falls_back_to_get_for_each_head_refusal(
+    range_server: FileServer, refusal: int
+) -> None:
+    data = os.urandom(1000)
+    url = range_server.put("a.bin", data)
+    range_server.script("a.bin", Status(refusal))
+    assert stat_remote(url, FAST) == RemoteObject(1000, etag_of(data))
+    assert [(s.method, s.status) for s in range_server.log("a.bin")] == [
+        ("HEAD", refusal),
+        ("GET", 206),
+    ]
+
+
+def test_stat_fallback_without_range_support_uses_content_length(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root, ranges=False)
+    try:
+        data = os.urandom(1000)
+        url = server.put("a.bin", data)
+        server.script("a.bin", Status(405))
+        assert stat_remote(url, FAST) == RemoteObject(1000, etag_of(data))
+        assert [s.status for s in server.log("a.bin")] == [405, 200]
+    finally:
+        server.close()
+
+
+class _UnknownTotal(http.server.BaseHTTPRequestHandler):
+    """Refuses HEAD; answers a ranged GET with ``Content-Range: bytes 0-0/*`` (size unknown)."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self.send_response(405)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.send_response(206)
+        self.send_header("Content-Range", "bytes 0-0/*")
+        self.send_header("ETag", '"v1"')
+        self.send_header("Content-Length", "1")
+        self.end_headers()
+        self.wfile.write(b"x")
+
+
+@pytest.fixture
+def unknown_total() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _UnknownTotal)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/a.bin"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_stat_with_unknown_total_size(unknown_total: str) -> None:
+    assert stat_remote(unknown_total, FAST) == RemoteObject(None, "v1")
+
+
+def test_stat_retries_then_names_the_url(range_server: FileServer) -> None:
+    url = range_server.put("a.bin", b"abc")
+    range_server.script("a.bin", *[Status(503)] * 4)
+    before = FETCH_STATS.snapshot()
+    with pytest.raises(ShardError) as e:
+        stat_remote(url, FAST)
+    assert e.value.shard == url
+    assert re.fullmatch(
+        r"cannot stat shard after 4 attempts: HTTP 503 Service Unavailable", e.value.reason
+    )
+    assert delta(before) == {"bytes": 0, "requests": 4, "retries": 3}
+
+
+# -- fsspec stat --------------------------------------------------------------------------------
+
+
+def _broken_info_fs() -> type:
+    from fsspec.spec import AbstractFileSystem
+
+    class _FS(AbstractFileSystem):
+        protocol = "brokeninfo"
+        cachable = False
+
+        def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    return _FS
+
+
+def test_fsspec_stat_counts_and_names_the_url(flaky_fs: Any) -> None:
+    import fsspec
+
+    data = os.urandom(100)
+    flaky_fs.files["/d/a.bin"] = data
+    before = FETCH_STATS.snapshot()
+    assert stat_remote("flaky:///d/a.bin", FAST) == RemoteObject(100, etag_of(data))
+    assert delta(before) == {"bytes": 0, "requests": 1, "retries": 0}
+    with pytest.raises(ShardError) as e:
+        stat_remote("flaky:///d/none.bin", FAST)
+    assert (e.value.reason, e.value.shard) == ("shard not found", "flaky:///d/none.bin")
+
+    fsspec.register_implementation("brokeninfo", _broken_info_fs(), clobber=True)
+    with pytest.raises(ShardError) as e:
+        stat_remote("brokeninfo:///x.bin", FAST)
+    assert e.value.shard == "brokeninfo:///x.bin"
+    assert e.value.reason == (
+        "cannot stat shard after 4 attempts: ConnectionResetError: [Errno 104] "
+        "Connection reset by peer"
+    )
