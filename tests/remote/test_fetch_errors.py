@@ -315,3 +315,17 @@ def test_fsspec_stat_counts_and_names_the_url(flaky_fs: Any) -> None:
         "cannot stat shard after 4 attempts: ConnectionResetError: [Errno 104] "
         "Connection reset by peer"
     )
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MMLOAD_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fetch.default_cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv("MMLOAD_CACHE_DIR", "")
+    assert fetch.default_cache_dir() == tmp_path / "xdg" / "mmload"
+    monkeypatch.delenv("MMLOAD_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert fetch.default_cache_dir() == tmp_path / "home" / ".cache" / "mmload"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert fetch.default_cache_dir() == tmp_path / "home" / ".cache" / "mmload"
