@@ -29,7 +29,10 @@ def test_stale_reservation(tmp_path):
     root = tmp_path / "shards"
     p = mp.get_context("fork").Process(target=child, args=(srv.url_for("a.tar"), str(root), 1500))
     p.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30
+    while not list(root.glob(".reserve-*")) or srv.sent("a.tar") < 10:  # reserved, fetching
+        assert time.monotonic() < deadline, "the child never started its fetch"
+        time.sleep(0.01)
     os.kill(p.pid, signal.SIGKILL)
     p.join()
     c = ShardCache(root, RemoteConfig(cache_limit=1500, read_timeout=1.0))
