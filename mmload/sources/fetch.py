@@ -114,14 +114,14 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _retrying(url: str, cfg: RemoteConfig, what: str, attempt: Callable[[int], T]) -> T:
-    """``attempt(i)`` for i = 0, 1, ... until it returns, sleeping with exponential backoff
+def _retrying(url: str, cfg: RemoteConfig, what: str, attempt: Callable[[], T]) -> T:
+    """``attempt()`` until it returns, sleeping with exponential backoff
     after each :class:`_Transient`; ShardError once ``cfg.retries`` retries have failed."""
     attempts = cfg.retries + 1
     delay = cfg.backoff
     for i in range(attempts):
         try:
-            return attempt(i)
+            return attempt()
         except _Transient as e:
             if i + 1 == attempts:
                 tries = f"{attempts} attempt" + ("s" if attempts > 1 else "")
@@ -229,7 +229,7 @@ def _http_download(
 ) -> RemoteObject:
     p = _Progress()
 
-    def attempt(_: int) -> RemoteObject:
+    def attempt() -> RemoteObject:
         headers = {}
         if p.offset:
             headers["Range"] = f"bytes={p.offset}-"
@@ -281,7 +281,7 @@ def _http_download(
 
 
 def _http_stat(url: str, cfg: RemoteConfig) -> RemoteObject:
-    def attempt(_: int) -> RemoteObject:
+    def attempt() -> RemoteObject:
         with _http_open("HEAD", url, cfg, {}, frozenset({200, 403, 405, 501})) as resp:
             if resp.status == 200:
                 return RemoteObject(_content_length(resp), http.version_of(resp))
@@ -344,7 +344,7 @@ def _fs_call(url: str, fn: Callable[[], T], done: int = 0) -> T:
 def _fs_stat(url: str, cfg: RemoteConfig) -> RemoteObject:
     fs, path = _fs(url, cfg)
 
-    def attempt(_: int) -> RemoteObject:
+    def attempt() -> RemoteObject:
         FETCH_STATS.add(requests=1)
         fs.invalidate_cache(path)  # a listing cached by a glob may be stale
         return _fs_object(_fs_call(url, lambda: fs.info(path)))
@@ -358,7 +358,7 @@ def _fs_download(
     fs, path = _fs(url, cfg)
     p = _Progress()
 
-    def attempt(_: int) -> RemoteObject:
+    def attempt() -> RemoteObject:
         FETCH_STATS.add(requests=1)
         fs.invalidate_cache(path)
         f = _fs_call(url, lambda: fs.open(path, "rb", block_size=_FS_BLOCK))

@@ -290,6 +290,8 @@ def _broken_info_fs() -> type:
         cachable = False
 
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+            if "quiet" in path:
+                raise ConnectionResetError  # no message: the error is named by its type
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
 
     return _FS
@@ -315,6 +317,9 @@ def test_fsspec_stat_counts_and_names_the_url(flaky_fs: Any) -> None:
         "cannot stat shard after 4 attempts: ConnectionResetError: [Errno 104] "
         "Connection reset by peer"
     )
+    with pytest.raises(ShardError) as e:
+        stat_remote("brokeninfo:///quiet.bin", FAST)
+    assert e.value.reason == "cannot stat shard after 4 attempts: ConnectionResetError"
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
