@@ -115,27 +115,33 @@ def _describe(e: BaseException) -> str:
 
 
 def _retrying(url: str, cfg: RemoteConfig, what: str, attempt: Callable[[], T]) -> T:
-    """``attempt()`` until it returns, sleeping with exponential backoff
-    after each :class:`_Transient`; ShardError once ``cfg.retries`` retries have failed."""
+    """``attempt()`` until it returns, sleeping with exponential backoff after each
+    :class:`_Transient`; ShardError once ``cfg.retries`` retries have failed."""
     attempts = cfg.retries + 1
     delay = cfg.backoff
-    for i in range(attempts):
+    failed = 0
+    while True:
         try:
             return attempt()
         except _Transient as e:
-            if i + 1 == attempts:
+            failed += 1
+            if failed == attempts:
                 tries = f"{attempts} attempt" + ("s" if attempts > 1 else "")
                 raise ShardError(f"cannot {what} after {tries}: {e}", shard=url) from e
             wait = min(delay, cfg.backoff_max) * random.uniform(0.8, 1.0)
             if e.retry_after is not None:
                 wait = max(wait, min(e.retry_after, cfg.backoff_max))
             log.warning(
-                "%s: attempt %d of %d failed (%s); retrying in %.2fs", url, i + 1, attempts, e, wait
+                "%s: attempt %d of %d failed (%s); retrying in %.2fs",
+                url,
+                failed,
+                attempts,
+                e,
+                wait,
             )
             FETCH_STATS.add(retries=1)
             time.sleep(wait)
             delay *= 2
-    raise AssertionError("unreachable")
 
 
 def _differs(a: RemoteObject, b: RemoteObject) -> bool:

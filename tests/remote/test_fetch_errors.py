@@ -334,3 +334,45 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert fetch.default_cache_dir() == tmp_path / "home" / ".cache" / "mmload"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert fetch.default_cache_dir() == tmp_path / "home" / ".cache" / "mmload"
+
+
+# -- the retry schedule -------------------------------------------------------------------------
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap(
+    range_server: FileServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = range_server.put("a.bin", b"abc")
+    range_server.script("a.bin", *[Status(503)] * 6)
+    slept: list[float] = []
+    monkeypatch.setattr(fetch.time, "sleep", slept.append)
+    cfg = RemoteConfig(
+        connect_timeout=2.0, read_timeout=2.0, retries=5, backoff=1.0, backoff_max=5.0
+    )
+    with caplog.at_level("WARNING", logger="mmload.sources.fetch"), pytest.raises(ShardError) as e:
+        stat_remote(url, cfg)
+    assert e.value.reason == "cannot stat shard after 6 attempts: HTTP 503 Service Unavailable"
+    # The n-th wait is min(backoff * 2**n, backoff_max), less up to 20% jitter.
+    assert len(slept) == 5
+    for n, wait in enumerate(slept):
+        base = min(1.0 * 2**n, 5.0)
+        assert 0.8 * base <= wait <= base, (n, wait)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"{url}: attempt {n + 1} of 6 failed (HTTP 503 Service Unavailable); "
+        f"retrying in {slept[n]:.2f}s"
+        for n in range(5)
+    ]
+
+
+def test_no_retries_is_one_attempt(
+    range_server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = range_server.put("a.bin", b"abc")
+    range_server.script("a.bin", Status(500))
+    monkeypatch.setattr(fetch.time, "sleep", lambda s: pytest.fail("slept"))
+    cfg = RemoteConfig(connect_timeout=2.0, read_timeout=2.0, retries=0)
+    with pytest.raises(ShardError) as e:
+        stat_remote(url, cfg)
+    assert e.value.reason == "cannot stat shard after 1 attempt: HTTP 500 Internal Server Error"
+    assert len(range_server.log("a.bin")) == 1
