@@ -119,14 +119,16 @@ class FileServer(http.server.ThreadingHTTPServer):
     """Serves files under ``root`` with ETag, Last-Modified, Content-Length and, if ``ranges``,
     ``Accept-Ranges``/206 partial responses (honouring ``If-Range``). Each request to a name
     first takes the next fault from that name's script (:meth:`script`); every answer is
-    recorded (:meth:`log`, :meth:`sent`)."""
+    recorded (:meth:`log`, :meth:`sent`). ``etag``: ``"strong"`` (the default), ``"weak"``
+    (``W/"..."``, which ``If-Range`` never matches) or ``None`` (no ETag header)."""
 
     daemon_threads = True
 
-    def __init__(self, root: Path, *, ranges: bool = True) -> None:
+    def __init__(self, root: Path, *, ranges: bool = True, etag: str | None = "strong") -> None:
         super().__init__(("127.0.0.1", 0), _FileHandler)
         self.root = root
         self.ranges = ranges
+        self.etag = etag
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._scripts: dict[str, list[Fault | None]] = {}
@@ -230,9 +232,12 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
-        etag = f'"{etag_of(data)}"'
+        etag = {"strong": f'"{etag_of(data)}"', "weak": f'W/"{etag_of(data)}"'}.get(
+            self.server.etag or ""
+        )
         start, end, status = 0, len(data), 200
-        if rng and self.server.ranges and if_range in (None, etag):
+        strong = etag is not None and not etag.startswith("W/")
+        if rng and self.server.ranges and (if_range is None or (strong and if_range == etag)):
             m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
             if m:
                 start = int(m.group(1))
@@ -249,7 +254,8 @@ class _FileHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(end - start))
-        self.send_header("ETag", etag)
+        if etag is not None:
+            self.send_header("ETag", etag)
         self.send_header("Last-Modified", formatdate(path.stat().st_mtime, usegmt=True))
         if self.server.ranges:
             self.send_header("Accept-Ranges", "bytes")

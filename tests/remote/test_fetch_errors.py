@@ -376,3 +376,167 @@ def test_no_retries_is_one_attempt(
         stat_remote(url, cfg)
     assert e.value.reason == "cannot stat shard after 1 attempt: HTTP 500 Internal Server Error"
     assert len(range_server.log("a.bin")) == 1
+
+
+# -- http(s) download ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        (404, "shard not found (HTTP 404 Not Found)"),
+        (410, "shard not found (HTTP 410 Gone)"),
+        (401, "access denied (HTTP 401 Unauthorized)"),
+        (403, "access denied (HTTP 403 Forbidden)"),
+        (400, "cannot fetch shard: HTTP 400 Bad Request"),
+        (402, "cannot fetch shard: HTTP 402 Payment Required"),
+        (411, "cannot fetch shard: HTTP 411 Length Required"),
+        (499, "cannot fetch shard: HTTP 499"),  # no reason phrase
+    ],
+)
+def test_http_refusals_fail_at_once_naming_the_status(
+    range_server: FileServer, tmp_path: Path, status: int, reason: str
+) -> None:
+    url = range_server.put("a.bin", b"abc")
+    range_server.script("a.bin", Status(status))
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o", FAST)
+    assert (e.value.reason, e.value.shard) == (reason, url)
+    assert len(range_server.log("a.bin")) == 1  # not retried
+
+
+def test_redirect_loop_is_a_shard_error(range_server: FileServer, tmp_path: Path) -> None:
+    url = range_server.put("a.bin", b"abc")
+    range_server.script("a.bin", *[servers.Redirect("/a.bin")] * 10)
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o", FAST)
+    assert (e.value.reason, e.value.shard) == ("cannot fetch shard: more than 5 redirects", url)
+
+
+def test_connect_timeout_applies(tmp_path: Path) -> None:
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    filler = socket.create_connection(srv.getsockname(), timeout=5)  # the backlog is full now
+    cfg = RemoteConfig(connect_timeout=0.3, read_timeout=30.0, retries=1, backoff=0.01)
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}/a.bin"
+    try:
+        with pytest.raises(ShardError) as e:
+            download(url, tmp_path / "o", cfg)
+        assert e.value.reason == "cannot fetch shard after 2 attempts: TimeoutError: timed out"
+    finally:
+        filler.close()
+        srv.close()
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "low", "high"),
+    [("0", 0.4, 0.5), ("-3", 0.4, 0.5), ("2", 2.0, 2.0), ("9", 5.0, 5.0), ("soon", 0.4, 0.5)],
+)
+def test_retry_after(
+    range_server: FileServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    retry_after: str,
+    low: float,
+    high: float,
+) -> None:
+    url = range_server.put("a.bin", b"abc")
+    range_server.script("a.bin", Status(503, retry_after))
+    slept: list[float] = []
+    monkeypatch.setattr(fetch.time, "sleep", slept.append)
+    cfg = RemoteConfig(connect_timeout=2.0, read_timeout=2.0, backoff=0.5, backoff_max=5.0)
+    download(url, tmp_path / "o", cfg)
+    assert (tmp_path / "o").read_bytes() == b"abc"
+    (wait,) = slept
+    assert low <= wait <= high  # the server's wait (capped at backoff_max), else the backoff
+
+
+class _NoLength(http.server.BaseHTTPRequestHandler):
+    """HTTP/1.0 answers without a usable Content-Length (absent, or not a number): the body
+    ends when the connection closes."""
+
+    protocol_version = "HTTP/1.0"
+    body = b"x" * 5000
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _head(self) -> None:
+        self.send_response(200)
+        if "bad" in self.path:
+            self.send_header("Content-Length", "12abc")
+        self.send_header("ETag", '"v"')
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self._head()
+
+    def do_GET(self) -> None:
+        self._head()
+        self.wfile.write(self.body)
+
+
+@pytest.mark.parametrize("name", ["none.bin", "bad.bin"])
+def test_body_without_a_usable_length(tmp_path: Path, name: str) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NoLength)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{name}"
+    try:
+        assert stat_remote(url, FAST) == RemoteObject(None, "v")
+        assert download(url, tmp_path / "o", FAST) == RemoteObject(5000, "v")
+        assert (tmp_path / "o").read_bytes() == _NoLength.body
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(params=[None, "weak"], ids=["no-etag", "weak-etag"])
+def untagged_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[FileServer]:
+    """A Range server whose ETag (none, or weak) cannot be used for If-Range."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root, etag=request.param)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_resume_without_a_strong_etag(untagged_server: FileServer, tmp_path: Path) -> None:
+    data = os.urandom(BIG)
+    url = untagged_server.put("a.bin", data)
+    untagged_server.script("a.bin", servers.Drop(fetch._CHUNK))
+    download(url, tmp_path / "o", FAST)
+    assert (tmp_path / "o").read_bytes() == data
+    log = untagged_server.log("a.bin")
+    assert [(s.status, s.if_range) for s in log] == [(200, None), (206, None)]
+    assert log[1].range is not None and log[1].range != "bytes=0-"  # resumed
+
+
+@pytest.mark.parametrize(
+    ("etag", "new_size"),
+    [(None, BIG + 7), ("weak", BIG + 7), ("weak", BIG)],
+    ids=["no-etag-other-size", "weak-etag-other-size", "weak-etag-same-size"],
+)
+def test_object_replaced_between_attempts_without_if_range(
+    tmp_path: Path, etag: str | None, new_size: int
+) -> None:
+    """Without a strong ETag the server cannot send a changed object whole: the client must
+    see the change (in size or version) itself and start over, never splice two objects.
+    (No ETag and the same size: only Last-Modified, to the second, could tell; not tested.)"""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root, etag=etag)
+    try:
+        old, new = os.urandom(BIG), os.urandom(new_size)
+        url = server.put("a.bin", old)
+        server.script("a.bin", servers.Drop(fetch._CHUNK), servers.Replace(new))
+        download(url, tmp_path / "o", FAST)
+        assert (tmp_path / "o").read_bytes() == new
+    finally:
+        server.close()
