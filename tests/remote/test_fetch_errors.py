@@ -11,9 +11,9 @@ import os
 import re
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -540,3 +540,143 @@ def test_object_replaced_between_attempts_without_if_range(
         assert (tmp_path / "o").read_bytes() == new
     finally:
         server.close()
+
+
+def test_object_shrunk_between_attempts_gets_416_then_whole(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root, etag=None)  # no If-Range: the resume asks for bytes that are gone
+    try:
+        old, new = os.urandom(BIG), os.urandom(1000)
+        url = server.put("a.bin", old)
+        server.script("a.bin", servers.Drop(fetch._CHUNK), servers.Replace(new))
+        assert download(url, tmp_path / "o", FAST).size == 1000
+        assert (tmp_path / "o").read_bytes() == new
+        assert [s.status for s in server.log("a.bin")] == [200, 416, 200]
+
+        server.put("a.bin", old)
+        server.script("a.bin", servers.Drop(fetch._CHUNK), servers.Replace(new))
+        one_retry = RemoteConfig(connect_timeout=2.0, read_timeout=2.0, retries=1, backoff=0.01)
+        with pytest.raises(ShardError) as e:
+            download(url, tmp_path / "o2", one_retry)
+        m = re.fullmatch(
+            r"cannot fetch shard after 2 attempts: HTTP 416 for bytes from (\d+): "
+            r"the object changed",
+            e.value.reason,
+        )
+        assert m is not None and int(m.group(1)) >= fetch._CHUNK
+    finally:
+        server.close()
+
+
+def test_weak_etag_change_is_logged_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root, etag="weak")
+    try:
+        url = server.put("a.bin", os.urandom(BIG))
+        server.script("a.bin", servers.Drop(fetch._CHUNK), servers.Replace(os.urandom(BIG)))
+        one_retry = RemoteConfig(connect_timeout=2.0, read_timeout=2.0, retries=1, backoff=0.01)
+        with (
+            caplog.at_level("WARNING", logger="mmload.sources.fetch"),
+            pytest.raises(ShardError) as e,
+        ):
+            download(url, tmp_path / "o", one_retry)
+        assert e.value.reason == (
+            "cannot fetch shard after 2 attempts: the object changed between attempts"
+        )
+        assert f"{url} changed between attempts; fetching it from the start" in [
+            r.getMessage() for r in caplog.records
+        ]
+    finally:
+        server.close()
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """Each GET runs the next step of ``steps`` (shared by the test), HEAD answers 405."""
+
+    protocol_version = "HTTP/1.0"
+    steps: ClassVar[list[Callable[[http.server.BaseHTTPRequestHandler], None]]] = []
+    ranges: ClassVar[list[str | None]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        type(self).ranges.append(self.headers.get("Range"))
+        type(self).steps.pop(0)(self)
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, type[_Scripted]]]:
+    _Scripted.steps, _Scripted.ranges = [], []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/a.bin", _Scripted
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _answer(
+    status: int, body: bytes, headers: dict[str, str], send: int | None = None
+) -> Callable[[http.server.BaseHTTPRequestHandler], None]:
+    def step(h: http.server.BaseHTTPRequestHandler) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(body[:send])
+
+    return step
+
+
+def test_resume_with_a_wrong_content_range_starts_over(
+    scripted: tuple[str, type[_Scripted]], tmp_path: Path
+) -> None:
+    url, h = scripted
+    data = os.urandom(10_000)
+    tag = {"ETag": '"v1"', "Content-Length": "10000"}
+    wrong = {"ETag": '"v1"', "Content-Range": "bytes 0-9999/10000", "Content-Length": "10000"}
+    h.steps = [
+        _answer(200, data, tag, send=4000),  # cut short
+        _answer(206, data, wrong),  # the whole object, labelled and sent as a 206
+        _answer(200, data, tag),
+    ]
+    download(url, tmp_path / "o", FAST)
+    assert (tmp_path / "o").read_bytes() == data
+    assert h.ranges == [None, "bytes=4000-", None]
+
+    h.steps, h.ranges = [_answer(200, data, tag, send=4000), _answer(206, data, wrong)], []
+    one_retry = RemoteConfig(connect_timeout=2.0, read_timeout=2.0, retries=1, backoff=0.01)
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o2", one_retry)
+    assert e.value.reason == (
+        "cannot fetch shard after 2 attempts: "
+        "HTTP 206 with Content-Range 'bytes 0-9999/10000' for a resume"
+    )
+
+
+def test_expected_size_detects_a_short_body_without_content_length(
+    scripted: tuple[str, type[_Scripted]], tmp_path: Path
+) -> None:
+    url, h = scripted
+    data = os.urandom(5000)
+    h.steps = [_answer(200, data, {"ETag": '"v"'}, send=3000) for _ in range(4)]
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o", FAST, expect=RemoteObject(5000, "v"))
+    assert e.value.reason == "cannot fetch shard after 4 attempts: short body: 3000 of 5000 bytes"
+
+
+def test_expect_mismatch_reads_no_body(range_server: FileServer, tmp_path: Path) -> None:
+    url = range_server.put("a.bin", os.urandom(BIG))
+    before = FETCH_STATS.snapshot()
+    with pytest.raises(ShardError, match="shard changed since it was indexed"):
+        download(url, tmp_path / "o", FAST, expect=RemoteObject(BIG + 1, None))
+    assert delta(before)["bytes"] == 0
