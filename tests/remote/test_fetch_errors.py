@@ -242,7 +242,7 @@ class _UnknownTotal(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.send_response(206)
-        self.send_header("Content-Range", "bytes 0-0/*")
+        self.send_header("Content-Range", "bytes 0-0/*" if "bad" not in self.path else "bytes 0")
         self.send_header("ETag", '"v1"')
         self.send_header("Content-Length", "1")
         self.end_headers()
@@ -264,6 +264,22 @@ def unknown_total() -> Iterator[str]:
 
 def test_stat_with_unknown_total_size(unknown_total: str) -> None:
     assert stat_remote(unknown_total, FAST) == RemoteObject(None, "v1")
+    malformed = unknown_total.replace("a.bin", "bad.bin")  # a Content-Range we cannot parse
+    assert stat_remote(malformed, FAST) == RemoteObject(None, "v1")
+
+
+def test_s3_clients_get_the_timeouts() -> None:
+    cfg = RemoteConfig(connect_timeout=2.5, read_timeout=0.75)
+    for url in ("s3://bucket/x/a.tar", "s3a://bucket/x/a.tar"):
+        fs, path = fetch._fs(url, cfg)
+        assert path == "bucket/x/a.tar"
+        assert fs.config_kwargs == {"connect_timeout": 2.5, "read_timeout": 0.75}
+    fs, path = fetch._fs("memory://bucket/x/a.tar", cfg)  # other backends: no botocore options
+    assert path == "/bucket/x/a.tar" and fs.storage_options == {}
+    with pytest.raises(ShardError) as e:
+        fetch._fs("nosuchproto://b/a.tar", cfg)
+    assert e.value.shard == "nosuchproto://b/a.tar"
+    assert e.value.reason.startswith("cannot open shard URL: ValueError: Protocol not known")
 
 
 def test_stat_retries_then_names_the_url(range_server: FileServer) -> None:
