@@ -4,6 +4,7 @@ copy loop reads in bounded chunks. Written from the surviving mutants of issue 1
 
 from __future__ import annotations
 
+import datetime
 import errno
 import gzip
 import http.server
@@ -306,6 +307,8 @@ def _broken_info_fs() -> type:
         cachable = False
 
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+            if "denied" in path:
+                raise PermissionError(errno.EACCES, "Access Denied")
             if "quiet" in path:
                 raise ConnectionResetError  # no message: the error is named by its type
             raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
@@ -336,6 +339,49 @@ def test_fsspec_stat_counts_and_names_the_url(flaky_fs: Any) -> None:
     with pytest.raises(ShardError) as e:
         stat_remote("brokeninfo:///quiet.bin", FAST)
     assert e.value.reason == "cannot stat shard after 4 attempts: ConnectionResetError"
+    with pytest.raises(ShardError) as e:
+        stat_remote("brokeninfo:///denied.bin", FAST)  # not retried
+    assert e.value.shard == "brokeninfo:///denied.bin"
+    assert e.value.reason == "access denied (PermissionError: [Errno 13] Access Denied)"
+
+
+def test_fsspec_read_failure_says_where(flaky_fs: Any, tmp_path: Path) -> None:
+    flaky_fs.files["/d/a.bin"] = os.urandom(5000)
+    flaky_fs.fail_at["/d/a.bin"] = [1234] * 10
+    with pytest.raises(ShardError) as e:
+        download("flaky:///d/a.bin", tmp_path / "o", FAST)
+    assert e.value.reason == (
+        "cannot fetch shard after 4 attempts: "
+        "ConnectionResetError: injected: connection reset by peer after 1234 bytes"
+    )
+    flaky_fs.fail_at["/d/a.bin"] = [0] * 10  # at the first byte: no offset to report
+    with pytest.raises(ShardError) as e:
+        download("flaky:///d/a.bin", tmp_path / "o", FAST)
+    assert e.value.reason == (
+        "cannot fetch shard after 4 attempts: ConnectionResetError: injected: connection reset "
+        "by peer"
+    )
+
+
+def test_fsspec_info_to_size_and_version() -> None:
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    cases: list[tuple[dict[str, Any], RemoteObject]] = [
+        ({"size": 10, "ETag": '"Xabc"'}, RemoteObject(10, "Xabc")),  # s3
+        ({"size": "12", "etag": " e1 "}, RemoteObject(12, "e1")),
+        ({"size": 1, "generation": 1700000000123}, RemoteObject(1, "1700000000123")),  # gcs
+        ({"size": 1, "LastModified": when}, RemoteObject(1, "2026-01-02T03:04:05+00:00")),
+        ({"last_modified": "2026-01-02"}, RemoteObject(None, "2026-01-02")),
+        ({"mtime": 1.5}, RemoteObject(None, "1.5")),  # local, memory
+        ({"updated": "2026-01-03T00:00:00Z"}, RemoteObject(None, "2026-01-03T00:00:00Z")),
+        ({"created": 99}, RemoteObject(None, "99")),
+        ({"mtime": 1, "ETag": "e"}, RemoteObject(None, "e")),  # an ETag first
+        ({"ETag": "", "mtime": 5}, RemoteObject(None, "5")),  # empty values are skipped
+        ({"ETag": None, "updated": "u", "created": "c"}, RemoteObject(None, "u")),
+        ({"size": 0}, RemoteObject(0, None)),
+        ({}, RemoteObject(None, None)),
+    ]
+    for info, want in cases:
+        assert fetch._fs_object(info) == want, info
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
