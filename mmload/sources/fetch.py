@@ -369,8 +369,12 @@ def _fs_download(
         fs.invalidate_cache(path)
         f = _fs_call(url, lambda: fs.open(path, "rb", block_size=_FS_BLOCK))
         with contextlib.closing(f):
-            details = getattr(f, "details", None)
-            info = details if isinstance(details, Mapping) else _fs_call(url, lambda: fs.info(path))
+            details = getattr(f, "details", None)  # s3fs: the info its open fetched
+            if isinstance(details, Mapping):
+                info = details
+            else:
+                FETCH_STATS.add(requests=1)
+                info = _fs_call(url, lambda: fs.info(path))
             got = _fs_object(info)
             _check_expect(url, expect, got)
             if p.offset and p.changed(got):

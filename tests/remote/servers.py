@@ -389,12 +389,17 @@ class _FlakyFile(io.BytesIO):
 
 class FlakyFS:
     """An fsspec filesystem (protocol ``flaky://``) over :attr:`files`; an open of a path
-    whose :attr:`fail_at` list is not empty fails its reads at the next byte offset listed."""
+    whose :attr:`fail_at` list is not empty fails its reads at the next byte offset listed.
+    With :attr:`details`, open files carry their info (as s3fs files do); :attr:`deny_info`
+    paths refuse ``info()``; :attr:`open_kwargs` records each open's options."""
 
     files: ClassVar[dict[str, bytes]] = {}
     fail_at: ClassVar[dict[str, list[int]]] = {}
     seeks: ClassVar[list[int]] = []
     opens: ClassVar[int] = 0
+    details: ClassVar[bool] = False
+    deny_info: ClassVar[set[str]] = set()
+    open_kwargs: ClassVar[list[dict[str, Any]]] = []
 
 
 def _flaky_fs_class() -> type:
@@ -406,6 +411,8 @@ def _flaky_fs_class() -> type:
 
         def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
             path = self._strip_protocol(path)
+            if path in FlakyFS.deny_info:
+                raise PermissionError(13, "Access Denied")
             if path not in FlakyFS.files:
                 raise FileNotFoundError(path)
             data = FlakyFS.files[path]
@@ -416,8 +423,13 @@ def _flaky_fs_class() -> type:
             if path not in FlakyFS.files:
                 raise FileNotFoundError(path)
             FlakyFS.opens += 1
+            FlakyFS.open_kwargs.append({"mode": mode, **kwargs})
             script = FlakyFS.fail_at.get(path)
-            return _FlakyFile(FlakyFS.files[path], script.pop(0) if script else None, FlakyFS.seeks)
+            data = FlakyFS.files[path]
+            f = _FlakyFile(data, script.pop(0) if script else None, FlakyFS.seeks)
+            if FlakyFS.details:
+                f.details = {"name": path, "size": len(data), "ETag": etag_of(data)}
+            return f
 
     return _FS
 
@@ -432,6 +444,9 @@ def flaky_fs() -> Iterator[type[FlakyFS]]:
     FlakyFS.fail_at.clear()
     FlakyFS.seeks.clear()
     FlakyFS.opens = 0
+    FlakyFS.details = False
+    FlakyFS.deny_info = set()
+    FlakyFS.open_kwargs = []
     try:
         yield FlakyFS
     finally:

@@ -742,3 +742,30 @@ def test_expect_mismatch_reads_no_body(range_server: FileServer, tmp_path: Path)
     with pytest.raises(ShardError, match="shard changed since it was indexed"):
         download(url, tmp_path / "o", FAST, expect=RemoteObject(BIG + 1, None))
     assert delta(before)["bytes"] == 0
+
+
+def test_fsspec_download_requests_and_open_options(flaky_fs: Any, tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    flaky_fs.files["/d/a.bin"] = data
+    url = "flaky:///d/a.bin"
+    for details, per_attempt in ((True, 1), (False, 2)):  # an open, and an info if needed
+        flaky_fs.details = details
+        flaky_fs.fail_at["/d/a.bin"] = [1000]
+        before = FETCH_STATS.snapshot()
+        assert download(url, tmp_path / "o", FAST) == RemoteObject(5000, etag_of(data))
+        assert delta(before) == {"bytes": 5000, "requests": 2 * per_attempt, "retries": 1}
+    opened = flaky_fs.open_kwargs[-1]
+    assert (opened["mode"], opened["block_size"]) == ("rb", 8 << 20)  # s3fs's read-ahead
+
+    before = FETCH_STATS.snapshot()
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o2", FAST, expect=RemoteObject(4999, None))
+    assert e.value.shard == url and e.value.reason.startswith("shard changed since it was")
+    assert delta(before)["bytes"] == 0  # found before reading the body
+
+    flaky_fs.deny_info.add("/d/a.bin")
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o2", FAST)
+    assert e.value.shard == url
+    assert e.value.reason == "access denied (PermissionError: [Errno 13] Access Denied)"
+    assert not (tmp_path / "o2").exists()
