@@ -375,13 +375,16 @@ class _FlakyFile(io.BytesIO):
 
     def seek(self, pos: int, whence: int = 0) -> int:
         self.seeks.append(pos)
+        if FlakyFS.unseekable:
+            raise io.UnsupportedOperation("seek")
         return super().seek(pos, whence)
 
     def read(self, n: int | None = -1) -> bytes:
+        FlakyFS.reads.append(n)
         pos = self.tell()
         if self.fail_at is not None:
             if pos >= self.fail_at:
-                raise ConnectionResetError("injected: connection reset by peer")
+                raise FlakyFS.fail_with("injected: connection reset by peer")
             room = self.fail_at - pos
             n = room if n is None or n < 0 else min(n, room)
         return super().read(n)
@@ -391,7 +394,10 @@ class FlakyFS:
     """An fsspec filesystem (protocol ``flaky://``) over :attr:`files`; an open of a path
     whose :attr:`fail_at` list is not empty fails its reads at the next byte offset listed.
     With :attr:`details`, open files carry their info (as s3fs files do); :attr:`deny_info`
-    paths refuse ``info()``; :attr:`open_kwargs` records each open's options."""
+    paths refuse ``info()``; :attr:`open_kwargs` records each open's options, :attr:`reads`
+    each read's size. :attr:`replace` scripts new contents per open (None: unchanged),
+    :attr:`info_size` overrides the size ``info()`` reports (None: no size),
+    :attr:`unseekable` makes seeks fail, :attr:`fail_with` is what a failing read raises."""
 
     files: ClassVar[dict[str, bytes]] = {}
     fail_at: ClassVar[dict[str, list[int]]] = {}
@@ -400,6 +406,11 @@ class FlakyFS:
     details: ClassVar[bool] = False
     deny_info: ClassVar[set[str]] = set()
     open_kwargs: ClassVar[list[dict[str, Any]]] = []
+    reads: ClassVar[list[int | None]] = []
+    replace: ClassVar[dict[str, list[bytes | None]]] = {}
+    info_size: ClassVar[dict[str, int | None]] = {}
+    unseekable: ClassVar[bool] = False
+    fail_with: ClassVar[type[Exception]] = ConnectionResetError
 
 
 def _flaky_fs_class() -> type:
@@ -416,7 +427,8 @@ def _flaky_fs_class() -> type:
             if path not in FlakyFS.files:
                 raise FileNotFoundError(path)
             data = FlakyFS.files[path]
-            return {"name": path, "size": len(data), "type": "file", "ETag": etag_of(data)}
+            size = FlakyFS.info_size.get(path, len(data))
+            return {"name": path, "size": size, "type": "file", "ETag": etag_of(data)}
 
         def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> _FlakyFile:
             path = self._strip_protocol(path)
@@ -424,11 +436,17 @@ def _flaky_fs_class() -> type:
                 raise FileNotFoundError(path)
             FlakyFS.opens += 1
             FlakyFS.open_kwargs.append({"mode": mode, **kwargs})
+            new = FlakyFS.replace.get(path)
+            if new:
+                data = new.pop(0)
+                if data is not None:
+                    FlakyFS.files[path] = data
             script = FlakyFS.fail_at.get(path)
             data = FlakyFS.files[path]
             f = _FlakyFile(data, script.pop(0) if script else None, FlakyFS.seeks)
             if FlakyFS.details:
-                f.details = {"name": path, "size": len(data), "ETag": etag_of(data)}
+                size = FlakyFS.info_size.get(path, len(data))
+                f.details = {"name": path, "size": size, "ETag": etag_of(data)}
             return f
 
     return _FS
@@ -447,6 +465,11 @@ def flaky_fs() -> Iterator[type[FlakyFS]]:
     FlakyFS.details = False
     FlakyFS.deny_info = set()
     FlakyFS.open_kwargs = []
+    FlakyFS.reads = []
+    FlakyFS.replace = {}
+    FlakyFS.info_size = {}
+    FlakyFS.unseekable = False
+    FlakyFS.fail_with = ConnectionResetError
     try:
         yield FlakyFS
     finally:

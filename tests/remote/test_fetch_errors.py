@@ -769,3 +769,78 @@ def test_fsspec_download_requests_and_open_options(flaky_fs: Any, tmp_path: Path
     assert e.value.shard == url
     assert e.value.reason == "access denied (PermissionError: [Errno 13] Access Denied)"
     assert not (tmp_path / "o2").exists()
+
+
+def test_fsspec_object_replaced_between_attempts(
+    flaky_fs: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = os.urandom(5000), os.urandom(6000)
+    flaky_fs.files["/d/a.bin"] = old
+    flaky_fs.fail_at["/d/a.bin"] = [1000]
+    flaky_fs.replace["/d/a.bin"] = [None, new]
+    url = "flaky:///d/a.bin"
+    with caplog.at_level("WARNING", logger="mmload.sources.fetch"):
+        assert download(url, tmp_path / "o", FAST) == RemoteObject(6000, etag_of(new))
+    assert (tmp_path / "o").read_bytes() == new
+    assert flaky_fs.seeks == []  # started over, not resumed
+    assert f"{url} changed between attempts; fetching it from the start" in [
+        r.getMessage() for r in caplog.records
+    ]
+    assert set(flaky_fs.reads) == {fetch._CHUNK}  # bounded reads
+
+
+def test_fsspec_unseekable_file_is_read_again(flaky_fs: Any, tmp_path: Path) -> None:
+    data = os.urandom(5000)
+    flaky_fs.files["/d/a.bin"] = data
+    flaky_fs.fail_at["/d/a.bin"] = [1000]
+    flaky_fs.unseekable = True
+    assert download("flaky:///d/a.bin", tmp_path / "o", FAST).size == 5000
+    assert (tmp_path / "o").read_bytes() == data
+    assert flaky_fs.seeks == [1000]  # tried, refused, read from the start
+
+
+@pytest.mark.parametrize(
+    ("info_size", "reason"),
+    [
+        (7000, "short read: 5000 of 7000 bytes"),
+        (4000, "read 5000 bytes of an object of 4000: it changed"),
+    ],
+)
+def test_fsspec_read_size_differs_from_info(
+    flaky_fs: Any, tmp_path: Path, info_size: int, reason: str
+) -> None:
+    flaky_fs.files["/d/a.bin"] = os.urandom(5000)
+    flaky_fs.info_size["/d/a.bin"] = info_size
+    with pytest.raises(ShardError) as e:
+        download("flaky:///d/a.bin", tmp_path / "o", FAST)
+    assert e.value.shard == "flaky:///d/a.bin"
+    assert e.value.reason == f"cannot fetch shard after 4 attempts: {reason}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_fsspec_without_size_is_checked_against_expect_after_reading(
+    flaky_fs: Any, tmp_path: Path
+) -> None:
+    data = os.urandom(4000)
+    flaky_fs.files["/d/a.bin"] = data
+    flaky_fs.info_size["/d/a.bin"] = None
+    url = "flaky:///d/a.bin"
+    assert download(url, tmp_path / "o", FAST) == RemoteObject(4000, etag_of(data))
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o2", FAST, expect=RemoteObject(5000, etag_of(data)))
+    assert e.value.shard == url
+    assert e.value.reason == (
+        f"shard changed since it was indexed: the manifest has size 5000, version "
+        f"{etag_of(data)!r}; the source now reports size 4000, version {etag_of(data)!r}"
+    )
+    assert not (tmp_path / "o2").exists()
+
+
+def test_fsspec_read_refused_midway(flaky_fs: Any, tmp_path: Path) -> None:
+    flaky_fs.files["/d/a.bin"] = os.urandom(5000)
+    flaky_fs.fail_at["/d/a.bin"] = [1000]
+    flaky_fs.fail_with = PermissionError
+    with pytest.raises(ShardError) as e:
+        download("flaky:///d/a.bin", tmp_path / "o", FAST)
+    assert e.value.shard == "flaky:///d/a.bin"
+    assert e.value.reason == "access denied (PermissionError: injected: connection reset by peer)"
