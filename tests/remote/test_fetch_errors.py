@@ -844,3 +844,49 @@ def test_fsspec_read_refused_midway(flaky_fs: Any, tmp_path: Path) -> None:
         download("flaky:///d/a.bin", tmp_path / "o", FAST)
     assert e.value.shard == "flaky:///d/a.bin"
     assert e.value.reason == "access denied (PermissionError: injected: connection reset by peer)"
+
+
+# -- download() ---------------------------------------------------------------------------------
+
+
+def test_download_writes_through_a_temp_file_beside_dest(tmp_path: Path) -> None:
+    dest = tmp_path / "new" / "dirs" / "a.tar"  # parents are made
+    # The command lists the destination's directory while its own output is being written.
+    download(f"pipe:ls -a {dest.parent}", dest, FAST)
+    (listed,) = [n for n in dest.read_text().split() if n not in (".", "..")]
+    assert listed.startswith(".fetch-")
+    assert os.listdir(dest.parent) == ["a.tar"]  # renamed into place, nothing left
+
+
+def test_pipe_output_is_checked_against_expect(tmp_path: Path) -> None:
+    url = "pipe:printf abc"
+    assert download(url, tmp_path / "o", FAST, expect=RemoteObject(3, "any")).size == 3
+    with pytest.raises(ShardError) as e:
+        download(url, tmp_path / "o2", FAST, expect=RemoteObject(4, None))
+    assert e.value.shard == url and e.value.reason.startswith("shard changed since it was")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_http_and_https_use_mmloads_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def stat(url: str, cfg: RemoteConfig) -> RemoteObject:
+        calls.append(("stat", url))
+        return RemoteObject(1, "v")
+
+    def get(url: str, out: Any, cfg: RemoteConfig, expect: RemoteObject | None) -> RemoteObject:
+        calls.append(("get", url))
+        out.write(b"x")
+        return RemoteObject(1, "v")
+
+    monkeypatch.setattr(fetch, "_http_stat", stat)
+    monkeypatch.setattr(fetch, "_http_download", get)
+    for url in ("http://h/a.tar", "https://h/a.tar"):
+        assert stat_remote(url, FAST) == RemoteObject(1, "v")
+        assert download(url, tmp_path / "o", FAST) == RemoteObject(1, "v")
+    assert calls == [
+        ("stat", "http://h/a.tar"),
+        ("get", "http://h/a.tar"),
+        ("stat", "https://h/a.tar"),
+        ("get", "https://h/a.tar"),
+    ]
