@@ -69,6 +69,8 @@ def test_cache_name() -> None:
         ("https://h/p/a b+c.tar?sig=1", "a_b_c.tar"),
         ("https://h/p/dir/", "dir"),
         ("https://h/?q", "shard"),
+        ("https://h/a.tar?x?y", "a.tar"),
+        ("https://h/p/BOX", "BOX"),
         ("https://h/" + "n" * 100 + ".tar", ("n" * 100 + ".tar")[-80:]),
     ]:
         assert cache_name(url) == f"{h(url)}-{tail}", url
@@ -232,6 +234,14 @@ def test_reserve_bounds_and_releases(tmp_path: Path) -> None:
         c._reserve(1, "v", wait=False)
     r.release()
     assert not r.path.exists() and c.used_bytes() == 0
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(r.fd)
+    r = c._reserve(10, "u")
+    assert r is not None
+    r.path.unlink()  # already gone: releasing still closes it
+    r.release()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(r.fd)
     c.fetch(urls["a"], size=SIZE, version=None, compressed=False)
     assert [p for p in os.listdir(root) if p.startswith((".reserve-", ".fetch-"))] == []
 
