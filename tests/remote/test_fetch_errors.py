@@ -271,9 +271,9 @@ def test_stat_with_unknown_total_size(unknown_total: str) -> None:
 
 def test_s3_clients_get_the_timeouts() -> None:
     cfg = RemoteConfig(connect_timeout=2.5, read_timeout=0.75)
-    for url in ("s3://bucket/x/a.tar", "s3a://bucket/x/a.tar"):
+    for url in ("s3://bucket/x/a.tar", "s3a://bucket/x/a.tar", "s3://bucket/x/a://b.tar"):
         fs, path = fetch._fs(url, cfg)
-        assert path == "bucket/x/a.tar"
+        assert path == url.split("://", 1)[1]
         assert fs.config_kwargs == {"connect_timeout": 2.5, "read_timeout": 0.75}
     fs, path = fetch._fs("memory://bucket/x/a.tar", cfg)  # other backends: no botocore options
     assert path == "/bucket/x/a.tar" and fs.storage_options == {}
@@ -551,6 +551,13 @@ def test_body_without_a_usable_length(tmp_path: Path, name: str) -> None:
         assert stat_remote(url, FAST) == RemoteObject(None, "v")
         assert download(url, tmp_path / "o", FAST) == RemoteObject(5000, "v")
         assert (tmp_path / "o").read_bytes() == _NoLength.body
+        # More bytes than the manifest's size: only the count read can tell.
+        with pytest.raises(ShardError) as e:
+            download(url, tmp_path / "o2", FAST, expect=RemoteObject(4000, "v"))
+        assert e.value.shard == url
+        assert e.value.reason.startswith("shard changed since it was indexed: the manifest has ")
+        assert "the source now reports size 5000" in e.value.reason
+        assert not (tmp_path / "o2").exists()
     finally:
         server.shutdown()
         server.server_close()
