@@ -801,9 +801,11 @@ def test_fsspec_unseekable_file_is_read_again(flaky_fs: Any, tmp_path: Path) -> 
     flaky_fs.files["/d/a.bin"] = data
     flaky_fs.fail_at["/d/a.bin"] = [1000]
     flaky_fs.unseekable = True
+    before = FETCH_STATS.snapshot()
     assert download("flaky:///d/a.bin", tmp_path / "o", FAST).size == 5000
     assert (tmp_path / "o").read_bytes() == data
     assert flaky_fs.seeks == [1000]  # tried, refused, read from the start
+    assert delta(before)["retries"] == 1
 
 
 @pytest.mark.parametrize(
@@ -896,4 +898,14 @@ def test_http_and_https_use_mmloads_client(monkeypatch: pytest.MonkeyPatch, tmp_
         ("get", "http://h/a.tar"),
         ("stat", "https://h/a.tar"),
         ("get", "https://h/a.tar"),
+    ]
+
+
+def test_download_logs_what_it_fetched(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = tmp_path / "a.tar"
+    src.write_bytes(b"x" * 123)
+    with caplog.at_level("INFO", logger="mmload.sources.fetch"):
+        download(str(src), tmp_path / "o" / "a.tar", FAST)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"fetched {src} -> {tmp_path / 'o' / 'a.tar'} (123 bytes)"
     ]
