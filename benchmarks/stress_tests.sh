@@ -29,6 +29,10 @@ for i in $(seq "$runs"); do
   summary=$(printf '%s\n' "$out" | tail -n 1)
   load1=$(cut -d' ' -f1 /proc/loadavg)
   echo "run $i: $status in $(( $(date +%s) - start )) s (load $load0 -> $load1): $summary"
-  if [ "$status" = FAILED ]; then printf '%s\n' "$out" | grep -E "^(FAILED|ERROR)" | head -20; fi
+  if [ "$status" = FAILED ]; then
+    printf '%s\n' "$out" > "stress-run-$i.log"
+    printf '%s\n' "$out" | grep -E "^(FAILED|ERROR)" | head -20
+    echo "  (the whole output: stress-run-$i.log)"
+  fi
 done
 exit $failed

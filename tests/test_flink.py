@@ -61,6 +61,7 @@ def _committed_keys(events: Path) -> Counter[str]:
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.timeout(1500)  # Flink's start, two torchrun runs: minutes on a loaded machine
 def test_flink_job_feeds_online_training_exactly_once(flink_python: Path, tmp_path: Path) -> None:
     (tmp_path / "events").mkdir()
     (tmp_path / "features").mkdir()
@@ -83,9 +84,13 @@ def test_flink_job_feeds_online_training_exactly_once(flink_python: Path, tmp_pa
         text=True,
     )
     try:
-        first = train_online(tmp_path, "--stop-after", "15", "--max-wait", "20")
+        # The trainer starts with Flink (a JVM), whose first commit may take long on a loaded
+        # machine: the waits for a next file are generous. The second run ends when no file
+        # has come for --max-wait seconds after Flink finished; a shorter wait would end it
+        # early if Flink paused that long while starved.
+        first = train_online(tmp_path, "--stop-after", "15", "--max-wait", "120")
         still_running = producer.poll() is None
-        second = train_online(tmp_path, "--resume", "--max-wait", "8")
+        second = train_online(tmp_path, "--resume", "--max-wait", "30")
         out, _ = producer.communicate(timeout=120)
     finally:
         if producer.poll() is None:

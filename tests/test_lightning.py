@@ -23,13 +23,14 @@ def _run(cwd: Path, *args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(EXAMPLE), "--data", "data", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=280,
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.timeout(1500)  # two Lightning runs; each may take minutes on a loaded machine
 @pytest.mark.parametrize("devices", [1, 2])
 def test_lightning_resumes_mid_epoch_exactly(tmp_path: Path, devices: int) -> None:
     _run(tmp_path, "--devices", str(devices), "--every", "5", "--report", "full")
@@ -52,6 +53,7 @@ def test_lightning_resumes_mid_epoch_exactly(tmp_path: Path, devices: int) -> No
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.timeout(1500)  # two Lightning runs; each may take minutes on a loaded machine
 @pytest.mark.parametrize("devices", [1, 2])
 def test_lightning_every_epoch_sees_every_sample_and_resumes_in_epoch_two(
     tmp_path: Path, devices: int

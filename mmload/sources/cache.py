@@ -173,7 +173,6 @@ class ShardCache:
         state = self.__dict__.copy()
         for k in ("_cond", "_pins", "_inflight", "_pool"):
             del state[k]
-        state["_pid"] = -1
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:

@@ -6,18 +6,22 @@ cache's mutants (issue 15)."""
 from __future__ import annotations
 
 import fcntl
+import gzip
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import pickle
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mmload.config import RemoteConfig
-from mmload.errors import ConfigError
+from mmload.errors import ConfigError, ShardError
 from mmload.sources import cache as cache_mod
 from mmload.sources.cache import CacheStats, Need, ShardCache, _NoRoom, cache_name, working_set
 from mmload.sources.fetch import RemoteObject
@@ -172,12 +176,14 @@ def test_a_fetch_waits_for_the_node_lock(tmp_path: Path) -> None:
     t.start()
     time.sleep(0.2)
     assert t.is_alive() and not result  # waiting, not fetching
-    other = ShardCache(tmp_path / "cache", RemoteConfig())
+    # The other process finishes its fetch (shard and record) and lets go.
+    c.path(a).write_bytes(Path(a).read_bytes())
+    Path(str(c.path(a)) + ".meta").write_text(json.dumps({"size": SIZE, "version": "v"}))
     fcntl.flock(lock, fcntl.LOCK_UN)
     t.join(30)
     lock.close()
     assert result == [str(c.path(a))]
-    assert other.stats.fetches == 0 and c.stats.fetches == 1
+    assert (c.stats.fetches, c.stats.hits) == (0, 1)  # found it there: not fetched again
 
 
 # -- space ------------------------------------------------------------------------------------
@@ -205,6 +211,12 @@ def test_used_and_disk_bytes(tmp_path: Path) -> None:
     old.write_bytes(b"o" * 300)
     past = time.time() - (2 * 1.0 + 60) - 5
     os.utime(old, (past, past))
+    # Entries that vanish while scanned (a dangling link) or cannot be read count nothing.
+    (root / "gone.tar").symlink_to(root / "nowhere")
+    bad = root / ".reserve-bad"
+    bad.write_bytes(b"not a number")
+    bad_fd = os.open(bad, os.O_RDWR)
+    fcntl.flock(bad_fd, fcntl.LOCK_EX)
     try:
         assert c.used_bytes() == 2 * SIZE + 700
         assert not dead.exists() and not old.exists()
@@ -212,6 +224,7 @@ def test_used_and_disk_bytes(tmp_path: Path) -> None:
         assert c.disk_bytes() == 2 * SIZE
     finally:
         os.close(fd)
+        os.close(bad_fd)
     assert c.used_bytes() == 2 * SIZE  # its owner is gone now
     assert not live.exists()
 
@@ -426,8 +439,79 @@ def test_close_and_pickle_start_afresh(tmp_path: Path) -> None:
     assert copy.fetch(urls["a"], size=SIZE, version=None, compressed=False) == str(
         c.path(urls["a"])
     )
+    assert copy.acquire(need(urls["a"], 0, 0)) == str(c.path(urls["a"]))
+    copy.release(urls["a"])
+    copy.close()
     c.close()
     assert c._pins == {} and c._pool is None and c._needs == []
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(fd)  # the pin's descriptor is closed
     c.close()  # twice: nothing left to do
+
+
+def test_stale_partial_downloads_after_twice_the_read_timeout_and_a_minute(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    c = ShardCache(root, RemoteConfig(read_timeout=100.0))  # stale after 260 s
+    for name, age in ((".fetch-255", 255), (".fetch-265", 265)):
+        (root / name).write_bytes(b"x")
+        t = time.time() - age
+        os.utime(root / name, (t, t))
+    c.used_bytes()
+    assert sorted(os.listdir(root)) == [".fetch-255"]
+
+
+def test_fetch_checks_the_manifest_and_gunzips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    urls = shards(tmp_path, "a")
+    a = urls["a"]
+    root = tmp_path / "deep" / "cache"  # parents are made
+    c = ShardCache(root, RemoteConfig())
+    for size, version in ((SIZE + 1, None), (SIZE, "other")):
+        with pytest.raises(ShardError, match="shard changed since it was indexed"):
+            c.fetch(a, size=size, version=version, compressed=False)
+    # No size in the manifest: nothing to check against (a version alone is not checked).
+    c.fetch(a, size=None, version="whatever", compressed=False)
+    assert c.stats.fetches == 1
+
+    gz = tmp_path / "src" / "b.tar.gz"
+    plain = b"y" * 5000
+    gz.write_bytes(gzip.compress(plain))
+    with caplog.at_level("DEBUG", logger="mmload.sources.cache"):
+        path = c.fetch(str(gz), size=gz.stat().st_size, version=None, compressed=True)
+    assert Path(path).read_bytes() == plain and path.endswith("-b.tar")
+    assert c.stats.fetches == 2
+    assert c.stats.fetched_bytes == SIZE + gz.stat().st_size  # bytes fetched, not unpacked
+    assert any(
+        re.fullmatch(rf"fetched {re.escape(str(gz))} \(\d+\.\d\ds\)", r.getMessage())
+        for r in caplog.records
+    )
+
+
+def _child_pins(c: ShardCache, url: str, q: Any) -> None:
+    try:
+        c.acquire(need(url, 0, 0))
+        c.acquire(need(url, 0, 0))
+        q.put(c._pins[url][1])
+        c.follow([need(url, 0, 0)])  # a pool of its own
+        c.close()
+        q.put("ok")
+    except BaseException as e:  # noqa: BLE001 (reported to the parent)
+        q.put(repr(e))
+
+
+def test_a_forked_child_starts_afresh(tmp_path: Path) -> None:
+    urls = shards(tmp_path, "a")
+    c = ShardCache(tmp_path / "cache", RemoteConfig())
+    c.follow([need(urls["a"], 0, 0)])
+    c.acquire(need(urls["a"], 0, 0))
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_pins, args=(c, urls["a"], q))
+    p.start()
+    got = [q.get(timeout=60), q.get(timeout=60)]
+    p.join(60)
+    assert got == [2, "ok"]  # its own pins (two), not the parent's, and its own pool
+    assert c._pins[urls["a"]][1] == 1  # the parent's are untouched
+    c.close()
