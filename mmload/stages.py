@@ -7,6 +7,7 @@ worker's traceback attached. ``close()`` is idempotent and also closes the upstr
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -25,12 +26,17 @@ U = TypeVar("U")
 _POLL = 0.1
 _DONE = object()
 _LIVE: weakref.WeakSet[Stage[Any, Any]] = weakref.WeakSet()  # started, not yet closed
+_EXIT_LOCK = threading.Lock()
+_EXIT_REGISTERED = False
 
 
-def stop_all(timeout: float = 2.0) -> None:
+def stop_all(timeout: float = 10.0) -> None:
     """Stop every running stage of this process and wait up to ``timeout`` seconds in all for
     their threads: at interpreter exit, daemon threads still inside torch, DALI or PIL while the
-    runtime tears down print errors or abort the process."""
+    runtime tears down print errors or abort the process. A thread stops at its next item, so
+    the wait is as long as one step: 2 s was too short for a decode step on a loaded machine
+    (a Lightning run aborted at exit now and then, "terminate called without an active
+    exception", with both cores busy)."""
     stages = list(_LIVE)
     for st in stages:
         st._stop.set()
@@ -41,6 +47,17 @@ def stop_all(timeout: float = 2.0) -> None:
             break
         if st._thread is not threading.current_thread() and st._thread.is_alive():
             st._thread.join(timeout=left)
+
+
+def _stop_at_exit() -> None:
+    """Register :func:`stop_all` to run at interpreter exit, once, when the first stage starts
+    (the pipeline also registers it with its media decoders; a chain without decoders needs
+    it as well: its threads must not run into the runtime's teardown)."""
+    global _EXIT_REGISTERED
+    with _EXIT_LOCK:
+        if not _EXIT_REGISTERED:
+            atexit.register(stop_all)
+            _EXIT_REGISTERED = True
 
 
 class _Closable(Protocol):
@@ -103,6 +120,7 @@ class Stage(Generic[T, U]):
         ahead by the decode thread, closed by the consumer)."""
         with self._start_lock:
             if not self._started and not self._closed:
+                _stop_at_exit()
                 self._thread.start()
                 self._started = True
                 _LIVE.add(self)

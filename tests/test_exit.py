@@ -55,3 +55,65 @@ def test_exit_mid_epoch_is_clean(backend: str, tmp_path: Path) -> None:
         assert proc.stdout.strip() == "left running", proc.stdout
         assert proc.returncode == 0, (run, proc.returncode, proc.stderr[-2000:])
         assert proc.stderr == "", (run, proc.stderr[-2000:])
+
+
+NO_MEDIA = textwrap.dedent(
+    """
+    import atexit, os, sys, threading
+
+    def threads_left():  # registered first, so it runs after mmload's own exit hooks
+        left = sorted(t.name for t in threading.enumerate() if t.name.startswith("mmload-"))
+        print("threads at exit:", left, flush=True)
+
+    atexit.register(threads_left)
+    import mmload
+    from mmload.sources.write import write_tar_shards
+
+    root = sys.argv[1]
+    samples = ({"__key__": f"k{i:04d}", "cls": str(i).encode()} for i in range(400))
+    paths = write_tar_shards(samples, os.path.join(root, "s-%04d.tar"), maxcount=50)
+    loader = mmload.Loader(paths, batch_size=8, cache_dir=os.path.join(root, "c"))
+    it = iter(loader)
+    next(it)
+    print("left running", flush=True)
+    """
+)
+
+
+def test_exit_stops_the_stage_threads_of_a_loader_without_media(tmp_path: Path) -> None:
+    """A loader with no media decoders (no DALI, no image pool) left mid-epoch: its read and
+    decode threads are stopped by the exit hooks before the runtime tears down."""
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_MEDIA, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.splitlines() == ["left running", "threads at exit: []"], proc.stdout
+    assert proc.stderr == "", proc.stderr[-2000:]
+
+
+def test_stop_all_waits_out_a_slow_step() -> None:
+    """At exit every stage thread is stopped and joined; a thread stops at its next item, so the
+    wait must cover one slow step (a decode on a loaded machine). With a 2 s bound a Lightning
+    run aborted at exit now and then ("terminate called without an active exception")."""
+    import threading
+    import time
+
+    from mmload.stages import Stage, stop_all
+
+    entered = threading.Event()
+
+    def slow(x: int) -> int:
+        entered.set()
+        time.sleep(3.0)
+        return x
+
+    stage = Stage(iter(range(10)), slow, depth=1, name="slow-step")
+    stage.start()
+    assert entered.wait(30)
+    stop_all()
+    assert not stage._thread.is_alive()
+    stage.close()
