@@ -9,7 +9,9 @@ Events: ``__key__`` (unique), ``user_id``, ``item_id``, ``event_ts`` (ms, increa
 before the events they describe: ``user_id``, ``ts`` (ms), ``ctr`` and ``feat_ts`` (= ``ts``, so
 a trainer can check that no joined value is newer than its event). ``examples/online_train.py``
 trains on them while this runs. With ``--log`` it writes one JSON line per committed events file
-(name, rows, commit time), which the tests use to check exactly-once consumption.
+(name, rows, commit time), which the tests use to check exactly-once consumption. With
+``--pause-after N --resume-when PATH`` it stops after N events files until PATH exists (a test
+holds the stream there while a trainer stops and restarts, whatever the machine's load).
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.2, help="seconds between commits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", help="append a JSON line per committed events file here")
+    ap.add_argument(
+        "--pause-after",
+        type=int,
+        help="after this many events files, wait until the --resume-when file exists",
+    )
+    ap.add_argument("--resume-when", help="the file whose creation ends the pause")
     args = ap.parse_args()
+    if (args.pause_after is None) != (args.resume_when is None):
+        ap.error("--pause-after and --resume-when go together")
     os.makedirs(args.events, exist_ok=True)
     os.makedirs(args.features, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -75,6 +85,9 @@ def main() -> None:
             with open(args.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"file": name, "rows": n, "committed_at": time.time()}) + "\n")
         t_ms += 1000
+        if part + 1 == args.pause_after:
+            while not os.path.exists(args.resume_when):
+                time.sleep(0.05)
         time.sleep(args.interval)
 
 
