@@ -212,7 +212,7 @@ def test_stalls_fail_fast_when_retries_run_out(range_server: FileServer, tmp_pat
     t0 = time.monotonic()
     with pytest.raises(ShardError, match=r"after 2 attempts: .*(timed out|Timeout)") as e:
         download(url, tmp_path / "a.bin", cfg)
-    assert time.monotonic() - t0 < 4
+    assert time.monotonic() - t0 < 10  # two 0.5 s read timeouts, not the 30 s stalls
     assert url in str(e.value)
     assert not (tmp_path / "a.bin").exists() and no_temps(tmp_path)
 
@@ -308,7 +308,7 @@ def test_retry_after_is_honoured_up_to_backoff_max(
     range_server.script("a.bin", Status(429, retry_after="100"))
     t0 = time.monotonic()
     download(url, tmp_path / "b.bin", FAST)  # backoff_max 0.05 caps it
-    assert time.monotonic() - t0 < 2
+    assert time.monotonic() - t0 < 10  # not the 100 s asked for
 
 
 # -- changed objects ----------------------------------------------------------------------------
