@@ -42,7 +42,7 @@ from mmload.options import (
 )
 from mmload.plan import EpochOrder, Schedule, World
 from mmload.sources import Dataset
-from mmload.stages import Stage, stop_all
+from mmload.stages import Stage, stop_all_at_exit
 from mmload.stats import Stats
 
 # LoaderOptions and the helpers of mmload.options are re-exported: the loader, the workers and
@@ -81,7 +81,7 @@ def _close_at_exit() -> None:
     (DALI pipelines, thread pools) of every pipeline this process built. Registered when the
     first decoders are built, so it runs before DALI's own exit hook (hooks run last-in first-
     out), which asserts that no pipeline is alive."""
-    stop_all()
+    stop_all_at_exit()
     for pipe in list(_LIVE):
         if pipe._media is not None and pipe._media_pid == os.getpid():
             for dec in pipe._media.values():

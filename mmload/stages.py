@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["Stage", "stop_all"]
+__all__ = ["Stage", "stop_all", "stop_all_at_exit"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ _DONE = object()
 _LIVE: weakref.WeakSet[Stage[Any, Any]] = weakref.WeakSet()  # started, not yet closed
 _EXIT_LOCK = threading.Lock()
 _EXIT_REGISTERED = False
+_EXIT_STOPPED = False
 
 
 def stop_all(timeout: float = 10.0) -> None:
@@ -49,14 +50,26 @@ def stop_all(timeout: float = 10.0) -> None:
             st._thread.join(timeout=left)
 
 
+def stop_all_at_exit() -> None:
+    """:func:`stop_all`, once per process: the exit hook of this module and the pipeline's
+    (which must stop the threads before it closes its media decoders) both call it, and only
+    the first waits; a thread that outlived that wait does not cost a second one."""
+    global _EXIT_STOPPED
+    with _EXIT_LOCK:
+        if _EXIT_STOPPED:
+            return
+        _EXIT_STOPPED = True
+    stop_all()
+
+
 def _stop_at_exit() -> None:
-    """Register :func:`stop_all` to run at interpreter exit, once, when the first stage starts
-    (the pipeline also registers it with its media decoders; a chain without decoders needs
-    it as well: its threads must not run into the runtime's teardown)."""
+    """Register :func:`stop_all_at_exit` to run at interpreter exit, once, when the first stage
+    starts (a chain without media decoders needs it as well as the pipeline's hook: its threads
+    must not run into the runtime's teardown)."""
     global _EXIT_REGISTERED
     with _EXIT_LOCK:
         if not _EXIT_REGISTERED:
-            atexit.register(stop_all)
+            atexit.register(stop_all_at_exit)
             _EXIT_REGISTERED = True
 
 

@@ -117,3 +117,24 @@ def test_stop_all_waits_out_a_slow_step() -> None:
     stop_all()
     assert not stage._thread.is_alive()
     stage.close()
+
+
+def test_the_exit_hooks_wait_for_the_threads_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three exit hooks stop the stage threads (the stages', the pipeline's before it closes its
+    decoders, DALI's before DALI's own): only the first waits, so a thread that outlives the
+    wait does not make exit wait again."""
+    import weakref
+
+    import mmload.decode.dali as dali_mod
+    import mmload.pipeline as pipeline_mod
+    from mmload import stages
+
+    calls: list[float] = []
+    monkeypatch.setattr(pipeline_mod, "_LIVE", weakref.WeakSet())  # other tests' are theirs
+    monkeypatch.setattr(dali_mod, "_DECODERS", weakref.WeakSet())
+    monkeypatch.setattr(stages, "_EXIT_STOPPED", False)
+    monkeypatch.setattr(stages, "stop_all", lambda timeout=10.0: calls.append(timeout))
+    pipeline_mod._close_at_exit()
+    dali_mod._close_at_exit()
+    stages.stop_all_at_exit()
+    assert calls == [10.0]

@@ -32,7 +32,7 @@ from mmload.augment import CropParams
 from mmload.config import ImageConfig
 from mmload.decode.gpu import torch_owned
 from mmload.errors import MissingDependencyError
-from mmload.stages import stop_all
+from mmload.stages import stop_all_at_exit
 
 __all__ = ["DaliBatchError", "DaliImageDecoder", "dali_available", "import_in_background"]
 
@@ -134,7 +134,7 @@ _DECODERS: weakref.WeakSet[DaliImageDecoder] = weakref.WeakSet()
 def _close_at_exit() -> None:
     """Stop the loader's threads, then close every DALI decoder of this process, before DALI's
     own exit hook runs: a decode thread still running would build a new pipeline after it."""
-    stop_all()
+    stop_all_at_exit()
     for dec in list(_DECODERS):
         dec.close()
 
