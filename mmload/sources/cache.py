@@ -331,6 +331,8 @@ class ShardCache:
         return path
 
     def release(self, url: str) -> None:
+        """Unpin ``url`` (once per :meth:`acquire`). The last release makes it evictable: a
+        look-ahead waiting for room goes on at once, not at the next batch."""
         with self._cond:
             held = self._pins.get(url)
             if held is None:
@@ -342,10 +344,11 @@ class ShardCache:
             os.close(held[0])
             self._blocked = False
             self._cond.notify_all()
+        self._schedule()
 
     # -- eviction -------------------------------------------------------------------------------
 
-    def _reserve(self, size: int, for_url: str, *, wait: bool = True) -> _Reservation | None:
+    def _reserve(self, size: int, for_url: str, *, wait: bool) -> _Reservation | None:
         """Evict until ``size`` more bytes fit under ``cache_limit``, then reserve them (a
         ``.reserve-*`` file the other processes count) under a node-wide lock, so concurrent
         fetches cannot overshoot the limit together. No limit: nothing to do."""

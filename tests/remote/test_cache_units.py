@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -160,10 +161,11 @@ def test_changed_or_unrecorded_copy_is_fetched_again(tmp_path: Path) -> None:
 
 
 def test_a_fetch_waits_for_the_node_lock(tmp_path: Path) -> None:
-    urls = shards(tmp_path, "a")
+    urls = shards(tmp_path, "a", "b")
     a = urls["a"]
     c = ShardCache(tmp_path / "cache", RemoteConfig())
-    (tmp_path / "cache").mkdir()
+    for _ in range(2):  # a fetch and a hit first: the count goes on from there
+        c.fetch(urls["b"], size=SIZE, version=None, compressed=False)
     lock = open(str(c.path(a)) + ".lock", "a+b")  # noqa: SIM115 (closed below)
     fcntl.flock(lock, fcntl.LOCK_EX)  # another process is fetching it
 
@@ -183,7 +185,7 @@ def test_a_fetch_waits_for_the_node_lock(tmp_path: Path) -> None:
     t.join(30)
     lock.close()
     assert result == [str(c.path(a))]
-    assert (c.stats.fetches, c.stats.hits) == (0, 1)  # found it there: not fetched again
+    assert (c.stats.fetches, c.stats.hits) == (1, 2)  # found it there: not fetched again
 
 
 # -- space ------------------------------------------------------------------------------------
@@ -233,12 +235,12 @@ def test_reserve_bounds_and_releases(tmp_path: Path) -> None:
     urls = shards(tmp_path, "a", "b")
     root = tmp_path / "cache"
     c = ShardCache(root, RemoteConfig())
-    assert c._reserve(10**12, "x") is None  # no limit: nothing reserved
+    assert c._reserve(10**12, "x", wait=True) is None  # no limit: nothing reserved
     c = ShardCache(root, RemoteConfig(cache_limit=1500))
     with pytest.raises(ConfigError, match=r"cache_limit=1500 bytes is smaller than shard u \(2000"):
-        c._reserve(2000, "u")
+        c._reserve(2000, "u", wait=True)
     root.mkdir()
-    r = c._reserve(1500, "u")
+    r = c._reserve(1500, "u", wait=True)
     assert r is not None
     assert r.path.parent == root and r.path.name.startswith(".reserve-")
     assert r.path.read_bytes() == b"1500"
@@ -249,7 +251,7 @@ def test_reserve_bounds_and_releases(tmp_path: Path) -> None:
     assert not r.path.exists() and c.used_bytes() == 0
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(r.fd)
-    r = c._reserve(10, "u")
+    r = c._reserve(10, "u", wait=True)
     assert r is not None
     r.path.unlink()  # already gone: releasing still closes it
     r.release()
@@ -263,18 +265,28 @@ def test_reserve_gives_up_with_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     urls = shards(tmp_path, "a", "b")
-    c = ShardCache(tmp_path / "cache", RemoteConfig(cache_limit=1500))
+    c = ShardCache(tmp_path / "cache", RemoteConfig(cache_limit=1500, read_timeout=10.0))
     c.acquire(need(urls["a"], 0, 0))  # pinned: cannot be evicted
-    clock = iter(range(0, 10**6, 7))
-    monkeypatch.setattr(cache_mod.time, "monotonic", lambda: float(next(clock)))
+    readings: list[float] = []
+
+    def clock() -> float:  # 3 s a look
+        readings.append(3.0 * len(readings))
+        return readings[-1]
+
+    fake = types.SimpleNamespace(monotonic=clock, perf_counter=time.perf_counter, time=time.time)
+    monkeypatch.setattr(cache_mod, "time", fake)  # the cache's clock only
+    t0 = time.perf_counter()
     with pytest.raises(ConfigError) as e:
         c.fetch(urls["b"], size=SIZE, version=None, compressed=False)
-    msg = str(e.value)
-    assert (
-        f"cache_limit=1500 bytes cannot hold the shards in use plus {urls['b']} (1000 bytes)" in msg
+    assert str(e.value) == (
+        f"cache_limit=1500 bytes cannot hold the shards in use plus {urls['b']} (1000 bytes): "
+        "every cached shard is still needed or in use. Raise cache_limit (>= (interleave * "
+        "partitions per rank + lookahead + 2) x shard size, see docs/streaming.md)"
     )
-    assert "Raise cache_limit" in msg
-    assert next(clock) > 120  # it waited (a fake) 4 x max(read_timeout, 30 s) first
+    # It gave up at the first look past 4 x max(read_timeout 10 s, 30 s) = 120 s (a fake clock),
+    # having waited 0.05 s (a real one) between looks.
+    assert readings[0] == 0 and readings[-2:] == [120.0, 123.0]
+    assert time.perf_counter() - t0 < 30  # 40 looks of 0.05 s, not of a second
     c.release(urls["a"])
 
 
@@ -290,6 +302,11 @@ def test_pins_count_and_protect(tmp_path: Path) -> None:
     p2 = c.acquire(need(a, 0, 0))
     assert p1 == p2 == str(c.path(a))
     assert c._pins[a][1] == 2 and c.stats.fetches == 1
+    assert c.stats.hits == 0  # a pinned shard is handed out without a look at the cache
+    fd = c._pins[a][0]
+    c.acquire(need(a, 0, 0))
+    c.release(a)
+    assert c._pins[a] == (fd, 2)
     # Pinned (a shared lock): another process cannot evict it.
     other = ShardCache(root, RemoteConfig(cache_limit=SIZE))
     assert not other._try_remove(c.path(a))
@@ -325,9 +342,14 @@ def test_acquire_refetches_a_shard_evicted_before_it_was_pinned(
     assert c.stats.fetches == 3
     c.release(a)
     evictions[0] = 100
-    with pytest.raises(Exception, match="evicted 8 times before it could be read") as e:
+    with pytest.raises(ShardError) as e:
         c.acquire(need(a, 0, 0))
-    assert getattr(e.value, "shard", None) == a
+    assert str(e.value).startswith(
+        "the shard was evicted 8 times before it could be read: raise cache_limit"
+    )
+    assert e.value.shard == a
+    # Eight tries (the copy there, evicted; seven fetches, each evicted), then the error.
+    assert (c.stats.fetches, c.stats.hits) == (3 + 7, 1)
 
 
 # -- eviction order and look-ahead ----------------------------------------------------------------
@@ -373,7 +395,7 @@ def test_eviction_order_done_then_foreign_then_farthest_later(tmp_path: Path) ->
     assert present(c, urls) == {"b"}
     assert c._evict_one(urls["n"], now=True)
     assert present(c, urls) == set()
-    assert c.stats.evicted == 4
+    assert (c.stats.evicted, c.stats.evicted_bytes) == (4, 4 * SIZE)
 
 
 def test_eviction_spares_current_pinned_skewed_and_the_target(tmp_path: Path) -> None:
@@ -404,8 +426,12 @@ def test_follow_rejects_a_limit_below_the_working_set(tmp_path: Path) -> None:
     c = ShardCache(tmp_path / "cache", RemoteConfig(cache_limit=1500))
     with pytest.raises(ConfigError) as e:
         c.follow([need(urls["a"], 0, 2), need(urls["b"], 2, 3)])
-    assert "cache_limit=1500 bytes is smaller than the shards this process reads" in str(e.value)
-    assert "at once: 2000 bytes at batch 2" in str(e.value)
+    assert str(e.value) == (
+        "cache_limit=1500 bytes is smaller than the shards this process reads at once: 2000 "
+        "bytes at batch 2 (a group of `interleave` chunks in each of the rank's partitions). "
+        "Raise cache_limit, or lower ShuffleConfig.interleave or partitions per rank "
+        "(docs/streaming.md)"
+    )
     assert c._pool is None  # nothing started
     c.follow([need(urls["a"], 0, 1), need(urls["b"], 2, 3)])
     wait_for(lambda: present(c, urls) == {"a"} and not c._inflight, "a")
@@ -483,10 +509,12 @@ def test_fetch_checks_the_manifest_and_gunzips(
     assert Path(path).read_bytes() == plain and path.endswith("-b.tar")
     assert c.stats.fetches == 2
     assert c.stats.fetched_bytes == SIZE + gz.stat().st_size  # bytes fetched, not unpacked
-    assert any(
-        re.fullmatch(rf"fetched {re.escape(str(gz))} \(\d+\.\d\ds\)", r.getMessage())
+    took = [
+        float(m.group(1))
         for r in caplog.records
-    )
+        if (m := re.fullmatch(rf"fetched {re.escape(str(gz))} \((\d+\.\d\d)s\)", r.getMessage()))
+    ]
+    assert len(took) == 1 and 0 <= took[0] < 60
 
 
 def _child_pins(c: ShardCache, url: str, q: Any) -> None:
@@ -514,4 +542,334 @@ def test_a_forked_child_starts_afresh(tmp_path: Path) -> None:
     p.join(60)
     assert got == [2, "ok"]  # its own pins (two), not the parent's, and its own pool
     assert c._pins[urls["a"]][1] == 1  # the parent's are untouched
+    c.close()
+
+
+# -- races with the look-ahead, other threads and other processes (written from the mutants
+# that survived the tests above) ----------------------------------------------------------------
+
+
+def _fcntl_with(flock: Callable[[Any, int], None]) -> types.SimpleNamespace:
+    return types.SimpleNamespace(
+        flock=flock,
+        LOCK_SH=fcntl.LOCK_SH,
+        LOCK_EX=fcntl.LOCK_EX,
+        LOCK_UN=fcntl.LOCK_UN,
+        LOCK_NB=fcntl.LOCK_NB,
+    )
+
+
+def _open_fds_to(path: Path) -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        n += target.removesuffix(" (deleted)") == str(path)
+    return n
+
+
+def test_acquire_takes_the_look_ahead_fetch_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard the look-ahead is fetching: acquire waits for that fetch, it does not start one
+    of its own (nor count a cache hit)."""
+    import threading
+
+    urls = shards(tmp_path, "a")
+    a = urls["a"]
+    c = ShardCache(tmp_path / "cache", RemoteConfig(lookahead=1, fetchers=1))
+    started, gate, looked = threading.Event(), threading.Event(), threading.Event()
+    real = cache_mod.download
+
+    def slow(*args: Any, **kw: Any) -> Any:
+        started.set()
+        assert gate.wait(30)
+        return real(*args, **kw)
+
+    class Inflight(dict):  # type: ignore[type-arg]
+        def get(self, key: Any, default: Any = None) -> Any:
+            looked.set()
+            return super().get(key, default)
+
+    monkeypatch.setattr(cache_mod, "download", slow)
+    c._inflight = Inflight()
+    c.follow([need(a, 0, 0)])
+    assert started.wait(30)
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(c.acquire(need(a, 0, 0))))
+    t.start()
+    looked.wait(30)  # acquire found the fetch in flight
+    gate.set()
+    t.join(30)
+    assert out == [str(c.path(a))]
+    assert (c.stats.fetches, c.stats.hits) == (1, 0)
+    c.release(a)
+    c.close()
+
+
+def test_two_threads_pinning_one_shard_share_one_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    urls = shards(tmp_path, "a")
+    a = urls["a"]
+    c = ShardCache(tmp_path / "cache", RemoteConfig())
+    c.fetch(a, size=SIZE, version=None, compressed=False)
+    inside, go = threading.Event(), threading.Event()
+    real_fetch = c.fetch
+    calls: list[str] = []
+
+    def fetch(url: str, **kw: Any) -> str:
+        calls.append(url)
+        if len(calls) == 1:  # the first thread stops between its fetch and its pin
+            inside.set()
+            assert go.wait(30)
+        return real_fetch(url, **kw)
+
+    monkeypatch.setattr(c, "fetch", fetch)
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(c.acquire(need(a, 0, 0))))
+    t.start()
+    assert inside.wait(30)
+    c.acquire(need(a, 0, 0))  # this thread pins it first
+    fd = c._pins[a][0]
+    assert c._pins[a] == (fd, 1)
+    go.set()
+    t.join(30)
+    assert out == [str(c.path(a))]
+    assert c._pins[a] == (fd, 2)  # the same descriptor, pinned twice
+    assert _open_fds_to(c.path(a)) == 1  # the other thread's own descriptor was closed
+    c.release(a)
+    c.release(a)
+    assert a not in c._pins and _open_fds_to(c.path(a)) == 0
+
+
+def test_acquire_retries_a_shard_evicted_between_open_and_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls = shards(tmp_path, "a")
+    a = urls["a"]
+    c = ShardCache(tmp_path / "cache", RemoteConfig())
+    evictions = [1]
+
+    def flock(fd: Any, op: int) -> None:
+        if op == fcntl.LOCK_SH and evictions[0] and isinstance(fd, int):
+            evictions[0] -= 1  # another process held it exclusively and unlinked it
+            os.unlink(os.readlink(f"/proc/self/fd/{fd}"))
+        fcntl.flock(fd, op)
+
+    monkeypatch.setattr(cache_mod, "fcntl", _fcntl_with(flock))
+    path = c.acquire(need(a, 0, 0))
+    assert Path(path).read_bytes() == Path(a).read_bytes()
+    assert os.fstat(c._pins[a][0]).st_nlink == 1  # pinned the new copy, not the unlinked one
+    assert c.stats.fetches == 2
+    assert _open_fds_to(c.path(a)) == 1  # the unlinked copy's descriptor was closed
+    c.release(a)
+
+
+def test_acquire_fetches_what_the_need_describes(tmp_path: Path) -> None:
+    """The need's size, version and compression reach the fetch: a cached copy of another
+    size or version is fetched again, a gzipped shard is unpacked."""
+    urls = shards(tmp_path, "a")
+    a = urls["a"]
+    c = ShardCache(tmp_path / "cache", RemoteConfig())
+    version = str(os.stat(a).st_mtime_ns)
+    meta = Path(str(c.path(a)) + ".meta")
+    c.fetch(a, size=SIZE, version=None, compressed=False)
+    meta.write_text(json.dumps({"size": SIZE, "version": "old"}))
+    c.acquire(Need(a, SIZE, version, False, 0, 0))
+    c.release(a)
+    assert c.stats.fetches == 2 and c.remote_object(a) == RemoteObject(SIZE, version)
+    meta.write_text(json.dumps({"size": SIZE + 1, "version": None}))
+    c.acquire(Need(a, SIZE, None, False, 0, 0))
+    c.release(a)
+    assert c.stats.fetches == 3
+    gz = tmp_path / "src" / "b.tar.gz"
+    gz.write_bytes(gzip.compress(b"z" * 3000))
+    path = c.acquire(Need(str(gz), gz.stat().st_size, None, True, 0, 0))
+    assert Path(path).read_bytes() == b"z" * 3000
+    c.release(str(gz))
+
+
+def test_acquire_counts_its_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    urls = shards(tmp_path, "a", "b")
+    c = ShardCache(tmp_path / "cache", RemoteConfig())
+    real = cache_mod.download
+
+    def slow(*args: Any, **kw: Any) -> Any:
+        time.sleep(0.2)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cache_mod, "download", slow)
+    for n in "ab":
+        c.acquire(need(urls[n], 0, 0))
+    assert 0.4 <= c.stats.wait_seconds < 60  # both waits, added up
+
+
+def test_space_is_reserved_and_released_under_the_node_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process scanning the cache holds ``.space.lock``: a fetch neither reserves
+    space nor gives its reservation back meanwhile, so a scan never sees the shard and its
+    reservation both, or neither."""
+    import threading
+
+    urls = shards(tmp_path, "a")
+    root = tmp_path / "cache"
+    root.mkdir()
+    c = ShardCache(root, RemoteConfig(cache_limit=10 * SIZE))
+    downloaded, relocked = threading.Event(), threading.Event()
+    real = cache_mod.download
+
+    def dl(*args: Any, **kw: Any) -> Any:
+        got = real(*args, **kw)
+        downloaded.set()
+        assert relocked.wait(30)
+        return got
+
+    def reservations() -> list[str]:
+        return [n for n in os.listdir(root) if n.startswith(".reserve-")]
+
+    monkeypatch.setattr(cache_mod, "download", dl)
+    space = open(root / ".space.lock", "a+b")  # noqa: SIM115 (closed below)
+    fcntl.flock(space, fcntl.LOCK_EX)
+    t = threading.Thread(
+        target=lambda: c.fetch(urls["a"], size=SIZE, version=None, compressed=False)
+    )
+    t.start()
+    time.sleep(0.2)
+    assert not downloaded.is_set() and reservations() == []  # waiting for the lock
+    fcntl.flock(space, fcntl.LOCK_UN)
+    assert downloaded.wait(30)
+    assert len(reservations()) == 1
+    fcntl.flock(space, fcntl.LOCK_EX)
+    relocked.set()
+    time.sleep(0.2)
+    assert t.is_alive() and len(reservations()) == 1  # the release waits for the lock too
+    fcntl.flock(space, fcntl.LOCK_UN)
+    t.join(30)
+    space.close()
+    assert reservations() == [] and present(c, urls) == {"a"}
+
+
+def test_a_fetch_needed_now_evicts_a_shard_needed_later(tmp_path: Path) -> None:
+    urls = shards(tmp_path, "a", "b", "c")
+    c = ShardCache(tmp_path / "cache", RemoteConfig(cache_limit=2 * SIZE))
+    for n in "ab":
+        c.fetch(urls[n], size=SIZE, version=None, compressed=False)
+    c._needs = [need(urls["a"], 5, 5), need(urls["b"], 9, 9), need(urls["c"], 0, 0)]
+    with pytest.raises(_NoRoom):  # the look-ahead never evicts what is needed
+        c.fetch(urls["c"], size=SIZE, version=None, compressed=False, wait=False)
+    c.fetch(urls["c"], size=SIZE, version=None, compressed=False)
+    assert present(c, urls) == {"a", "c"}  # b, needed the farthest ahead, made room
+
+
+def test_a_shard_of_unknown_size_reserves_nothing(tmp_path: Path) -> None:
+    urls = shards(tmp_path, "a", "b")
+    c = ShardCache(tmp_path / "cache", RemoteConfig(cache_limit=SIZE))
+    c.fetch(urls["a"], size=SIZE, version=None, compressed=False)  # the cache is full
+    c.fetch(urls["b"], size=None, version=None, compressed=False)
+    assert present(c, urls) == {"a", "b"} and c.stats.evicted == 0
+
+
+def test_a_record_left_half_written_is_a_stale_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch that dies writing the shard's record leaves a hidden ``.fetch-`` file: not
+    counted as a shard, removed once stale like a partial download."""
+    urls = shards(tmp_path, "a")
+    root = tmp_path / "cache"
+    c = ShardCache(root, RemoteConfig(read_timeout=1.0))
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if str(dst).endswith(".meta"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        c.fetch(urls["a"], size=SIZE, version=None, compressed=False)
+    monkeypatch.undo()
+    (left,) = [
+        n for n in os.listdir(root) if not n.endswith(".lock") and n != cache_name(urls["a"])
+    ]
+    assert left.startswith(".fetch-")
+    assert c.used_bytes() == SIZE  # the shard; the half-written record is not a shard
+    past = time.time() - (2 * 1.0 + 60) - 5
+    os.utime(root / left, (past, past))
+    c.used_bytes()
+    assert not (root / left).exists()
+
+
+def test_eviction_details(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A shard needed by the current batch is never evicted, even when its first batch is the
+    current one; a shard needed twice later counts from its earlier need; a shard being fetched,
+    hidden files and a shard without a record; no cache directory at all."""
+    urls = shards(tmp_path, "a", "b", "c", "d", "f")
+    root = tmp_path / "cache"
+    c = ShardCache(root, RemoteConfig(cache_limit=10 * SIZE))
+    assert not c._evict_one("x", now=True)  # no directory yet: nothing to evict
+    for n in "abcdf":
+        c.fetch(urls[n], size=SIZE, version=None, compressed=False)
+    (root / ".fetch-partial").write_bytes(b"p" * 10)  # another process's download
+    (root / ".reserve-x").write_bytes(b"10")
+    c._current = 4
+    c._needs = [
+        need(urls["a"], 4, 6),  # first needed by the current batch
+        need(urls["b"], 5, 5),  # needed later twice: from batch 5 on
+        need(urls["c"], 7, 7),
+        need(urls["b"], 9, 9),
+        need(urls["d"], 0, 0),  # done, but being fetched again (in flight)
+        need(urls["f"], 0, 0),  # done
+    ]
+    c._inflight = {urls["d"]: None}  # type: ignore[dict-item]
+    Path(str(c.path(urls["f"])) + ".meta").unlink()
+    with caplog.at_level("DEBUG", logger="mmload.sources.cache"):
+        assert c._evict_one("x", now=True)
+    assert present(c, urls) == {"a", "b", "c", "d"}  # f, done, went first
+    assert f"evicted {cache_name(urls['f'])} ({SIZE} bytes)" in caplog.messages
+    assert c._evict_one("x", now=True)
+    assert present(c, urls) == {"a", "b", "d"}  # c (7) is farther than b (5)
+    assert c._evict_one("x", now=True)
+    assert present(c, urls) == {"a", "d"}
+    assert not c._evict_one("x", now=True)
+    assert present(c, urls) == {"a", "d"}
+    assert (root / ".fetch-partial").exists() and (root / ".reserve-x").exists()
+    assert (c.stats.evicted, c.stats.evicted_bytes) == (3, 3 * SIZE)
+    c._inflight = {}
+
+
+def test_each_follow_starts_a_new_generation(tmp_path: Path) -> None:
+    """Fetches handed out for an earlier plan report to a generation that is no longer
+    current, so they cannot move the new plan's look-ahead."""
+    urls = shards(tmp_path, "a")
+    c = ShardCache(tmp_path / "cache", RemoteConfig())
+    seen = set()
+    for _ in range(3):
+        c.follow([need(urls["a"], 0, 0)])
+        seen.add(c._generation)
+    assert len(seen) == 3
+    c.close()
+
+
+def test_a_release_lets_a_blocked_look_ahead_go_on(tmp_path: Path) -> None:
+    """The look-ahead found no room while a finished shard was still pinned (a slower reader);
+    its release makes room, and the look-ahead goes on then, not a batch later."""
+    urls = shards(tmp_path, "a", "b", "c")
+    cfg = RemoteConfig(cache_limit=2 * SIZE, lookahead=2, fetchers=1)
+    c = ShardCache(tmp_path / "cache", cfg)
+    needs = [need(urls[n], i, i) for i, n in enumerate("abc")]
+    c.follow(needs)
+    c.acquire(needs[0])
+    c.advance(1)  # a is done but still pinned: b fits, c does not
+    wait_for(
+        lambda: present(c, urls) == {"a", "b"} and c._blocked and not c._inflight, "c deferred"
+    )
+    c.release(urls["a"])
+    wait_for(lambda: present(c, urls) == {"b", "c"} and not c._inflight, "c after the release")
+    assert c._current == 1  # no batch boundary was needed
     c.close()
