@@ -873,3 +873,73 @@ def test_a_release_lets_a_blocked_look_ahead_go_on(tmp_path: Path) -> None:
     wait_for(lambda: present(c, urls) == {"b", "c"} and not c._inflight, "c after the release")
     assert c._current == 1  # no batch boundary was needed
     c.close()
+
+
+def test_lookahead_hands_out_exactly_what_it_may(tmp_path: Path) -> None:
+    """No limit on space: the look-ahead fetches the shards needed now and ``lookahead`` more,
+    once each; a copy already cached is not fetched (nor counted a hit), a stale one (another
+    version or size) is."""
+    urls = shards(tmp_path, "a", "b", "c", "d", "e")
+    c = ShardCache(tmp_path / "cache", RemoteConfig(lookahead=3, fetchers=2))
+    version = {n: str(os.stat(u).st_mtime_ns) for n, u in urls.items()}
+    for n in "bcd":
+        c.fetch(urls[n], size=SIZE, version=None, compressed=False)
+    Path(str(c.path(urls["c"])) + ".meta").write_text(json.dumps({"size": SIZE, "version": "old"}))
+    Path(str(c.path(urls["d"])) + ".meta").write_text(json.dumps({"size": 1, "version": None}))
+    needs = [Need(urls[n], SIZE, version[n], False, i, i) for i, n in enumerate("abcde")]
+    c.follow(needs)
+    want = {"a", "b", "c", "d"}
+    wait_for(lambda: present(c, urls) == want and c.stats.fetches == 6 and not c._inflight, "a-d")
+    assert c._next == 4 and present(c, urls) == want
+    assert (c.stats.fetches, c.stats.hits) == (3 + 3, 0)  # a and the stale c, d; b left alone
+    for n in "cd":
+        assert c.remote_object(urls[n]) == RemoteObject(SIZE, version[n])
+    c.close()
+
+
+def test_lookahead_unpacks_and_uses_at_most_fetchers_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    urls = shards(tmp_path, "a", "b", "c")
+    gz = tmp_path / "src" / "g.tar.gz"
+    gz.write_bytes(gzip.compress(b"g" * 4000))
+    urls["g"] = str(gz)
+    lock = threading.Lock()
+    running, peak, names = [0], [0], set()
+    real = cache_mod.download
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            names.add(threading.current_thread().name)
+        try:
+            time.sleep(0.05)
+            return real(*args, **kw)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(cache_mod, "download", counted)
+    c = ShardCache(tmp_path / "cache", RemoteConfig(lookahead=3, fetchers=1))
+    needs = [need(urls[n], i, i) for i, n in enumerate("abc")]
+    needs.append(Need(str(gz), gz.stat().st_size, None, True, 3, 3))
+    c.follow(needs)
+    wait_for(lambda: present(c, urls) == set("abcg") and not c._inflight, "all four")
+    assert peak[0] == 1 and len(names) == 1 and names.pop().startswith("mmload-fetch")
+    assert c.path(str(gz)).read_bytes() == b"g" * 4000  # unpacked, as the need says
+    c.close()
+
+
+def test_a_shard_needed_now_makes_room_in_the_background(tmp_path: Path) -> None:
+    """The look-ahead fetches the current batch's shard as a fetch needed now: it evicts a
+    shard needed later to make room, rather than waiting for the consumer to ask for it."""
+    urls = shards(tmp_path, "a", "x")
+    c = ShardCache(tmp_path / "cache", RemoteConfig(cache_limit=SIZE, lookahead=1, fetchers=1))
+    c.fetch(urls["x"], size=SIZE, version=None, compressed=False)
+    c.follow([need(urls["a"], 0, 0), need(urls["x"], 5, 5)])
+    wait_for(lambda: present(c, urls) == {"a"} and not c._inflight, "a fetched, x evicted")
+    assert not c._blocked
+    c.close()
