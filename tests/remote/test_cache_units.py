@@ -943,3 +943,50 @@ def test_a_shard_needed_now_makes_room_in_the_background(tmp_path: Path) -> None
     wait_for(lambda: present(c, urls) == {"a"} and not c._inflight, "a fetched, x evicted")
     assert not c._blocked
     c.close()
+
+
+def test_a_failed_look_ahead_fetch_is_recorded(tmp_path: Path) -> None:
+    urls = shards(tmp_path, "a")
+    missing = str(tmp_path / "src" / "gone.tar")
+    c = ShardCache(tmp_path / "cache", RemoteConfig(lookahead=2, fetchers=1, retries=0))
+    c.follow([need(urls["a"], 0, 0), need(missing, 1, 1)])
+    wait_for(lambda: not c._inflight and len(c.stats.errors) == 1, "the failure")
+    (err,) = c.stats.errors
+    assert err == f"{missing}: shard not found (shard {missing!r})"
+    with pytest.raises(ShardError):  # the consumer gets the error when it needs the shard
+        c.acquire(need(missing, 1, 1))
+    c.close()
+
+
+def test_close_cancels_queued_fetches_and_ends_the_fetch_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    urls = shards(tmp_path, "a", "b", "c", "d")
+    started, gate = threading.Event(), threading.Event()
+    real = cache_mod.download
+
+    def held(*args: Any, **kw: Any) -> Any:
+        started.set()
+        assert gate.wait(30)
+        return real(*args, **kw)
+
+    before = set(threading.enumerate())
+
+    def fetch_threads() -> list[threading.Thread]:  # this cache's
+        return [
+            t
+            for t in threading.enumerate()
+            if t.name.startswith("mmload-fetch") and t not in before
+        ]
+
+    monkeypatch.setattr(cache_mod, "download", held)
+    c = ShardCache(tmp_path / "cache", RemoteConfig(lookahead=3, fetchers=1))
+    c.follow([need(urls[n], i, i) for i, n in enumerate("abcd")])
+    assert started.wait(30)  # a is being fetched; b, c, d wait in the queue
+    assert len(fetch_threads()) == 1
+    c.close()
+    gate.set()
+    wait_for(lambda: fetch_threads() == [], "the fetch thread to end")
+    assert c.stats.fetches == 1 and present(c, urls) == {"a"}  # the queued ones never ran
