@@ -326,3 +326,22 @@ def test_version_of(server: Recorder) -> None:
         server.routes[f"/{i}"] = answer(headers)
         with mhttp.request("GET", f"{server.url}/{i}", **T) as r:
             assert mhttp.version_of(r) == want, headers
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_connect_timeout_bounds_the_connection(scheme: str) -> None:
+    """A server whose listen backlog is full never accepts: the connect timeout ends the wait
+    (without one, the connection would wait out the test's own timeout)."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    filler = socket.create_connection(srv.getsockname(), timeout=5)  # the backlog is full now
+    url = f"{scheme}://127.0.0.1:{srv.getsockname()[1]}/a.bin"
+    try:
+        with pytest.raises(TimeoutError):
+            mhttp.request("GET", url, connect_timeout=0.3, read_timeout=30.0)
+    finally:
+        filler.close()
+        srv.close()
