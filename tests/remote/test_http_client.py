@@ -104,6 +104,9 @@ def test_request_headers_auth_and_target(server: Recorder) -> None:
         assert r.read1(100) == b"ok" and r.read1(100) == b""
     (s,) = server.seen
     assert (s.method, s.path) == ("GET", "/a/b.tar?x=1&y=2")
+    assert sorted(s.headers) == sorted(  # these and nothing else
+        ["Host", "Accept-Encoding", "Connection", "User-Agent", "Range", "Authorization"]
+    )
     assert s.headers["Accept-Encoding"] == "identity"
     assert s.headers["Connection"] == "close"
     assert s.headers["User-Agent"] == "custom"  # the caller's headers win
@@ -317,6 +320,8 @@ def test_version_of(server: Recorder) -> None:
     cases = [
         ({"ETag": '"abc"', "Last-Modified": "Mon"}, "abc"),
         ({"ETag": 'W/"abc"'}, "W/abc"),
+        ({"ETag": "W/abc"}, "W/abc"),  # unquoted (not RFC 9110, but servers send it)
+        ({"ETag": '"XyzX"'}, "XyzX"),  # only quotes and spaces are stripped
         ({"ETag": " plain "}, "plain"),
         ({"Last-Modified": "Tue, 01 Dec 2026 00:00:00 GMT"}, "Tue, 01 Dec 2026 00:00:00 GMT"),
         ({"Last-Modified": ""}, None),
