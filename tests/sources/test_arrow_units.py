@@ -1,0 +1,404 @@
+"""mmload.sources.arrow on its own: the table index and its on-disk form, each kind's footer,
+IPC streams cut short, validation, column conversion to NumPy/Python values, the chunk cache
+and the row reader. Oracles: pyarrow's own reading of the same files, hand-written values.
+Written from the module's mutants (issue 15)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+import pytest
+
+from mmload.errors import ShardError
+from mmload.sources import arrow as A
+from mmload.sources.index import IndexStore
+
+
+def table(n: int = 10) -> pa.Table:
+    return pa.table(
+        {
+            "__key__": [f"k{i:03d}" for i in range(n)],
+            "jpg": [bytes([i]) * (i + 1) for i in range(n)],
+            "label": pa.array(range(n), pa.int64()),
+        }
+    )
+
+
+def write(tmp_path: Path, kind: str, t: pa.Table, name: str = "t", chunk: int = 4) -> str:
+    if kind == "parquet":
+        p = tmp_path / f"{name}.parquet"
+        pq.write_table(t, p, row_group_size=chunk)
+    elif kind == "json":
+        p = tmp_path / f"{name}.jsonl"
+        rows = [
+            {k: v.hex() if isinstance(v, bytes) else v for k, v in r.items()} for r in t.to_pylist()
+        ]
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif kind == "arrow":
+        p = tmp_path / f"{name}.arrow"
+        with ipc.new_file(p, t.schema) as w:
+            for b in t.to_batches(max_chunksize=chunk):
+                w.write_batch(b)
+    else:  # an IPC stream
+        p = tmp_path / f"{name}.arrows"
+        with pa.OSFile(str(p), "wb") as f, ipc.new_stream(f, t.schema) as w:
+            for b in t.to_batches(max_chunksize=chunk):
+                w.write_batch(b)
+    return str(p)
+
+
+def reader(path: str, kind: str, *, key: str | None = "__key__", chunks: int = 8) -> Any:
+    index = A.index_table(path, "arrow" if kind == "stream" else kind, shard=path, key_column=key)
+    cache: A.ChunkCache = A.ChunkCache()
+    r = A.TableReader(
+        path,
+        index,
+        shard=path,
+        key_column=key,
+        cache=cache,
+        cache_chunks=chunks,
+        lock=threading.Lock(),
+    )
+    return r, cache
+
+
+# -- the index --------------------------------------------------------------------------------
+
+
+def test_index_json_form_and_round_trip() -> None:
+    idx = A.TableIndex("parquet", np.array([4, 4, 2], np.int64), ["a", "b"], ["string", "int64"])
+    d = idx.to_json()
+    assert d == {
+        "kind": "parquet",
+        "chunk_rows": [4, 4, 2],
+        "columns": ["a", "b"],
+        "types": ["string", "int64"],
+    }
+    back = A.TableIndex.from_json(json.loads(json.dumps(d)))
+    assert (back.kind, back.columns, back.types) == ("parquet", ["a", "b"], ["string", "int64"])
+    assert back.chunk_rows.dtype == np.int64 and back.chunk_rows.tolist() == [4, 4, 2]
+    assert back.num_samples == 10
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "stream", "json"])
+def test_the_index_file_is_read_back_as_written(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = write(tmp_path, kind, table(10))
+    k = "arrow" if kind == "stream" else kind
+    built = IndexStore(tmp_path / "c", key_column="__key__", skip=False).build(
+        p, k, url=p, version="v1"
+    )
+    with caplog.at_level(logging.WARNING):
+        again = IndexStore(tmp_path / "c", key_column="__key__", skip=False).cached(p, "v1")
+    assert not caplog.records  # read, not ignored as unreadable
+    assert isinstance(again, A.TableIndex) and isinstance(built, A.TableIndex)
+    assert again.kind == built.kind == k
+    assert again.chunk_rows.tolist() == built.chunk_rows.tolist()
+    assert again.chunk_rows.dtype == np.int64
+    assert (again.columns, again.types) == (built.columns, built.types)
+
+
+@pytest.mark.parametrize(
+    ("kind", "rows"),
+    [("parquet", [4, 4, 2]), ("arrow", [4, 4, 2]), ("stream", [4, 4, 2]), ("json", [10])],
+)
+def test_index_table_per_kind(tmp_path: Path, kind: str, rows: list[int]) -> None:
+    p = write(tmp_path, kind, table(10))
+    idx = A.index_table(p, "arrow" if kind == "stream" else kind, shard=p, key_column="__key__")
+    assert idx.chunk_rows.tolist() == rows and idx.chunk_rows.dtype == np.int64
+    assert idx.columns == ["__key__", "jpg", "label"]
+    want = ["string", "binary", "int64"] if kind != "json" else ["string", "string", "int64"]
+    assert idx.types == want
+
+
+def test_index_table_errors(tmp_path: Path) -> None:
+    gone = str(tmp_path / "gone.parquet")
+    with pytest.raises(ShardError) as e:
+        A.index_table(gone, "parquet", shard="s", key_column=None)
+    assert (e.value.reason, e.value.shard) == ("shard file not found", "s")
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"PAR1" + b"\0" * 64)
+    for kind, what in (("parquet", "Parquet"), ("json", "JSON-lines")):
+        with pytest.raises(ShardError) as e:
+            A.index_table(str(bad), kind, shard="s", key_column=None)
+        assert e.value.reason.startswith(f"not a readable {what} file: ")
+    (tmp_path / "bad.jsonl").write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(ShardError, match=r"^not a readable JSON-lines file: ArrowInvalid: "):
+        A.index_table(str(tmp_path / "bad.jsonl"), "json", shard="s", key_column=None)
+    dup = pa.Table.from_arrays([pa.array([1]), pa.array([2])], names=["x", "x"])
+    p = str(tmp_path / "dup.parquet")
+    pq.write_table(dup, p)
+    with pytest.raises(ShardError) as e:
+        A.index_table(p, "parquet", shard="s", key_column=None)
+    assert e.value.reason == "duplicate column names in ['x', 'x']"
+    p = write(tmp_path, "parquet", table(3))
+    with pytest.raises(ShardError) as e:
+        A.index_table(p, "parquet", shard="s", key_column="id")
+    assert e.value.reason == (
+        "key column 'id' is missing (columns: ['__key__', 'jpg', 'label']); "
+        "pass key_column=<name>, or key_column=None to number rows"
+    )
+
+
+# -- IPC files and streams --------------------------------------------------------------------
+
+
+def test_ipc_file_and_stream(tmp_path: Path) -> None:
+    t = table(10)
+    f, batches, schema = A._open_arrow(write(tmp_path, "arrow", t), "s")
+    assert f is not None and batches == [] and schema == t.schema
+    assert f.num_record_batches == 3
+    f, batches, schema = A._open_arrow(write(tmp_path, "stream", t), "s")
+    assert f is None and schema == t.schema
+    assert [b.num_rows for b in batches] == [4, 4, 2]
+    assert pa.Table.from_batches(batches).equals(t)
+    # A stream of no batches keeps its columns.
+    f, batches, schema = A._open_arrow(write(tmp_path, "stream", t.slice(0, 0), "empty"), "s")
+    assert f is None and batches == [] and schema.names == ["__key__", "jpg", "label"]
+
+
+def test_a_stream_cut_short_is_an_error_with_the_readable_rows(tmp_path: Path) -> None:
+    t = table(10)
+    p = Path(write(tmp_path, "stream", t))
+    whole = p.read_bytes()
+    assert whole.endswith(b"\xff\xff\xff\xff\x00\x00\x00\x00")
+    # Cut right after the second batch's message: a valid, shorter stream without its end.
+    src = pa.memory_map(str(p), "r")
+    messages = ipc.MessageReader.open_stream(src)
+    ends = []
+    while True:
+        try:
+            messages.read_next_message()
+        except StopIteration:
+            break
+        ends.append(src.tell())
+    cut = tmp_path / "cut.arrows"
+    cut.write_bytes(whole[: ends[2]])  # schema, batch 0, batch 1
+    with pytest.raises(ShardError) as e:
+        A._open_arrow(str(cut), "s")
+    assert e.value.reason == (
+        "Arrow IPC stream does not end with the end-of-stream marker (truncated?); "
+        "8 rows are readable"
+    )
+    # A stream written before Arrow 0.15 ends with a 4-byte zero: complete.
+    legacy = tmp_path / "legacy.arrows"
+    legacy.write_bytes(whole[: ends[-1]] + b"\x00\x00\x00\x00")
+    _, batches, _ = A._open_arrow(str(legacy), "s")
+    assert sum(b.num_rows for b in batches) == 10
+    junk = tmp_path / "junk.arrows"
+    junk.write_bytes(whole[: ends[-1]] + b"\x00\x00\x00\x00\x00")
+    with pytest.raises(ShardError, match="does not end with the end-of-stream marker"):
+        A._open_arrow(str(junk), "s")
+    (tmp_path / "no.arrow").write_bytes(b"no arrow here at all")
+    with pytest.raises(ShardError, match=r"^not an Arrow IPC file or stream: "):
+        A._open_arrow(str(tmp_path / "no.arrow"), "s")
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def test_has_strings() -> None:
+    yes = [
+        pa.string(),
+        pa.large_string(),
+        pa.string_view(),
+        pa.dictionary(pa.int32(), pa.string()),
+        pa.struct([("a", pa.int32()), ("b", pa.string())]),
+        pa.list_(pa.string()),
+        pa.map_(pa.string(), pa.int32()),
+    ]
+    no = [
+        pa.int64(),
+        pa.binary(),
+        pa.dictionary(pa.int32(), pa.binary()),
+        pa.struct([("a", pa.int32())]),
+        pa.list_(pa.float32()),
+    ]
+    assert [A._has_strings(t) for t in yes] == [True] * len(yes)
+    assert [A._has_strings(t) for t in no] == [False] * len(no)
+
+
+def _bad_utf8_batch() -> pa.RecordBatch:
+    good = pa.array(["ab", "cd"])
+    validity, offsets, _ = good.buffers()
+    bad = pa.Array.from_buffers(pa.string(), 2, [validity, offsets, pa.py_buffer(b"a\xffcd")])
+    return pa.record_batch([bad, pa.array([1, 2])], names=["s", "n"])
+
+
+def test_validated_checks_strings_of_decoded_chunks_and_all_of_mapped_ones() -> None:
+    batch = _bad_utf8_batch()
+    with pytest.raises(ShardError) as e:
+        A._validated(batch, 3, "s", decoded=True)
+    assert e.value.reason.startswith("chunk 3 is corrupt: ") and e.value.shard == "s"
+    with pytest.raises(ShardError, match=r"^chunk 3 is corrupt: "):
+        A._validated(batch, 3, "s")
+    ok = pa.record_batch([pa.array([1, 2])], names=["n"])
+    assert A._validated(ok, 0, "s", decoded=True) is ok
+    assert A._validated(ok, 0, "s") is ok
+    # A decoded chunk without string columns is not validated at all (its buffers are sound):
+    # a wrong offset buffer in a binary column goes through.
+    good = pa.array([b"ab", b"cd"])
+    validity, _, data = good.buffers()
+    offsets = pa.py_buffer(np.array([0, 9, 4], np.int32).tobytes())
+    binary = pa.Array.from_buffers(pa.binary(), 2, [validity, offsets, data])
+    unchecked = pa.record_batch([binary], names=["b"])
+    assert A._validated(unchecked, 0, "s", decoded=True) is unchecked
+    with pytest.raises(ShardError):
+        A._validated(unchecked, 0, "s")
+
+
+# -- values -------------------------------------------------------------------------------------
+
+
+def test_as_array_and_element_dtype() -> None:
+    assert A._as_array([], np.int32).dtype == np.int32
+    a = A._as_array([[1, 2], [3]])
+    assert a.dtype == object and [x.tolist() for x in a] == [[1, 2], [3]]
+    assert isinstance(a[0], np.ndarray)
+    b = A._as_array([[1, 2], None])
+    assert b.dtype == object and b[0].tolist() == [1, 2] and b[1] is None
+    assert A._element_dtype(pa.list_(pa.int16())) == np.int16
+    assert A._element_dtype(pa.list_(pa.float32())) == np.float32
+    assert A._element_dtype(pa.list_(pa.bool_())) == np.bool_
+    assert A._element_dtype(pa.list_(pa.string())) is None
+    assert A._element_dtype(pa.list_(pa.list_(pa.int8()))) is None
+
+
+def test_times_as_ints() -> None:
+    ts, i64, i32 = pa.timestamp("us"), pa.int64(), pa.int32()
+    cases = [
+        (ts, i64),
+        (pa.date64(), i64),
+        (pa.duration("s"), i64),
+        (pa.time64("ns"), i64),
+        (pa.date32(), i32),
+        (pa.time32("ms"), i32),
+        (pa.float64(), pa.float64()),
+        (pa.struct([("t", ts), ("x", pa.string())]), pa.struct([("t", i64), ("x", pa.string())])),
+        (pa.map_(pa.date32(), ts), pa.map_(i32, i64)),
+        (pa.list_(ts, 3), pa.list_(i64, 3)),
+        (pa.large_list(pa.date32()), pa.large_list(i32)),
+        (pa.list_(pa.list_(ts)), pa.list_(pa.list_(i64))),
+    ]
+    for t, want in cases:
+        assert A._times_as_ints(t) == want, t
+
+
+def test_column_values() -> None:
+    t0 = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    us = int(t0.replace(tzinfo=datetime.timezone.utc).timestamp() * 1_000_000)
+    cases: list[tuple[pa.Array, list[Any]]] = [
+        (pa.array([b"x", None]), [b"x", None]),
+        (pa.array([b"x"], pa.large_binary()), [b"x"]),
+        (pa.array([b"xy"], pa.binary(2)), [b"xy"]),
+        (pa.array([["a", "b"]]), [["a", "b"]]),
+        (pa.array([t0], pa.timestamp("us")), [us]),
+        (pa.array([1.5, None]), [1.5, None]),
+        (pa.array([{"t": t0}], pa.struct([("t", pa.timestamp("us"))])), [{"t": us}]),
+    ]
+    for col, want in cases:
+        assert A._column_values(col) == want, col.type
+    got = A._column_values(pa.array([[1, 2], None, []], pa.list_(pa.int16())))
+    assert got[1] is None and [x.dtype for x in (got[0], got[2])] == [np.int16, np.int16]
+    assert got[0].tolist() == [1, 2] and got[2].tolist() == []
+    got = A._column_values(pa.array([[1, 2]], pa.large_list(pa.float32())))
+    assert got[0].dtype == np.float32
+    fixed = A._column_values(pa.array([["a", "b"]], pa.list_(pa.string(), 2)))
+    assert isinstance(fixed[0], np.ndarray) and fixed[0].tolist() == ["a", "b"]
+    nested = A._column_values(pa.array([[[t0]]], pa.list_(pa.list_(pa.timestamp("us")))))
+    assert nested == [[[us]]]
+
+
+# -- the reader ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "stream", "json"])
+def test_read_rows_keys_and_fields(tmp_path: Path, kind: str) -> None:
+    t = table(10)
+    p = write(tmp_path, kind, t)
+    r, _ = reader(p, kind)
+    c = 0 if kind == "json" else 1
+    first = 0 if kind == "json" else 4
+    got = r.read(c, np.array([2, 0]), None)
+    ref = t.to_pylist()
+    for s, row in zip(got, [first + 2, first], strict=True):
+        assert isinstance(s, dict)
+        assert s["__key__"] == ref[row]["__key__"] and s["label"] == ref[row]["label"]
+        assert set(s) == {"__key__", "jpg", "label"}
+    only = r.read(c, np.array([1]), {"label"})[0]
+    assert set(only) == {"__key__", "label"}
+    r.close()
+    assert r._pf is None and r._arrow is None
+    r, _ = reader(p, kind, key=None)
+    got = r.read(c, np.array([3, 1]), {"label"})
+    assert [s["__key__"] for s in got] == [str(first + 3), str(first + 1)]  # row numbers
+    assert set(got[0]) == {"__key__", "label"}
+    r.close()
+
+
+def test_int_keys_become_strings_and_null_keys_bad_rows(tmp_path: Path) -> None:
+    t = pa.table({"id": pa.array([7, None, 9], pa.int64()), "v": [1, 2, 3]})
+    p = write(tmp_path, "parquet", t, chunk=2)
+    r, _ = reader(p, "parquet", key="id")
+    assert [s["__key__"] for s in r.read(0, np.array([0]), None)] == ["7"]
+    out = r.read(0, np.array([1, 0]), None)
+    assert isinstance(out[0], ShardError) and out[0].reason == "row 1 has a null key"
+    assert isinstance(out[1], dict) and out[1] == {"__key__": "7", "v": 1}
+    assert r.read(1, np.array([0]), None) == [{"__key__": "9", "v": 3}]
+
+
+def test_the_chunk_cache_is_a_bounded_lru(tmp_path: Path) -> None:
+    p = write(tmp_path, "parquet", table(12))  # 3 row groups
+    r, cache = reader(p, "parquet", chunks=2)
+    cols = ("__key__", "jpg", "label")
+    r.read(0, np.array([0]), None)
+    r.read(1, np.array([0]), None)
+    assert list(cache) == [(p, 0, cols), (p, 1, cols)]
+    r.read(0, np.array([1]), None)  # a hit moves it to the end
+    assert list(cache) == [(p, 1, cols), (p, 0, cols)]
+    r.read(2, np.array([0]), None)  # evicts the least recently used
+    assert list(cache) == [(p, 0, cols), (p, 2, cols)]
+    r.read(2, np.array([0]), {"label"})
+    assert list(cache)[-1] == (p, 2, ("__key__", "label")) and len(cache) == 2
+    r0, cache0 = reader(p, "parquet", chunks=0)  # at least one chunk is kept
+    r0.read(0, np.array([0]), None)
+    r0.read(1, np.array([0]), None)
+    assert list(cache0) == [(p, 1, cols)]
+
+
+def test_a_chunk_that_disagrees_with_the_index(tmp_path: Path) -> None:
+    p = write(tmp_path, "parquet", table(10))
+    r, _ = reader(p, "parquet")
+    r.index.chunk_rows = np.array([5, 3, 2], np.int64)  # the file was rewritten after indexing
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([0]), None)
+    assert e.value.reason == (
+        "chunk 0 has 4 rows, the index says 5 (shard changed after indexing?)"
+    )
+    r, _ = reader(p, "parquet")
+    r.index.types = ["string", "binary", "int32"]
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([0]), None)
+    assert e.value.reason == (
+        "chunk 0 has columns [('__key__', 'string'), ('jpg', 'binary'), ('label', 'int64')], "
+        "the file's schema says [('__key__', 'string'), ('jpg', 'binary'), ('label', 'int32')] "
+        "(corrupt batch header?)"
+    )
+    r, _ = reader(p, "parquet")
+    with pytest.raises(ShardError) as e:
+        r.read(5, np.array([0]), None)  # no such row group
+    assert e.value.reason.startswith("cannot read chunk 5: ")
+    r, _ = reader(p, "parquet")
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([9]), None)  # no such row in the chunk
+    assert e.value.reason.startswith("cannot read rows of chunk 0: ")
