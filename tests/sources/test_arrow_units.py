@@ -87,6 +87,8 @@ def test_index_json_form_and_round_trip() -> None:
     assert (back.kind, back.columns, back.types) == ("parquet", ["a", "b"], ["string", "int64"])
     assert back.chunk_rows.dtype == np.int64 and back.chunk_rows.tolist() == [4, 4, 2]
     assert back.num_samples == 10
+    empty = A.TableIndex.from_json({**d, "chunk_rows": []})  # a file of no row groups
+    assert empty.chunk_rows.dtype == np.int64 and empty.num_samples == 0
 
 
 @pytest.mark.parametrize("kind", ["parquet", "arrow", "stream", "json"])
