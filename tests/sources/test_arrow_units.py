@@ -192,6 +192,7 @@ def test_a_stream_cut_short_is_an_error_with_the_readable_rows(tmp_path: Path) -
         "Arrow IPC stream does not end with the end-of-stream marker (truncated?); "
         "8 rows are readable"
     )
+    assert e.value.shard == "s"
     # A stream written before Arrow 0.15 ends with a 4-byte zero: complete.
     legacy = tmp_path / "legacy.arrows"
     legacy.write_bytes(whole[: ends[-1]] + b"\x00\x00\x00\x00")
@@ -202,8 +203,9 @@ def test_a_stream_cut_short_is_an_error_with_the_readable_rows(tmp_path: Path) -
     with pytest.raises(ShardError, match="does not end with the end-of-stream marker"):
         A._open_arrow(str(junk), "s")
     (tmp_path / "no.arrow").write_bytes(b"no arrow here at all")
-    with pytest.raises(ShardError, match=r"^not an Arrow IPC file or stream: "):
+    with pytest.raises(ShardError, match=r"^not an Arrow IPC file or stream: ") as e:
         A._open_arrow(str(tmp_path / "no.arrow"), "s")
+    assert e.value.shard == "s"
 
 
 # -- validation ---------------------------------------------------------------------------------
