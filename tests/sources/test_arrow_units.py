@@ -406,3 +406,22 @@ def test_a_chunk_that_disagrees_with_the_index(tmp_path: Path) -> None:
     with pytest.raises(ShardError) as e:
         r.read(0, np.array([9]), None)  # no such row in the chunk
     assert e.value.reason.startswith("cannot read rows of chunk 0: ")
+
+
+def test_json_lines_rows_up_to_16_mib(tmp_path: Path) -> None:
+    """pyarrow reads JSON-lines in 1 MiB blocks by default, and a row longer than a block (a
+    long text, an inline image) fails to read. mmload reads 16 MiB blocks."""
+    import pyarrow.json as pajson
+
+    long = "x" * (2 << 20)
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"__key__": "a", "v": long}) + "\n" + '{"__key__": "b", "v": "y"}\n')
+    with pytest.raises(pa.ArrowInvalid, match="straddles two block boundaries"):
+        pajson.read_json(str(p))  # pyarrow's default block size
+    idx = A.index_table(str(p), "json", shard="s", key_column="__key__")
+    assert idx.chunk_rows.tolist() == [2] and idx.types == ["string", "string"]
+    r, _ = reader(str(p), "json")
+    assert r.read(0, np.array([1, 0]), None) == [
+        {"__key__": "b", "v": "y"},
+        {"__key__": "a", "v": long},
+    ]
