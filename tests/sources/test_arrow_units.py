@@ -425,3 +425,15 @@ def test_json_lines_rows_up_to_16_mib(tmp_path: Path) -> None:
         {"__key__": "b", "v": "y"},
         {"__key__": "a", "v": long},
     ]
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "stream"])
+def test_a_file_of_no_chunks_has_int64_chunk_counts(tmp_path: Path, kind: str) -> None:
+    if kind == "parquet":  # a writer closed before any row group
+        p = str(tmp_path / "none.parquet")
+        pq.ParquetWriter(p, table(0).schema).close()
+    else:
+        p = write(tmp_path, kind, table(0))
+    idx = A.index_table(p, "arrow" if kind == "stream" else kind, shard=p, key_column="__key__")
+    assert idx.chunk_rows.tolist() == [] and idx.chunk_rows.dtype == np.int64
+    assert idx.num_samples == 0
