@@ -204,6 +204,9 @@ def test_a_stream_cut_short_is_an_error_with_the_readable_rows(tmp_path: Path) -
         A._open_arrow(str(junk), "s")
     (tmp_path / "no.arrow").write_bytes(b"no arrow here at all")
     with pytest.raises(ShardError, match=r"^not an Arrow IPC file or stream: ") as e:
+        A.index_table(str(tmp_path / "no.arrow"), "arrow", shard="s", key_column=None)
+    assert e.value.shard == "s"
+    with pytest.raises(ShardError, match=r"^not an Arrow IPC file or stream: ") as e:
         A._open_arrow(str(tmp_path / "no.arrow"), "s")
     assert e.value.shard == "s"
 
