@@ -440,3 +440,27 @@ def test_a_file_of_no_chunks_has_int64_chunk_counts(tmp_path: Path, kind: str) -
     idx = A.index_table(p, "arrow" if kind == "stream" else kind, shard=p, key_column="__key__")
     assert idx.chunk_rows.tolist() == [] and idx.chunk_rows.dtype == np.int64
     assert idx.num_samples == 0
+
+
+def test_an_ipc_file_with_a_corrupt_batch_header(tmp_path: Path) -> None:
+    """A valid footer, but the first record batch's message length is damaged: the index
+    reads each batch's row count and fails with the shard named."""
+    p = Path(write(tmp_path, "arrow", table(10)))
+    f = ipc.open_file(str(p))
+    offset = None
+    for off in range(8, p.stat().st_size - 4, 8):  # the first batch's message header
+        data = bytearray(p.read_bytes())
+        data[off : off + 4] = b"\xff\xff\xff\x7f"
+        bad = tmp_path / "bad.arrow"
+        bad.write_bytes(data)
+        try:
+            A.index_table(str(bad), "arrow", shard="s", key_column=None)
+        except ShardError as e:
+            if e.reason.startswith("not a readable Arrow IPC file: "):
+                offset = off
+                break
+    assert offset is not None and f.num_record_batches == 3
+    with pytest.raises(ShardError) as e:
+        A.index_table(str(tmp_path / "bad.arrow"), "arrow", shard="s", key_column=None)
+    assert e.value.reason.startswith("not a readable Arrow IPC file: ArrowInvalid: ")
+    assert e.value.shard == "s"
