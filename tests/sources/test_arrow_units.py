@@ -142,7 +142,7 @@ def test_index_table_errors(tmp_path: Path) -> None:
     pq.write_table(dup, p)
     with pytest.raises(ShardError) as e:
         A.index_table(p, "parquet", shard="s", key_column=None)
-    assert e.value.reason == "duplicate column names in ['x', 'x']"
+    assert e.value.reason == "duplicate column names in ['x', 'x']" and e.value.shard == "s"
     p = write(tmp_path, "parquet", table(3))
     with pytest.raises(ShardError) as e:
         A.index_table(p, "parquet", shard="s", key_column="id")
@@ -464,3 +464,10 @@ def test_an_ipc_file_with_a_corrupt_batch_header(tmp_path: Path) -> None:
         A.index_table(str(tmp_path / "bad.arrow"), "arrow", shard="s", key_column=None)
     assert e.value.reason.startswith("not a readable Arrow IPC file: ArrowInvalid: ")
     assert e.value.shard == "s"
+
+
+def test_an_empty_row_group_is_a_chunk_of_no_rows(tmp_path: Path) -> None:
+    p = str(tmp_path / "empty.parquet")
+    pq.write_table(table(0), p)  # one row group of 0 rows
+    idx = A.index_table(p, "parquet", shard=p, key_column="__key__")
+    assert idx.chunk_rows.tolist() == [0] and idx.num_samples == 0
