@@ -51,9 +51,9 @@ def stop_all(timeout: float = 10.0) -> None:
 
 
 def stop_all_at_exit() -> None:
-    """:func:`stop_all`, once per process: the exit hook of this module and the pipeline's
-    (which must stop the threads before it closes its media decoders) both call it, and only
-    the first waits; a thread that outlived that wait does not cost a second one."""
+    """:func:`stop_all`, once per process: the exit hooks of this module, the pipeline and DALI
+    (the last two stop the threads before closing their decoders) all call it, and only the
+    first waits; a thread that outlived that wait does not cost another."""
     global _EXIT_STOPPED
     with _EXIT_LOCK:
         if _EXIT_STOPPED:
