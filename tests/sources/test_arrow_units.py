@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -152,6 +153,24 @@ def test_index_table_errors(tmp_path: Path) -> None:
     )
 
 
+def test_a_footer_claiming_a_negative_row_count(tmp_path: Path) -> None:
+    # Thrift's compact encoding zigzags an i64: 77 is varint 0x9a 0x01, -77 is 0x99 0x01 (the
+    # same length). Field header 0x16 (next field, i64) precedes the file's and the row group's
+    # num_rows, and the column chunk's num_values: all three become -77.
+    p = tmp_path / "neg.parquet"
+    pq.write_table(pa.table({"x": list(range(77))}), p)
+    whole = p.read_bytes()
+    n = int.from_bytes(whole[-8:-4], "little")
+    start = len(whole) - 8 - n
+    footer = whole[start:-8]
+    assert footer.count(b"\x16\x9a\x01") == 3
+    p.write_bytes(whole[:start] + footer.replace(b"\x16\x9a\x01", b"\x16\x99\x01") + whole[-8:])
+    assert pq.ParquetFile(p).metadata.row_group(0).num_rows == -77  # pyarrow does not object
+    with pytest.raises(ShardError) as e:
+        A.index_table(str(p), "parquet", shard="s", key_column=None)
+    assert (e.value.reason, e.value.shard) == ("footer claims a negative row count: [-77]", "s")
+
+
 # -- IPC files and streams --------------------------------------------------------------------
 
 
@@ -208,6 +227,27 @@ def test_a_stream_cut_short_is_an_error_with_the_readable_rows(tmp_path: Path) -
     assert e.value.shard == "s"
     with pytest.raises(ShardError, match=r"^not an Arrow IPC file or stream: ") as e:
         A._open_arrow(str(tmp_path / "no.arrow"), "s")
+    assert e.value.shard == "s"
+
+
+def test_an_io_error_while_checking_a_streams_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stream reads whole; the second pass over its messages (for the end marker) fails.
+    p = write(tmp_path, "stream", table(10))
+
+    class FailingMessages:
+        @staticmethod
+        def open_stream(src: Any) -> Any:
+            raise OSError(5, "Input/output error")
+
+    fake = SimpleNamespace(
+        open_file=ipc.open_file, open_stream=ipc.open_stream, MessageReader=FailingMessages
+    )
+    monkeypatch.setattr(A, "ipc", fake)
+    with pytest.raises(ShardError) as e:
+        A._open_arrow(p, "s")
+    assert e.value.reason == "not an Arrow IPC stream: [Errno 5] Input/output error"
     assert e.value.shard == "s"
 
 
