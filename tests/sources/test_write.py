@@ -80,6 +80,35 @@ def test_tar_shards_errors(tmp_path: Path) -> None:
         assert tf.getnames() == ["a.x"]
 
 
+def test_tar_shards_defaults_keys_and_long_names(tmp_path: Path) -> None:
+    # maxcount defaults to 1000 samples a shard.
+    samples = [{"__key__": f"s{i:04d}", "x": b"1"} for i in range(1001)]
+    paths = write_tar_shards(samples, str(tmp_path / "d-%d.tar"))
+    counts = []
+    for p in paths:
+        with tarfile.open(p) as tf:
+            counts.append(len(tf.getnames()))
+    assert counts == [1000, 1]
+    # Dots are refused in the key's last path component only: a directory may have them.
+    (p,) = write_tar_shards([{"__key__": "a/b.c/d", "x": b"1"}], str(tmp_path / "k-%d.tar"))
+    with tarfile.open(p) as tf:
+        assert tf.getnames() == ["a/b.c/d.x"]
+    # A member name over ustar's 100 bytes goes into the ustar prefix field, not into a PAX
+    # extended header (typeflag "x") that older tar readers do not know.
+    key = "/".join(["d" * 40] * 3)  # 122 bytes
+    (p,) = write_tar_shards([{"__key__": key, "x": b"1"}], str(tmp_path / "long-%d.tar"))
+    with open(p, "rb") as f:
+        h = f.read(512)
+    prefix, name = h[345:500].rstrip(b"\0"), h[0:100].rstrip(b"\0")
+    assert h[156:157] == b"0" and prefix and prefix + b"/" + name == (key + ".x").encode()
+    with tarfile.open(p) as tf:
+        assert tf.getnames() == [key + ".x"]
+    # An unencodable value names its field.
+    with pytest.raises(ConfigError) as e:
+        write_tar_shards([{"__key__": "a", "x": 1.5}], str(tmp_path / "f-%d.tar"))
+    assert str(e.value) == "field 'x': cannot encode a float (give bytes)"
+
+
 def test_parquet(tmp_path: Path) -> None:
     rows = [
         {
@@ -117,3 +146,9 @@ def test_parquet(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         write_parquet([], str(tmp_path / "e.parquet"))
     assert str(e.value) == f"write_parquet({str(tmp_path / 'e.parquet')!r}): no rows"
+    # row_group_size defaults to 1000 rows.
+    f = pq.ParquetFile(write_parquet([{"a": i} for i in range(1001)], str(tmp_path / "d.parquet")))
+    assert [f.metadata.row_group(i).num_rows for i in range(f.metadata.num_row_groups)] == [
+        1000,
+        1,
+    ]
