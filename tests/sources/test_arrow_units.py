@@ -511,3 +511,94 @@ def test_an_empty_row_group_is_a_chunk_of_no_rows(tmp_path: Path) -> None:
     pq.write_table(table(0), p)  # one row group of 0 rows
     idx = A.index_table(p, "parquet", shard=p, key_column="__key__")
     assert idx.chunk_rows.tolist() == [0] and idx.num_samples == 0
+
+
+def test_reader_errors_name_the_shard_chunk_and_cause(tmp_path: Path) -> None:
+    """Every ShardError of TableReader carries the shard (the row is then skipped and counted
+    against that shard), the chunk and the cause's type."""
+    p = write(tmp_path, "parquet", table(10))
+    r, _ = reader(p, "parquet")
+    r.index.chunk_rows = np.array([5, 3, 2], np.int64)
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([0]), None)
+    assert e.value.shard == p
+    r, _ = reader(p, "parquet")
+    r.index.types = ["string", "binary", "int32"]
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([0]), None)
+    assert e.value.shard == p
+    r, _ = reader(p, "parquet")
+    with pytest.raises(ShardError) as e:
+        r.read(5, np.array([0]), None)
+    assert e.value.shard == p
+    assert e.value.reason.startswith("cannot read chunk 5: ArrowInvalid: ")
+    r, _ = reader(p, "parquet")
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([9]), None)
+    assert e.value.shard == p
+    assert e.value.reason.startswith("cannot read rows of chunk 0: ArrowIndexError: ")
+    # A null key: that row's error names the shard.
+    t = pa.table({"id": pa.array([None], pa.string()), "v": [1]})
+    q = write(tmp_path, "parquet", t, name="nullkey")
+    r, _ = reader(q, "parquet", key="id")
+    (err,) = r.read(0, np.array([0]), None)
+    assert isinstance(err, ShardError) and (err.reason, err.shard) == ("row 0 has a null key", q)
+    # A value Python cannot hold (a date 5.8 million years from 1970).
+    t = pa.table({"k": ["a"], "d": pa.array([2**31 - 1], pa.date32())})
+    q = write(tmp_path, "parquet", t, name="date")
+    r, _ = reader(q, "parquet", key="k")
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([0]), None)
+    assert e.value.shard == q
+    assert e.value.reason.startswith(
+        "cannot convert column 'd' (date32[day]) of chunk 0: OverflowError: "
+    )
+
+
+def test_reader_validates_each_chunk(tmp_path: Path) -> None:
+    # A Parquet column of strings whose bytes are not UTF-8 (the decoder copies them unchecked).
+    q = tmp_path / "utf8.parquet"
+    pq.write_table(pa.Table.from_batches([_bad_utf8_batch()]), q)
+    r, _ = reader(str(q), "parquet", key=None)
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([0]), None)
+    assert e.value.shard == str(q)
+    assert e.value.reason.startswith("chunk 0 is corrupt: ") and "UTF8" in e.value.reason
+    # A memory-mapped IPC chunk is checked whole: a binary column (no strings) whose offsets
+    # go backwards passes pyarrow's cheap validation, not the full one.
+    p = Path(write(tmp_path, "arrow", table(10)))
+    data = p.read_bytes()
+    offsets = np.array([0, 1, 3, 6, 10], "<i4").tobytes()  # chunk 0's "jpg" offsets
+    assert data.count(offsets) == 1
+    p.write_bytes(data.replace(offsets, np.array([0, 5, 3, 6, 10], "<i4").tobytes()))
+    A.index_table(str(p), "arrow", shard="s", key_column=None)  # the footer is sound
+    r, _ = reader(str(p), "arrow")
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([0]), None)
+    assert e.value.shard == str(p) and e.value.reason.startswith("chunk 0 is corrupt: ")
+    assert r.read(1, np.array([0]), None)[0]["jpg"] == bytes([4]) * 5  # other chunks read
+
+
+def test_a_shard_replaced_after_indexing(tmp_path: Path) -> None:
+    p = Path(write(tmp_path, "stream", table(10)))
+    r, _ = reader(str(p), "stream")
+    p.write_bytes(b"not arrow any more")
+    with pytest.raises(ShardError) as e:
+        r.read(0, np.array([0]), None)
+    assert e.value.shard == str(p)
+    assert e.value.reason.startswith("not an Arrow IPC file or stream: ")
+
+
+def test_a_chunk_schema_that_cannot_be_read(tmp_path: Path) -> None:
+    # pyarrow raises KeyError for a type id it has no Python class for (a corrupt header);
+    # stand-in: a chunk whose schema raises it.
+    class Corrupt:
+        @property
+        def schema(self) -> Any:
+            raise KeyError(42)
+
+    p = write(tmp_path, "parquet", table(4))
+    r, _ = reader(p, "parquet")
+    with pytest.raises(ShardError) as e:
+        r._check_schema(Corrupt(), 3, ("__key__",))
+    assert (e.value.reason, e.value.shard) == ("chunk 3 has a corrupt schema: KeyError(42)", p)
