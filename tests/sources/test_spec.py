@@ -104,6 +104,14 @@ def test_shards_over_http(make_shards, http_root, tmp_path: Path) -> None:  # ty
     assert again.num_samples == 5
 
 
+def test_a_glob_over_http(http_root) -> None:  # type: ignore[no-untyped-def]
+    # fsspec lists the server's directory page and gives whole URLs: kept as they are.
+    root, base = http_root
+    for name in ("b.tar", "a.tar", "c.parquet"):
+        (root / name).write_bytes(b"x")
+    assert [s.url for s in expand(base + "/*.tar")] == [base + "/a.tar", base + "/b.tar"]
+
+
 def test_http_404_names_the_url(http_root, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, base = http_root
     with pytest.raises(ShardError) as e:

@@ -171,3 +171,35 @@ def test_expand_errors_and_pipes(tmp_path: Path) -> None:
     assert (spec.url, spec.kind) == ("pipe:cat {a,b}.weird", "tar")
     # A str spec and a list of one give the same.
     assert expand(str(tmp_path / "a.tar")) == expand([str(tmp_path / "a.tar")])
+
+
+def test_more_spec_forms(tmp_path: Path) -> None:
+    # A "?" inside the query (allowed by RFC 3986) is still the query.
+    assert kind_of("https://h/a.parquet?sig=ab?cd") == "parquet"
+    # A descending range without zero padding: widths as bash gives them.
+    assert _expand_braces("{10..8}") == ["10", "9", "8"]
+    # Alternatives after a nested group are still alternatives.
+    assert _expand_braces("{a{b,c},d}.tar") == ["ab.tar", "ac.tar", "d.tar"]
+    # Globs in several brace alternatives: the files of each, in the order of the braces.
+    for d, names in (("y", ["1.tar", "0.tar"]), ("x", ["2.tar"])):
+        (tmp_path / d).mkdir()
+        for n in names:
+            (tmp_path / d / n).write_bytes(b"")
+    got = [s.url for s in expand(str(tmp_path / "{y,x}" / "*.tar"))]
+    assert got == [str(tmp_path / p) for p in ("y/0.tar", "y/1.tar", "x/2.tar")]
+
+
+def test_remote_globs_in_brace_alternatives() -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("x/b.tar", "x/a.tar", "y/c.tar"):
+        fs.pipe(f"/mmload-spec2/{name}", b"x")
+    try:
+        got = [s.url for s in expand("memory://mmload-spec2/{y,x}/*.tar")]
+        assert got == [f"memory:///mmload-spec2/{n}" for n in ("y/c.tar", "x/a.tar", "x/b.tar")]
+        with pytest.raises(ShardError) as e:
+            expand("memory://mmload-spec2/z/*.tar")
+        assert e.value.shard == "memory://mmload-spec2/z/*.tar"
+    finally:
+        fs.rm("/mmload-spec2", recursive=True)
