@@ -432,6 +432,7 @@ def test_a_chunk_that_disagrees_with_the_index(tmp_path: Path) -> None:
     assert e.value.reason == (
         "chunk 0 has 4 rows, the index says 5 (shard changed after indexing?)"
     )
+    assert e.value.shard == p
     r, _ = reader(p, "parquet")
     r.index.types = ["string", "binary", "int32"]
     with pytest.raises(ShardError) as e:
@@ -441,14 +442,17 @@ def test_a_chunk_that_disagrees_with_the_index(tmp_path: Path) -> None:
         "the file's schema says [('__key__', 'string'), ('jpg', 'binary'), ('label', 'int32')] "
         "(corrupt batch header?)"
     )
+    assert e.value.shard == p
     r, _ = reader(p, "parquet")
     with pytest.raises(ShardError) as e:
         r.read(5, np.array([0]), None)  # no such row group
-    assert e.value.reason.startswith("cannot read chunk 5: ")
+    assert e.value.reason.startswith("cannot read chunk 5: ArrowInvalid: ")
+    assert e.value.shard == p
     r, _ = reader(p, "parquet")
     with pytest.raises(ShardError) as e:
         r.read(0, np.array([9]), None)  # no such row in the chunk
-    assert e.value.reason.startswith("cannot read rows of chunk 0: ")
+    assert e.value.reason.startswith("cannot read rows of chunk 0: ArrowIndexError: ")
+    assert e.value.shard == p
 
 
 def test_json_lines_rows_up_to_16_mib(tmp_path: Path) -> None:
@@ -513,30 +517,9 @@ def test_an_empty_row_group_is_a_chunk_of_no_rows(tmp_path: Path) -> None:
     assert idx.chunk_rows.tolist() == [0] and idx.num_samples == 0
 
 
-def test_reader_errors_name_the_shard_chunk_and_cause(tmp_path: Path) -> None:
-    """Every ShardError of TableReader carries the shard (the row is then skipped and counted
-    against that shard), the chunk and the cause's type."""
-    p = write(tmp_path, "parquet", table(10))
-    r, _ = reader(p, "parquet")
-    r.index.chunk_rows = np.array([5, 3, 2], np.int64)
-    with pytest.raises(ShardError) as e:
-        r.read(0, np.array([0]), None)
-    assert e.value.shard == p
-    r, _ = reader(p, "parquet")
-    r.index.types = ["string", "binary", "int32"]
-    with pytest.raises(ShardError) as e:
-        r.read(0, np.array([0]), None)
-    assert e.value.shard == p
-    r, _ = reader(p, "parquet")
-    with pytest.raises(ShardError) as e:
-        r.read(5, np.array([0]), None)
-    assert e.value.shard == p
-    assert e.value.reason.startswith("cannot read chunk 5: ArrowInvalid: ")
-    r, _ = reader(p, "parquet")
-    with pytest.raises(ShardError) as e:
-        r.read(0, np.array([9]), None)
-    assert e.value.shard == p
-    assert e.value.reason.startswith("cannot read rows of chunk 0: ArrowIndexError: ")
+def test_reader_errors_name_the_shard_and_cause(tmp_path: Path) -> None:
+    """A row's ShardError (a null key) and a chunk's (a value Python cannot hold) carry the
+    shard; the chunk-level cases are in test_a_chunk_that_disagrees_with_the_index."""
     # A null key: that row's error names the shard.
     t = pa.table({"id": pa.array([None], pa.string()), "v": [1]})
     q = write(tmp_path, "parquet", t, name="nullkey")
