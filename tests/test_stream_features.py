@@ -148,9 +148,11 @@ def test_ledger_source_builds_the_same_versions_in_every_process(tmp_path: Path)
 
 
 @contextlib.contextmanager
-def _joined_stream(ev: Path, fdir: Path, max_wait_s: float) -> Iterator[mmload.StreamLoader]:
+def _joined_stream(
+    ev: Path, fdir: Path, max_wait_s: float, watermark: int = 0
+) -> Iterator[mmload.StreamLoader]:
     """A StreamLoader over ``ev`` joining a LedgerSource over ``fdir`` (late="join"), once the
-    first feature window is applied."""
+    feature files up to ``watermark`` are applied."""
     table = FeatureTable(key="user", timestamp="ts", columns=SCHEMA)
     source = LedgerSource(fdir, table, sequencer=True, poll_interval=0.02)
     fj = mmload.FeatureJoin(table, key="user", timestamp="ts", late="join")
@@ -161,7 +163,7 @@ def _joined_stream(ev: Path, fdir: Path, max_wait_s: float) -> Iterator[mmload.S
             features=fj,
         ) as sl,
     ):  # fmt: skip
-        source.wait_for_watermark(0, 5.0)
+        source.wait_for_watermark(watermark, 5.0)
         yield sl
 
 
@@ -170,8 +172,10 @@ def test_stream_windows_join_their_feature_version_across_a_restart(tmp_path: Pa
     _features(fdir, "f-0.parquet", 0, 1.0)
     _events(ev, "part-0.parquet", 1000, 40)
 
-    def run(state: dict[str, Any] | None, n: int | None) -> tuple[list[dict[str, Any]], Any]:
-        with _joined_stream(ev, fdir, max_wait_s=0.5) as sl:
+    def run(
+        state: dict[str, Any] | None, n: int | None, watermark: int = 0
+    ) -> tuple[list[dict[str, Any]], Any]:
+        with _joined_stream(ev, fdir, max_wait_s=0.5, watermark=watermark) as sl:
             if state is not None:
                 sl.load_state_dict(state)
             it = iter(sl)
@@ -184,8 +188,9 @@ def test_stream_windows_join_their_feature_version_across_a_restart(tmp_path: Pa
     # (it would change the joins of window 0), and more events.
     _features(fdir, "f-1.parquet", 500, 99.0)
     _events(ev, "part-1.parquet", 2000, 16)
-    time.sleep(0.05)
-    rest, _ = run(state, None)
+    # The restarted run starts once f-1 is applied: otherwise window 1 may be cut before the
+    # source has read f-1, and rightly join version 1 (a race in the test, seen once unloaded).
+    rest, _ = run(state, None, watermark=500)
     w0 = [b for b in first + rest if b["__key__"][0].startswith("part-0")]
     w1 = [b for b in rest if b["__key__"][0].startswith("part-1")]
     assert sum(len(b["__key__"]) for b in w0) == 40 and sum(len(b["__key__"]) for b in w1) == 16
