@@ -112,6 +112,34 @@ def test_corrupt_and_mismatched_files_are_skipped_and_listed(
         assert src.stats()["update_errors"] == 4  # a bad file is not retried
 
 
+def test_json_lines_part_files_are_read_by_their_suffix(tmp_path: Path) -> None:
+    """Flink's row-format FileSink writes JSON lines: a ``.jsonl`` or ``.ndjson`` part file is
+    parsed as JSON; the same bytes under another name are not (they are tried as Arrow IPC and
+    skipped as unreadable)."""
+
+    def lines(start: int, n: int) -> bytes:
+        return "".join(
+            f'{{"user": "u{i % 3}", "ts": {i}, "score": {i}.5}}\n' for i in range(start, start + n)
+        ).encode()
+
+    table = FeatureTable(key="user", timestamp="ts")
+    for name, data in [
+        ("part-0.jsonl", lines(0, 3)),
+        ("part-1.ndjson", lines(3, 2)),
+        ("part-2.json", lines(5, 4)),
+    ]:
+        (tmp_path / f".{name}.inprogress").write_bytes(data)
+        os.rename(tmp_path / f".{name}.inprogress", tmp_path / name)
+    with DirectorySource(tmp_path, table, poll_interval=POLL) as src:
+        wait_for(lambda: src.stats()["files_read"] + src.stats()["update_errors"] == 3)
+        s = src.stats()
+    assert (s["files_read"], s["rows_ingested"], s["update_errors"]) == (2, 5, 1)
+    assert [e["origin"] for e in s["errors"]] == ["part-2.json"]
+    assert s["errors"][0]["reason"].startswith("unreadable part file")
+    got = table.join(["u0", "u1", "u2"], [100, 100, 100])["score"].tolist()
+    assert got == [3.5, 4.5, 2.5]  # u0: ts 0, 3; u1: ts 1, 4; u2: ts 2
+
+
 def test_backlog_is_read_in_bounded_polls_oldest_first(tmp_path: Path) -> None:
     table = FeatureTable(key="user", timestamp="ts", duplicate="last")
     for i in range(7):
