@@ -135,7 +135,7 @@ def test_json_lines_part_files_are_read_by_their_suffix(tmp_path: Path) -> None:
         s = src.stats()
     assert (s["files_read"], s["rows_ingested"], s["update_errors"]) == (2, 5, 1)
     assert [e["origin"] for e in s["errors"]] == ["part-2.json"]
-    assert s["errors"][0]["reason"].startswith("unreadable part file")
+    assert s["errors"][0]["reason"].startswith("unreadable part file: ArrowInvalid: ")
     got = table.join(["u0", "u1", "u2"], [100, 100, 100])["score"].tolist()
     assert got == [3.5, 4.5, 2.5]  # u0: ts 0, 3; u1: ts 1, 4; u2: ts 2
 
@@ -155,6 +155,18 @@ def test_backlog_is_read_in_bounded_polls_oldest_first(tmp_path: Path) -> None:
     # all rows share (u0, ts 0): the file written last (by mtime) wins
     assert table.join(["u0"], [0])["score"].tolist() == [6.0]
 
+    # a backlog of exactly two polls' files: the second poll reads the last ones and the source
+    # then waits its interval (no third, empty poll at once)
+    other = tmp_path / "exact"
+    other.mkdir()
+    for i in range(4):
+        commit(other, f"part-{i}.parquet", rows(i, 1))
+    table = FeatureTable(key="user", timestamp="ts")
+    with DirectorySource(other, table, poll_interval=30.0, max_files_per_poll=2) as src:
+        wait_for(lambda: src.stats()["polls"] >= 2)
+        time.sleep(0.3)  # an immediate third poll would be counted by now
+        assert (src.stats()["polls"], src.stats()["files_read"]) == (2, 4)
+
 
 def test_removed_files_are_forgotten_and_a_new_file_of_that_name_is_read(tmp_path: Path) -> None:
     table = FeatureTable(key="user", timestamp="ts")
@@ -169,6 +181,20 @@ def test_removed_files_are_forgotten_and_a_new_file_of_that_name_is_read(tmp_pat
 
 
 def test_close_is_idempotent_and_validation(tmp_path: Path) -> None:
+    other = FeatureTable(key="user", timestamp="ts")
+    src = DirectorySource(tmp_path, other, start=False)
+    # the documented defaults; the name defaults to the path
+    assert (src.poll_interval, src.max_files_per_poll) == (1.0, 64)
+    assert src.name == str(tmp_path) == src.stats()["path"]
+    assert (src.stats()["name"], src.stats()["polls"], src.stats()["alive"]) == (
+        str(tmp_path),
+        0,
+        False,
+    )
+    src.close()
+    one = DirectorySource(tmp_path, other, max_files_per_poll=1, name="feed", start=False)
+    assert (one.name, one.max_files_per_poll) == ("feed", 1)
+    one.close()
     table = FeatureTable(key="user", timestamp="ts")
     src = DirectorySource(tmp_path, table, poll_interval=POLL)
     src.close()
@@ -179,8 +205,61 @@ def test_close_is_idempotent_and_validation(tmp_path: Path) -> None:
         DirectorySource(tmp_path / "nope", table)
     with pytest.raises(ConfigError, match="poll_interval="):
         DirectorySource(tmp_path, table, poll_interval=0)
-    with pytest.raises(ConfigError, match="max_files_per_poll="):
-        DirectorySource(tmp_path, table, max_files_per_poll=0)
+    for bad in (0, True, 2.0, "2"):
+        with pytest.raises(ConfigError, match="max_files_per_poll="):
+            DirectorySource(tmp_path, table, max_files_per_poll=bad)  # type: ignore[arg-type]
+
+
+def test_an_unreadable_directory_is_a_counted_failed_poll_not_a_busy_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mmload.features")
+    gone = tmp_path / "feed"
+    gone.mkdir()
+    table = FeatureTable(key="user", timestamp="ts")
+    src = DirectorySource(gone, table, poll_interval=30.0, start=False)
+    gone.rmdir()  # removed after the source was made (an unmounted volume, a deleted prefix)
+    src.start()
+    try:
+        wait_for(lambda: src.stats()["failed_polls"] >= 1)
+        time.sleep(0.3)  # a failed poll is followed by the interval, not by another poll at once
+        s = src.stats()
+        assert (s["failed_polls"], s["polls"], s["state"], s["alive"]) == (1, 1, "running", True)
+        assert s["failures"][0]["reason"].startswith("FileNotFoundError: ")
+        assert str(gone) in s["failures"][0]["reason"]
+        msgs = [r.getMessage() for r in caplog.records]
+        assert any(
+            m.startswith(f"feature source {str(gone)!r} cannot list its directory: ")
+            and "No such file or directory" in m
+            for m in msgs
+        ), msgs
+    finally:
+        src.close()
+
+
+def test_a_file_removed_while_listing_does_not_hide_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mmload.features.directory as directory
+
+    class Vanished:
+        name = "part-0.parquet"
+
+        def is_file(self) -> bool:
+            raise FileNotFoundError(self.name)
+
+    real = os.scandir
+
+    def scandir(path: str) -> list[object]:
+        return [Vanished(), *real(path)]  # listed, then removed before its stat
+
+    monkeypatch.setattr(directory.os, "scandir", scandir)
+    commit(tmp_path, "part-1.parquet", rows(0, 3))
+    table = FeatureTable(key="user", timestamp="ts")
+    with DirectorySource(tmp_path, table, poll_interval=POLL) as src:
+        wait_for(lambda: src.stats()["files_read"] == 1)
+        s = src.stats()
+    assert (s["rows_ingested"], s["update_errors"], s["files_seen"]) == (3, 0, 1)
 
 
 def test_an_unexpected_error_is_reported_and_reraised_by_close(
