@@ -228,3 +228,26 @@ def test_close_wakes_a_sleeping_thread_and_hooks_run_in_order() -> None:
     calls.clear()
     never.close()  # never started: nothing to join, the hooks still run
     assert calls == ["interrupt alive=False", "cleanup alive=False"]
+
+
+def test_the_package_resolves_its_names_lazily() -> None:
+    import importlib
+
+    import mmload.features as features
+
+    assert dir(features) == sorted(features.__all__)
+    where = {
+        "FOUND": "mmload.features.schema",
+        "DirectorySource": "mmload.features.directory",
+        "FeatureTable": "mmload.features.table",
+        "FlightSource": "mmload.features.flight",
+        "Snapshot": "mmload.features.snapshot",
+        "Source": "mmload.features.sources",
+    }
+    assert sorted(where) == sorted(features.__all__)
+    for name, module in where.items():
+        value = getattr(features, name)
+        assert value is getattr(importlib.import_module(module), name)
+        assert vars(features)[name] is value  # resolved once, then a plain attribute
+    with pytest.raises(AttributeError, match=r"module 'mmload\.features' has no attribute 'Nope'"):
+        features.Nope  # noqa: B018
