@@ -143,13 +143,71 @@ def test_updates_are_applied_or_skipped_listed_under_the_source_and_origin(
     assert "missing column" in s["errors"][0]["reason"]
     # the table lists it under "<source name>: <origin>"
     assert [e["origin"] for e in t.stats()["errors"]] == ["feed: batch-2"]
-    assert any(
-        r.getMessage().startswith("feature source 'feed' skipped batch-2: ") for r in caplog.records
-    )
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("feature source 'feed' skipped batch-2: ") and "missing column" in msg
     # feature lag: newest sample ts seen by the table's joins - newest feature ts from the source
     assert s["feature_lag"] is None
     t.join(["a"], [109])
     assert src.stats()["feature_lag"] == 100
+
+
+def test_unreadable_updates_are_skipped_listed_and_logged_and_stats_describe_the_source(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mmload.features")
+
+    def skip(src: Scripted) -> bool:
+        src._skip("part-3", "unreadable part file: ArrowInvalid: not Arrow")
+        return False
+
+    src = Scripted(table(), [skip], name="clicks")
+    try:
+        wait_for(lambda: src.stats()["update_errors"] == 1)
+        s = src.stats()
+        assert repr(src) == "Scripted(name='clicks', state='running')"
+    finally:
+        src.close()
+    assert repr(src) == "Scripted(name='clicks', state='closed')"
+    assert (s["name"], s["kind"], s["state"], s["last_error"]) == (
+        "clicks",
+        "scripted",
+        "running",
+        None,
+    )
+    assert (s["failed_polls"], s["failures"], s["updates_applied"]) == (0, [], 0)
+    assert [(e["origin"], e["reason"]) for e in s["errors"]] == [
+        ("part-3", "unreadable part file: ArrowInvalid: not Arrow")
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "feature source 'clicks' skipped part-3: unreadable part file: ArrowInvalid: not Arrow"
+    ]
+
+
+def test_close_gives_up_on_a_stuck_thread_after_its_timeout_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import inspect
+
+    assert inspect.signature(Source.close).parameters["timeout"].default == 10.0
+    caplog.set_level(logging.WARNING, logger="mmload.features")
+    release, entered = threading.Event(), threading.Event()
+
+    def stuck(src: Scripted) -> bool:  # a blocking call that _interrupt cannot wake
+        entered.set()
+        release.wait(60)
+        return False
+
+    src = Scripted(table(), [stuck], name="slow")
+    try:
+        assert entered.wait(30)
+        src.close(timeout=0.2)
+        assert src.stats()["alive"] and src.stats()["state"] == "closed"
+        assert [r.getMessage() for r in caplog.records] == [
+            "feature source 'slow' did not stop within 0.2 s"
+        ]
+    finally:
+        release.set()
+    wait_for(lambda: not src.stats()["alive"])  # it stops once the call returns
 
 
 def test_an_unexpected_error_ends_the_thread_logged_and_reraised_once(
