@@ -48,7 +48,16 @@ def test_flight_urls() -> None:
         "grpc+tls://example.com:443",
         "clicks.v2",
     )
-    for bad in ("grpc://h:1", "grpc://h:1/", "grpc:///log", "grpc://h:1/a/b", "grpc://h:1/a:b"):
+    bad_urls = (
+        "grpc://h:1",
+        "grpc://h:1/",
+        "grpc:///log",
+        "grpc://h:1/a/b",
+        "grpc://h:1/a:b",
+        "grpc://h:1/a://b",  # a second "://" is in the log name, not a scheme
+        "grpc://h://x/log",
+    )
+    for bad in bad_urls:
         with pytest.raises(ConfigError) as info:
             split_flight_url(bad)
         assert str(info.value) == (f"Flight log URL {bad!r}: expected grpc://host:port/<log name>")
@@ -70,12 +79,21 @@ def test_the_server_serves_committed_rows_by_offset(server: FlightLogServer) -> 
     assert client.read(0, 0).num_rows == 0
     assert FlightLogClient(url(server, "other")).read(0, 2).column("x").to_pylist() == [100, 101]
     # a log nobody wrote yet is empty, not an error
-    assert FlightLogClient(url(server, "later")).length() == 0
+    later = FlightLogClient(url(server, "later"))
+    later.close()  # closing a client that never connected is a no-op
+    assert later.length() == 0 and later.read(0, 0).num_rows == 0
+    with pytest.raises(ShardError, match="rows 0:1 outside log 'later' of 0"):
+        later.read(0, 1)
     info = flight.connect(f"grpc://127.0.0.1:{server.port}").get_flight_info(
         flight.FlightDescriptor.for_path("events")
     )
     assert info.total_records == 12 and info.schema.equals(rows(0, 1).schema)
     assert [e.ticket.ticket for e in info.endpoints] == [b"events:0:12"]
+    assert info.total_bytes == -1  # unknown
+    # the reference server names a log by its descriptor's path, joined with "/"
+    server.append("a/b", rows(0, 2))
+    raw = flight.connect(f"grpc://127.0.0.1:{server.port}")
+    assert raw.get_flight_info(flight.FlightDescriptor.for_path("a", "b")).total_records == 2
     client.close()
     client.close()  # idempotent
     assert client.length() == 12  # reconnects after a close
@@ -192,6 +210,10 @@ class Slow(FlightLogServer):
         super().__init__()
         self.release = threading.Event()
 
+    def get_flight_info(self, context: Any, descriptor: flight.FlightDescriptor) -> Any:
+        self.release.wait(30)
+        return super().get_flight_info(context, descriptor)
+
     def do_get(self, context: Any, ticket: flight.Ticket) -> Any:
         self.release.wait(30)
         return super().do_get(context, ticket)
@@ -205,6 +227,8 @@ def test_a_call_that_outlasts_the_timeout_is_a_clear_error() -> None:
         t0 = time.monotonic()
         with pytest.raises(ShardError, match="Flight log rows 0:4: "):
             client.read(0, 4)
+        with pytest.raises(ShardError, match="Flight log unreachable: "):
+            client.length()
         assert time.monotonic() - t0 < 25  # the deadline ended it, not the server's release
     finally:
         srv.release.set()
@@ -221,3 +245,42 @@ def test_serve_in_thread_runs_a_named_daemon_thread() -> None:
         assert FlightLogClient(url(srv)).length() == 1
     finally:
         srv.shutdown()
+
+
+def test_the_server_listens_where_it_is_told_and_takes_flight_server_options() -> None:
+    import socket
+
+    calls: list[str] = []
+
+    class Recorder(flight.ServerMiddlewareFactory):
+        def start_call(self, info: Any, headers: Any) -> None:
+            calls.append(str(info.method))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = FlightLogServer(f"grpc://127.0.0.1:{port}", middleware={"rec": Recorder()})
+    srv.serve_in_thread()
+    try:
+        assert srv.port == port
+        srv.append("events", rows(0, 2))
+        assert FlightLogClient(f"grpc://127.0.0.1:{port}/events").length() == 2
+        assert calls and "GET_FLIGHT_INFO" in calls[-1]
+    finally:
+        srv.shutdown()
+
+
+def test_calls_have_a_deadline_of_thirty_seconds_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[dict[str, Any]] = []
+    real = flight.FlightCallOptions
+
+    def options(**kw: Any) -> flight.FlightCallOptions:
+        made.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(flightlog.flight, "FlightCallOptions", options)
+    FlightLogClient("grpc://h:1/log")
+    FlightLogClient("grpc://h:1/log", timeout=2.5)
+    assert made == [{"timeout": 30.0}, {"timeout": 2.5}]
