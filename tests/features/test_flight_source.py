@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+import mmload.features.flight as flight_source
 from mmload.errors import ConfigError
 from mmload.features import FeatureTable, FlightSource
 
@@ -36,6 +37,7 @@ class FeatureServer(flight.FlightServerBase):
         super().__init__(f"grpc://127.0.0.1:{port}")
         self.batches: list[pa.RecordBatch] = [batch(0, 8)]
         self.tickets: list[bytes] = []
+        self.descriptors: list[flight.FlightDescriptor] = []
         self.release = threading.Event()
 
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.FlightDataStream:
@@ -60,6 +62,9 @@ class FeatureServer(flight.FlightServerBase):
         raise flight.FlightServerError(f"unknown ticket {t!r}")
 
     def get_flight_info(self, context: Any, descriptor: flight.FlightDescriptor) -> Any:
+        self.descriptors.append(descriptor)
+        if descriptor.path == [b"hang"]:
+            self.release.wait(20)
         endpoints = [flight.FlightEndpoint(t, []) for t in (b"bad", b"all")]
         return flight.FlightInfo(self.batches[0].schema, descriptor, endpoints, -1, -1)
 
@@ -123,7 +128,8 @@ def test_descriptor_endpoints_and_a_bad_batch_is_skipped(server: FeatureServer) 
         s = src.stats()
         assert s["state"] == "up" and s["alive"] and s["failed_polls"] == 0
         assert "key column 'user' is missing" in s["errors"][0]["reason"]
-        assert s["errors"][0]["origin"].startswith("batch ")
+        assert s["errors"][0]["origin"] == "batch 1"  # the first batch of the first endpoint
+        assert s["batches"] == s["update_errors"] + s["updates_applied"]
     assert table.stats()["update_errors"] == s["update_errors"]
     assert table.join(["u3"], [100])["score"].tolist() == [7.0]  # the endpoint after the bad one
 
@@ -188,3 +194,85 @@ def test_validation() -> None:
     assert src.stats()["state"] == "starting"
     src.close()
     src.close()
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[dict[str, Any]] = []
+    real = flight.FlightCallOptions
+
+    def options(**kw: Any) -> flight.FlightCallOptions:
+        made.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(flight_source.flight, "FlightCallOptions", options)
+    table = FeatureTable(key="user", timestamp="ts")
+    src = FlightSource("grpc://127.0.0.1:1", table, ticket=b"x", start=False)
+    assert (src.poll_interval, src.max_failures, src.max_backoff) == (1.0, 3, 30.0)
+    assert made == [{"timeout": 30.0}]  # call_timeout
+    assert src.name == "grpc://127.0.0.1:1" == src.stats()["location"]
+    assert src.stats()["kind"] == "flight"
+    assert (src.stats()["alive"], src.stats()["polls"], src.stats()["batches"]) == (False, 0, 0)
+    src.close()
+
+
+def test_max_failures_and_max_backoff_validation() -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    for bad in (0, -1, True, 2.0, "3"):
+        with pytest.raises(ConfigError, match=r"max_failures=.*must be an int >= 1"):
+            FlightSource("grpc://h:1", table, ticket=b"x", max_failures=bad, start=False)  # type: ignore[arg-type]
+    one = FlightSource("grpc://h:1", table, ticket=b"x", max_failures=1, start=False)
+    assert one.max_failures == 1
+    one.close()
+    for bad in (0, -2.5, False, "30"):
+        with pytest.raises(ConfigError, match=r"max_backoff=.*must be a number > 0"):
+            FlightSource("grpc://h:1", table, ticket=b"x", max_backoff=bad, start=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "want"),
+    [
+        ("features-v2", (flight.DescriptorType.CMD, b"features-v2", None)),
+        (b"\x00cmd", (flight.DescriptorType.CMD, b"\x00cmd", None)),
+        (["db", "features"], (flight.DescriptorType.PATH, b"", [b"db", b"features"])),
+        (
+            flight.FlightDescriptor.for_path("given"),
+            (flight.DescriptorType.PATH, b"", [b"given"]),
+        ),
+    ],
+)
+def test_what_a_descriptor_asks_the_server_for(
+    server: FeatureServer, descriptor: Any, want: tuple[Any, bytes, Any]
+) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    with FlightSource(
+        f"grpc://127.0.0.1:{server.port}", table, descriptor=descriptor, poll_interval=POLL
+    ):
+        wait_for(lambda: table.stats()["rows"] == 8)
+    d = server.descriptors[0]
+    assert (d.descriptor_type, d.command or b"", d.path) == want
+
+
+def test_a_descriptor_of_another_type_is_a_config_error() -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    for bad in ([1, 2], ["a", 2], 3):
+        with pytest.raises(ConfigError) as info:
+            FlightSource("grpc://h:1", table, descriptor=bad, start=False)
+        assert str(info.value) == (
+            f"descriptor={bad!r}: must be a FlightDescriptor, a command or a path list"
+        )
+
+
+def test_a_slow_flight_info_call_is_cut_by_call_timeout(server: FeatureServer) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    with FlightSource(
+        f"grpc://127.0.0.1:{server.port}",
+        table,
+        descriptor=["hang"],
+        call_timeout=0.3,
+        max_failures=1,
+        poll_interval=30,
+    ) as src:
+        wait_for(lambda: src.stats()["state"] == "down", timeout=15)
+        reason = src.stats()["failures"][0]["reason"]
+        server.release.set()
+    assert reason.startswith("FlightTimedOutError: "), reason
