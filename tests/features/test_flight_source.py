@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,8 +31,9 @@ def batch(start: int, n: int, key: str = "user") -> pa.RecordBatch:
 
 class FeatureServer(flight.FlightServerBase):
     """Serves ticket b"all" (every batch so far), b"since:<ts>" (rows newer than ts), b"bad"
-    (rows of the wrong schema) and b"hang" (one batch, then nothing until released); any
-    descriptor has endpoints b"bad" and b"all"."""
+    (rows of the wrong schema), b"hang" (one batch, then nothing until released), b"break" (one
+    batch, then an error) and b"silent" (nothing until released); any descriptor has endpoints
+    b"bad" and b"all", and descriptor path ["hang"] answers once released."""
 
     def __init__(self, port: int = 0) -> None:
         super().__init__(f"grpc://127.0.0.1:{port}")
@@ -56,9 +58,23 @@ class FeatureServer(flight.FlightServerBase):
 
             def slow() -> Iterator[pa.RecordBatch]:
                 yield batch(30, 1)
-                self.release.wait(20)
+                self.release.wait(120)
 
             return flight.GeneratorStream(schema, slow())
+        if t == b"break":
+
+            def broken() -> Iterator[pa.RecordBatch]:
+                yield batch(40, 1)
+                raise flight.FlightServerError("the stream broke")
+
+            return flight.GeneratorStream(schema, broken())
+        if t == b"silent":
+
+            def silent() -> Iterator[pa.RecordBatch]:
+                self.release.wait(120)
+                yield batch(50, 1)
+
+            return flight.GeneratorStream(schema, silent())
         raise flight.FlightServerError(f"unknown ticket {t!r}")
 
     def get_flight_info(self, context: Any, descriptor: flight.FlightDescriptor) -> Any:
@@ -98,6 +114,7 @@ def test_ticket_stream_is_ingested(server: FeatureServer) -> None:
         assert src.stats()["feature_lag"] == 100 - 11
     assert table.join(["u3", "u1"], [100, 4])["score"].tolist() == [11.0, 1.0]
     assert [x["state"] for x in table.stats()["sources"]] == ["closed"]
+    assert src._client is None  # close() closed the client's channel
 
 
 def test_cursor_ticket_pulls_only_new_rows(server: FeatureServer) -> None:
@@ -129,8 +146,9 @@ def test_descriptor_endpoints_and_a_bad_batch_is_skipped(server: FeatureServer) 
         assert s["state"] == "up" and s["alive"] and s["failed_polls"] == 0
         assert "key column 'user' is missing" in s["errors"][0]["reason"]
         assert s["errors"][0]["origin"] == "batch 1"  # the first batch of the first endpoint
-        assert s["batches"] == s["update_errors"] + s["updates_applied"]
-    assert table.stats()["update_errors"] == s["update_errors"]
+    end = src.stats()  # the thread has stopped: each batch it received was applied or skipped
+    assert end["batches"] == end["update_errors"] + end["updates_applied"]
+    assert table.stats()["update_errors"] == end["update_errors"]
     assert table.join(["u3"], [100])["score"].tolist() == [7.0]  # the endpoint after the bad one
 
 
@@ -170,11 +188,10 @@ def test_close_interrupts_a_long_lived_stream(server: FeatureServer) -> None:
     table = FeatureTable(key="user", timestamp="ts")
     src = FlightSource(f"grpc://127.0.0.1:{server.port}", table, ticket="hang", poll_interval=POLL)
     wait_for(lambda: table.stats()["rows"] == 1)
-    t0 = time.monotonic()
-    src.close(timeout=60)
-    # Interrupted, not waited out: the stream never ends by itself, so a close that only waited
-    # would take the whole timeout and leave the thread alive.
-    assert not src.stats()["alive"] and time.monotonic() - t0 < 30
+    src.close(timeout=20)
+    # Interrupted, not waited out: the stream does not end for 120 s, so a close that only
+    # waited would give up after its 20 s and leave the thread alive.
+    assert not src.stats()["alive"]
     assert src.stats()["failed_polls"] == 0
 
 
@@ -276,3 +293,147 @@ def test_a_slow_flight_info_call_is_cut_by_call_timeout(server: FeatureServer) -
         reason = src.stats()["failures"][0]["reason"]
         server.release.set()
     assert reason.startswith("FlightTimedOutError: "), reason
+
+
+def test_a_long_lived_stream_cut_by_call_timeout_after_data_ends_normally(
+    server: FeatureServer,
+) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    url = f"grpc://127.0.0.1:{server.port}"
+    with FlightSource(url, table, ticket=b"hang", call_timeout=0.3, poll_interval=30) as src:
+        wait_for(lambda: src.stats()["polls"] >= 1)
+        s = src.stats()
+        assert (s["state"], s["failed_polls"], s["rows_ingested"]) == ("up", 0, 1)
+        time.sleep(1.0)  # then the poll interval, not another poll at once
+        assert src.stats()["polls"] == 1
+
+
+@pytest.mark.parametrize(
+    ("ticket", "rows", "error"),
+    [(b"break", 1, "FlightServerError: "), (b"silent", 0, "FlightTimedOutError: ")],
+)
+def test_a_broken_or_silent_stream_is_a_failed_poll(
+    server: FeatureServer, ticket: bytes, rows: int, error: str
+) -> None:
+    table = FeatureTable(key="user", timestamp="ts")
+    url = f"grpc://127.0.0.1:{server.port}"
+    with FlightSource(
+        url, table, ticket=ticket, call_timeout=0.3, poll_interval=30, max_failures=1
+    ) as src:
+        wait_for(lambda: src.stats()["failed_polls"] == 1)
+        s = src.stats()
+    assert (s["state"], s["rows_ingested"]) == ("down", rows)
+    assert s["failures"][0]["reason"].startswith(error), s["failures"]
+
+
+class Steps(threading.Event):
+    """A source's stop event whose waits (the poll intervals) are recorded and let through one at
+    a time by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+        self.allowed = 0
+        self.cv = threading.Condition()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self.cv:
+            self.waits.append(timeout)
+            self.cv.wait_for(lambda: self.allowed >= len(self.waits) or self.is_set(), 60)
+        return self.is_set()
+
+    def let(self) -> None:
+        with self.cv:
+            self.allowed += 1
+            self.cv.notify_all()
+
+    def set(self) -> None:
+        super().set()
+        with self.cv:
+            self.cv.notify_all()
+
+
+def test_failed_polls_back_off_go_down_once_and_come_back_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mmload.features.flight")
+    server = FeatureServer()
+    port = server.port
+    table = FeatureTable(key="user", timestamp="ts")
+    src = FlightSource(
+        f"grpc://127.0.0.1:{port}",
+        table,
+        ticket=b"all",
+        name="feed",
+        poll_interval=1.0,
+        max_backoff=5.0,
+        max_failures=4,
+        start=False,
+    )
+    steps = Steps()
+    src._stop = steps
+    src.start()
+    revived: FeatureServer | None = None
+    try:
+        wait_for(lambda: len(steps.waits) == 1)
+        assert src.stats()["state"] == "up" and table.stats()["rows"] == 8
+        server.shutdown()
+        states = []
+        for k in range(2, 6):  # failures 1..4
+            steps.let()
+            wait_for(lambda k=k: len(steps.waits) == k)
+            states.append(src.stats()["state"])
+        # 1 s, doubling after each consecutive failure, at most max_backoff
+        assert steps.waits == [1.0, 1.0, 2.0, 4.0, 5.0]
+        assert states == ["retrying", "retrying", "retrying", "down"]
+        assert src.stats()["consecutive_failures"] == 4
+        revived = FeatureServer(port)
+        steps.let()
+        wait_for(lambda: len(steps.waits) == 6)
+        assert steps.waits[-1] == 1.0 and src.stats()["state"] == "up"
+        assert src.stats()["consecutive_failures"] == 0
+    finally:
+        src.close()
+        server.shutdown()
+        if revived is not None:
+            revived.release.set()
+            revived.shutdown()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 5, msgs
+    assert all(
+        m.startswith("feature source 'feed' poll failed: FlightUnavailableError: ")
+        for m in msgs[:3]
+    ), msgs
+    assert msgs[3].startswith(
+        "feature source 'feed' is down after 4 consecutive failures: FlightUnavailableError: "
+    )
+    assert msgs[4] == "feature source 'feed' is up again"
+
+
+def test_metadata_only_messages_are_passed_over() -> None:
+    """A Flight stream may carry messages with application metadata and no batch (pyarrow's
+    server cannot send one on DoGet, so a client stands in)."""
+
+    class Chunk:
+        def __init__(self, data: pa.RecordBatch | None) -> None:
+            self.data, self.app_metadata = data, b"m"
+
+    class Reader:
+        def __init__(self) -> None:
+            self.chunks = [Chunk(None), Chunk(batch(0, 2)), Chunk(None), Chunk(batch(2, 2))]
+
+        def read_chunk(self) -> Chunk:
+            if not self.chunks:
+                raise StopIteration
+            return self.chunks.pop(0)
+
+    class Client:
+        def do_get(self, ticket: flight.Ticket, options: Any) -> Reader:
+            return Reader()
+
+    table = FeatureTable(key="user", timestamp="ts")
+    src = FlightSource("grpc://127.0.0.1:1", table, ticket=b"x", start=False)
+    src._stream(Client(), flight.Ticket(b"x"))  # type: ignore[arg-type]
+    s = src.stats()
+    assert (s["batches"], s["rows_ingested"], s["updates_applied"]) == (2, 4, 2)
+    src.close()
