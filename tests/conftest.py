@@ -94,3 +94,20 @@ def make_shards(tmp_path: Path, jpegs: list[bytes]) -> ShardMaker:
         return paths, keys
 
     return make
+
+
+@pytest.fixture
+def flight_call_options(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """The keyword arguments of every ``pyarrow.flight.FlightCallOptions`` made during the test
+    (pyarrow gives no way to read a call's deadline back)."""
+    import pyarrow.flight as flight
+
+    made: list[dict[str, object]] = []
+    real = flight.FlightCallOptions
+
+    def options(**kw: object) -> object:
+        made.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(flight, "FlightCallOptions", options)
+    return made

@@ -12,7 +12,6 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-import mmload.features.flight as flight_source
 from mmload.errors import ConfigError
 from mmload.features import FeatureTable, FlightSource
 
@@ -213,19 +212,11 @@ def test_validation() -> None:
     src.close()
 
 
-def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    made: list[dict[str, Any]] = []
-    real = flight.FlightCallOptions
-
-    def options(**kw: Any) -> flight.FlightCallOptions:
-        made.append(kw)
-        return real(**kw)
-
-    monkeypatch.setattr(flight_source.flight, "FlightCallOptions", options)
+def test_defaults(flight_call_options: list[dict[str, Any]]) -> None:
     table = FeatureTable(key="user", timestamp="ts")
     src = FlightSource("grpc://127.0.0.1:1", table, ticket=b"x", start=False)
     assert (src.poll_interval, src.max_failures, src.max_backoff) == (1.0, 3, 30.0)
-    assert made == [{"timeout": 30.0}]  # call_timeout
+    assert flight_call_options == [{"timeout": 30.0}]  # call_timeout
     assert src.name == "grpc://127.0.0.1:1" == src.stats()["location"]
     assert src.stats()["kind"] == "flight"
     assert (src.stats()["alive"], src.stats()["polls"], src.stats()["batches"]) == (False, 0, 0)

@@ -271,16 +271,8 @@ def test_the_server_listens_where_it_is_told_and_takes_flight_server_options() -
 
 
 def test_calls_have_a_deadline_of_thirty_seconds_by_default(
-    monkeypatch: pytest.MonkeyPatch,
+    flight_call_options: list[dict[str, Any]],
 ) -> None:
-    made: list[dict[str, Any]] = []
-    real = flight.FlightCallOptions
-
-    def options(**kw: Any) -> flight.FlightCallOptions:
-        made.append(kw)
-        return real(**kw)
-
-    monkeypatch.setattr(flightlog.flight, "FlightCallOptions", options)
     FlightLogClient("grpc://h:1/log")
     FlightLogClient("grpc://h:1/log", timeout=2.5)
-    assert made == [{"timeout": 30.0}, {"timeout": 2.5}]
+    assert flight_call_options == [{"timeout": 30.0}, {"timeout": 2.5}]
