@@ -16,16 +16,16 @@ import pytest
 
 from mmload.errors import ConfigError, JoinError
 from mmload.features import FeatureTable
+from mmload.features.ledger import _SUFFIXES as SUFFIXES  # rank 0 cuts what the source reads
 from mmload.features.ledger import LedgerSource
 from mmload.sources.growing import Sequencer
 
 SCHEMA = pa.schema([("user", pa.int64()), ("ts", pa.int64()), ("v", pa.float64())])
-SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc", ".jsonl", ".ndjson")
 
 
-def features(ts: list[int], v: float, users: list[int] | None = None) -> pa.Table:
-    users = users if users is not None else [1] * len(ts)
-    return pa.table({"user": users, "ts": ts, "v": [v] * len(ts)}, schema=SCHEMA)
+def features(ts: list[int], v: float) -> pa.Table:
+    """Feature v of user 1 at each of ``ts``."""
+    return pa.table({"user": [1] * len(ts), "ts": ts, "v": [v] * len(ts)}, schema=SCHEMA)
 
 
 def commit(directory: Path, name: str, table: pa.Table | bytes) -> None:

@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -26,7 +26,7 @@ class Scripted(Source):
 
     kind = "scripted"
 
-    def __init__(self, table: FeatureTable, steps: list[Step] = (), **kw: Any) -> None:  # type: ignore[assignment]
+    def __init__(self, table: FeatureTable, steps: Sequence[Step] = (), **kw: Any) -> None:
         self.steps: queue.Queue[Step] = queue.Queue()
         for step in steps:
             self.steps.put(step)
