@@ -193,6 +193,7 @@ def listing() -> Any:
 def test_object_store_listing_reads_every_modified_time_field(listing: Any) -> None:
     t = dt.datetime(2026, 12, 7, 1, 2, 3, tzinfo=dt.timezone.utc)
     listing.found = {
+        "bkt/events/_SUCCESS": {"size": 0, "mtime": 5},  # skipped; the rest still listed
         "bkt/events/a.parquet": {"size": 7, "LastModified": t},  # S3: a datetime
         "bkt/events/b.parquet": {"size": 8, "mtime": 1_700_000_000.5},  # a float, seconds
         "bkt/events/c.parquet": {"size": 9, "last_modified": 1_600_000_000},  # an int
@@ -200,7 +201,7 @@ def test_object_store_listing_reads_every_modified_time_field(listing: Any) -> N
         "bkt/events/e.parquet": {},  # no size either
         "bkt/events/sub/f.tar": {"size": 1, "mtime": 5},
         "bkt/events/g.csv": {"size": 1, "mtime": 5},  # not an accepted suffix
-        "bkt/events/_SUCCESS": {"size": 0, "mtime": 5},
+        "bkt/events/XX.tar": {"size": 2, "mtime": 6},  # only the separating slash is cut
         "bkt/events/.x.parquet": {"size": 0, "mtime": 5},
         "bkt/events": {"size": 0, "mtime": 5},  # the prefix itself
     }
@@ -211,6 +212,7 @@ def test_object_store_listing_reads_every_modified_time_field(listing: Any) -> N
         CommittedFile("d.parquet", 3, 0),
         CommittedFile("e.parquet", 0, 0),
         CommittedFile("sub/f.tar", 1, 5 * 10**9),
+        CommittedFile("XX.tar", 2, 6 * 10**9),
         CommittedFile("c.parquet", 9, 1_600_000_000 * 10**9),
         CommittedFile("b.parquet", 8, 1_700_000_000_500_000_000),
         CommittedFile("a.parquet", 7, int(t.timestamp() * 1e9)),
