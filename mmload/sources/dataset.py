@@ -365,15 +365,24 @@ class Dataset:
         if by_shard:
             # Tar samples by shard, in batch order within one: an index and descriptor lookup
             # per shard per batch, not per sample; the members gathered into one buffer.
+            # A batch may touch more tar shards than the descriptor LRU keeps open (a whole-
+            # data-set shuffle over small shards): it is gathered in groups the LRU holds whole.
+            # Opening a group's shards evicts only shards outside the group, so no descriptor is
+            # closed, and its number reused by the next open, before its group is copied.
             id_l, row_l = ids.tolist(), row.tolist()
-            gather_tar(
-                [self._tar_part(s, js, id_l, row_l) for s, js in by_shard.items()],
-                fields,
-                out,
-                self._buffers,
-                self._copier,
-                as_bytes,
-            )
+            items = list(by_shard.items())
+            for g in range(0, len(items), _MAX_OPEN_FILES):
+                gather_tar(
+                    [
+                        self._tar_part(s, js, id_l, row_l)
+                        for s, js in items[g : g + _MAX_OPEN_FILES]
+                    ],
+                    fields,
+                    out,
+                    self._buffers,
+                    self._copier,
+                    as_bytes,
+                )
         for (s, c), js in table_rows.items():
             local = row[js] - self.chunk_first_row[c]
             try:
