@@ -86,6 +86,8 @@ def test_field_summary_counts_members_as_integers() -> None:
         ("s3://b/set/", "a.tar", "s3://b/set/a.tar"),
         ("s3://b/set//", "a.tar", "s3://b/set/a.tar"),
         ("/data/set", "/elsewhere/a.tar", "/elsewhere/a.tar"),
+        ("s3://b/set", "/elsewhere/a.tar", "/elsewhere/a.tar"),  # absolute under a URL base
+        ("s3://b/BOX/", "a.tar", "s3://b/BOX/a.tar"),  # only slashes are cut from the base
         ("/data/set", "gs://c/a.tar", "gs://c/a.tar"),
         ("s3://b/set", "pipe:cat a.tar", "pipe:cat a.tar"),
         ("s3://b/set", "http://h/a.tar", "http://h/a.tar"),
@@ -203,6 +205,8 @@ def test_to_json_without_a_base_keeps_urls_and_a_base_needs_a_whole_directory() 
     assert m.to_json("/d/se")["shards"]["url"][0] == "/d/set/a.tar"
     assert m.to_json("/d/set")["shards"]["url"][:2] == ["a.tar", "sub/b.parquet"]
     assert m.to_json("/d")["shards"]["url"][:2] == ["set/a.tar", "set/sub/b.parquet"]
+    boxed = sample_manifest("s3://b/BOX")  # a base ending in a letter slashes are cut from
+    assert boxed.to_json("s3://b/BOX//")["shards"]["url"][:2] == ["a.tar", "sub/b.parquet"]
 
 
 def test_json_round_trips_against_any_base() -> None:
