@@ -26,9 +26,10 @@ from mmload.sources.index import IndexStore
 from mmload.sources.manifest import MANIFEST_NAME, Manifest
 from mmload.sources.spec import ShardSpec
 from mmload.sources.write import write_tar_shards
-from tests.remote.servers import FileServer, Status, range_server
+from tests.remote import servers
+from tests.remote.servers import FileServer, Status
 
-__all__ = ["range_server"]  # the fixture, imported for pytest
+range_server = servers.range_server
 
 
 def tars(d: Path, n: int = 2, per: int = 3, name: str = "s") -> list[str]:

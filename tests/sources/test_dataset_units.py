@@ -20,9 +20,10 @@ from mmload.sources import dataset as dataset_mod
 from mmload.sources.manifest import Manifest
 from mmload.sources.tar import TarIndex
 from mmload.sources.write import write_parquet, write_tar_shards
-from tests.remote.servers import FileServer, range_server
+from tests.remote import servers
+from tests.remote.servers import FileServer
 
-__all__ = ["range_server"]  # the fixture, imported for pytest
+range_server = servers.range_server
 
 
 def tar_shard(d: Path, name: str, n: int) -> str:
