@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -361,17 +363,20 @@ def test_write_to_a_file_url_and_a_replace_failure_leaves_the_old_file(
     m = sample_manifest(str(tmp_path))
     m.write(f"file://{tmp_path}/m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == m.to_json()
-    seen: list[tuple[str, str]] = []
+    seen: list[tuple[str, str, str]] = []
 
     def replace(src: str, dst: str) -> None:
-        seen.append((os.path.basename(src)[:10], json.loads(Path(src).read_text())["format"]))
+        doc = json.loads(Path(src).read_text())
+        seen.append((os.path.dirname(src), os.path.basename(src)[:10], doc["format"]))
         raise OSError("disk gone")
 
     monkeypatch.setattr(mf.os, "replace", replace)
-    with pytest.raises(OSError, match="disk gone"):
-        Manifest([], None, False).write(str(tmp_path / "m.json"))
-    assert seen == [(".manifest-", "mmload.manifest")]  # written whole beside the target first
-    assert json.loads((tmp_path / "m.json").read_text())["num_shards"] == 3
+    for target in (str(tmp_path / "m.json"), f"file://{tmp_path}/m.json"):  # both atomic
+        with pytest.raises(OSError, match="disk gone"):
+            Manifest([], None, False).write(target)
+        assert json.loads((tmp_path / "m.json").read_text())["num_shards"] == 3
+    # written whole beside the target first (a rename within one file system)
+    assert seen == [(str(tmp_path), ".manifest-", "mmload.manifest")] * 2
 
 
 def test_write_to_an_object_store_url() -> None:
@@ -396,8 +401,35 @@ def test_reading_a_missing_or_broken_file_is_a_shard_error(tmp_path: Path) -> No
     with pytest.raises(ShardError, match="unreadable manifest: 'utf-8' codec"):
         Manifest.read(str(tmp_path / "bad.json"), base=None, where="w")
     (tmp_path / "old.json").write_text(json.dumps({"format": "mmload.manifest", "version": 0}))
-    with pytest.raises(ShardError, match="of version 1"):
-        Manifest.read(str(tmp_path / "old.json"), base=None, where="w")
+    with pytest.raises(ShardError, match="of version 1") as e:
+        Manifest.read(str(tmp_path / "old.json"), base=None, where="s3://b/old.json")
+    assert e.value.shard == "s3://b/old.json"
+
+
+def test_a_manifest_with_non_ascii_names_reads_under_any_locale(tmp_path: Path) -> None:
+    """Another tool may write the manifest as UTF-8 (not ASCII-escaped); it reads the same in
+    a process whose locale encoding is ASCII (the C locale, coercion and UTF-8 mode off)."""
+    m = Manifest([ShardRecord("/d/données-é.tar", "tar", 1, None, 1, None, {})], None, False)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(m.to_json(), ensure_ascii=False), encoding="utf-8")
+    code = (
+        "import sys, locale; from mmload.sources.manifest import Manifest; "
+        "print(locale.getpreferredencoding(False)); "
+        "print(ascii(Manifest.read(sys.argv[1], base=None, where='w').records[0].url))"
+    )
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONCOERCECLOCALE="0", PYTHONUTF8="0")
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.getcwd(),
+    )
+    assert out.returncode == 0, out.stderr
+    enc, url = out.stdout.split()
+    assert enc.lower() in ("ansi_x3.4-1968", "ascii", "us-ascii")  # the locale this needs
+    assert url == ascii("/d/données-é.tar")
 
 
 def test_counts() -> None:
