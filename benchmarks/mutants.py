@@ -11,6 +11,9 @@ A narrower selection can only turn a kill into a survivor, so its score is a low
     python benchmarks/mutants.py "mmload.sources.fetch.*" results.txt \\
         --always tests/remote/test_fetch_errors.py --scope tests/remote/test_fetch.py
 
+With ``--two-phase`` the ``--always`` files run alone first (about a mutant a second when they
+kill it), then only the survivors run again with the ``--scope`` tests.
+
 One line per mutant is appended to the results file (``name exit-code tests seconds``; exit
 code 0: survived, 1: killed, -24: timed out; a rerun skips the names already there). New test
 files must be copied into ``mutants/tests`` first. Then ``mutmut show <name>`` shows a survivor.
@@ -40,6 +43,12 @@ def main() -> None:
     ap.add_argument("--mutants", type=Path, default=Path("mutants"))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--timeout", type=int, default=240, help="seconds per mutant")
+    ap.add_argument(
+        "--two-phase",
+        action="store_true",
+        help="first the --always tests alone (a kill then needs no collection of the --scope "
+        "files), then the survivors again with the --scope tests",
+    )
     a = ap.parse_args()
 
     root = a.mutants.resolve()
@@ -77,9 +86,9 @@ def main() -> None:
 
     running: dict[int, tuple[str, int, float]] = {}  # pid -> (name, tests, start)
 
-    def start(name: str) -> None:
+    def start(name: str, scope: list[str]) -> None:
         function = name.rsplit("__mutmut_", 1)[0]
-        reach = {t for t in by_function.get(function, []) if t.startswith(tuple(a.scope))}
+        reach = {t for t in by_function.get(function, []) if scope and t.startswith(tuple(scope))}
         tests = sorted(reach, key=lambda t: duration.get(t, 9.0))
         pid = os.fork()
         if pid == 0:  # the child: run the tests on this mutant, exit with pytest's code
@@ -106,20 +115,35 @@ def main() -> None:
                 f.write(f"{name} {rc} {n} {time.monotonic() - t0:.1f}\n")
             block = False
 
-    for name in todo:
-        while len(running) >= a.jobs:
+    def run(names: list[str], scope: list[str]) -> None:
+        for name in names:
+            while len(running) >= a.jobs:
+                for pid, (_, _, t0) in list(running.items()):
+                    if time.monotonic() - t0 > a.timeout:
+                        os.kill(pid, signal.SIGKILL)
+                reap(block=False)
+                time.sleep(0.05)
+            start(name, scope)
+        while running:
             for pid, (_, _, t0) in list(running.items()):
                 if time.monotonic() - t0 > a.timeout:
                     os.kill(pid, signal.SIGKILL)
             reap(block=False)
             time.sleep(0.05)
-        start(name)
-    while running:
-        for pid, (_, _, t0) in list(running.items()):
-            if time.monotonic() - t0 > a.timeout:
-                os.kill(pid, signal.SIGKILL)
-        reap(block=False)
-        time.sleep(0.05)
+
+    if a.two_phase:
+        run(todo, [])
+        again = set(todo)
+        kept: list[str] = []
+        rerun: list[str] = []
+        for line in a.out.read_text().splitlines():
+            x = line.split()
+            (rerun if x and x[0] in again and x[1] == "0" else kept).append(line)
+        a.out.write_text("".join(f"{line}\n" for line in kept))
+        print(f"first phase: {len(todo) - len(rerun)} detected; {len(rerun)} again", flush=True)
+        run([line.split()[0] for line in rerun], a.scope)
+    else:
+        run(todo, a.scope)
     lines = [line.split() for line in a.out.read_text().splitlines() if line.strip()]
     mine = [x for x in lines if fnmatch.fnmatch(x[0], a.pattern)]
     survived = [x[0] for x in mine if x[1] == "0"]
