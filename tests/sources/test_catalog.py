@@ -4,6 +4,7 @@ what is saved. Local shards on disk and remote ones on a loopback HTTP server.""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -475,6 +476,7 @@ def test_the_cached_manifest_is_ignored_when_broken_or_unwritable(
     assert again.built == 2
     (msg,) = [r.getMessage() for r in caplog.records]
     assert msg.startswith("ignoring the cached manifest: unreadable manifest: AttributeError")
+    assert msg.endswith(f"(shard {str(cat.cache_file)!r})")  # names the file
     caplog.clear()
     cat.cache_file.unlink()
     cat.cache_file.mkdir()  # cannot be replaced by a file
@@ -580,3 +582,65 @@ def test_fetchers_bound_the_indexing_threads(
     tars(tmp_path / "d")
     Env(tmp_path / "e").resolve(str(tmp_path / "d" / "*.tar"))
     assert made == [2, 3, 1]  # local shards: no pool
+
+
+def test_a_broken_manifest_is_named_by_its_url(tmp_path: Path, range_server: FileServer) -> None:
+    env = Env(tmp_path)
+    local = tmp_path / "d" / MANIFEST_NAME
+    local.parent.mkdir()
+    local.write_text("{")
+    with pytest.raises(ShardError) as e:
+        env.resolve(str(local))
+    assert e.value.shard == str(local) and e.value.reason.startswith("unreadable manifest")
+    (range_server.root / MANIFEST_NAME).write_text("[]")
+    url = range_server.url_for(MANIFEST_NAME)
+    with pytest.raises(ShardError) as e:
+        env.resolve(url)
+    assert e.value.shard == url  # not the copy in the cache
+    assert e.value.reason.startswith("unreadable manifest: AttributeError")
+
+
+def test_an_explicit_remote_manifest(tmp_path: Path, range_server: FileServer) -> None:
+    env = Env(tmp_path)
+    urls = serve(range_server, n=2)
+    m = env.resolve(urls, use_cache=False).manifest
+    m.write(str(range_server.root / MANIFEST_NAME), relative_to=range_server.url)
+    cat = env.resolve(range_server.url_for(MANIFEST_NAME))
+    assert cat.built == 0 and [sp.url for sp in cat.specs] == urls
+    assert cat.manifest.records == m.records
+
+
+def test_a_manifest_of_another_key_column_does_not_hide_a_later_one(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    shards = tars(tmp_path / "d")
+    assert env.resolve(shards).built == 2  # the cached manifest, for key_column="__key__"
+    write_manifest_next_to(env, shards, key_column=None)  # looked at first; not this loader's
+    assert env.resolve(shards).built == 0  # the cached one still serves
+
+
+def test_bad_entries_of_every_manifest_are_kept(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    shards = tars(tmp_path / "d", n=2)
+    beside = [BadEntry(shards[0], "s000", "corrupt")]
+    manifest_with_bad(env, shards, beside, skip=True)
+    cat = env.resolve(shards, skip_bad=True)
+    assert cat.manifest.bad == beside
+    cached = [BadEntry(shards[1], "s004", "also corrupt")]
+    Manifest(cat.manifest.records, "__key__", True, cached, cat.manifest.fields).write(
+        str(cat.cache_file)
+    )
+    assert env.resolve(shards, skip_bad=True).manifest.bad == beside + cached
+
+
+def test_a_local_compressed_shard_is_checked_by_its_version(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    (plain,) = tars(tmp_path / "d", n=1)
+    gz = tmp_path / "d" / "z.tar.gz"
+    gz.write_bytes(gzip.compress(Path(plain).read_bytes()))
+    cat = env.resolve([str(gz)])
+    assert cat.built == 1 and cat.manifest.records[0].num_samples == 3
+    assert cat.manifest.records[0].size == gz.stat().st_size
+    assert env.resolve([str(gz)]).built == 0  # unchanged: the record is reused
+    st = gz.stat()
+    os.utime(gz, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert env.resolve([str(gz)]).built == 1  # changed: indexed again
