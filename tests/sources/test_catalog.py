@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import logging
 import os
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -256,8 +258,9 @@ def test_a_missing_local_shard(tmp_path: Path) -> None:
     cat = env.resolve(shards, skip_bad=True)  # known this time: the stat fails
     assert cat.built == 0 and [sp.url for sp in cat.specs] == [shards[0], shards[2]]
     assert cat.manifest.bad == [BadEntry(shards[1], None, "shard left out: shard file not found")]
-    with pytest.raises(ShardError, match="shard file not found"):
+    with pytest.raises(ShardError, match="shard file not found") as e:
         env.resolve([shards[1]], key_column=None)  # not known, not skipped: indexing fails
+    assert e.value.shard == shards[1]
 
 
 def test_a_truncated_shard_keeps_its_whole_samples_and_a_broken_one_is_left_out(
@@ -485,6 +488,7 @@ def test_the_cached_manifest_is_ignored_when_broken_or_unwritable(
     assert again.built == 2
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs[-1].startswith(f"cannot write the manifest cache {cat.cache_file}: ")
+    assert "Is a directory" in msgs[-1]  # the cause
 
 
 # ---------------------------------------------------------------- remote shards
@@ -644,3 +648,86 @@ def test_a_local_compressed_shard_is_checked_by_its_version(tmp_path: Path) -> N
     st = gz.stat()
     os.utime(gz, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert env.resolve([str(gz)]).built == 1  # changed: indexed again
+
+
+class _NoLength(http.server.BaseHTTPRequestHandler):
+    """Answers with bodies that end when the connection closes: no Content-Length."""
+
+    protocol_version = "HTTP/1.0"
+    data = b""
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.do_HEAD()
+        self.wfile.write(self.data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_remote_shard_served_without_a_length_is_sized_on_disk(tmp_path: Path) -> None:
+    data = tar_bytes({"k1.txt": b"a", "k2.txt": b"bb"})
+    handler = type("H", (_NoLength,), {"data": data})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s.tar"
+        cat = Env(tmp_path).resolve([url])
+        (rec,) = cat.manifest.records
+        assert (rec.size, rec.version, rec.num_samples) == (len(data), "v1", 2)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def test_member_tables_are_kept_under_the_record_version(tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    shards = tars(tmp_path / "d", n=2)
+    store = IndexStore(env.cache_dir, key_column="__key__", skip=False)
+    cat = env.resolve(shards, store=store)
+    for sp, rec in zip(cat.specs, cat.manifest.records, strict=True):
+        assert store.cached(sp.url, rec.index_version) is not None
+    assert len(list((env.cache_dir / "index").glob("*.json"))) == 2  # on disk too
+    fresh = IndexStore(env.cache_dir, key_column="__key__", skip=False)  # the next process
+    assert fresh.cached(shards[0], cat.manifest.records[0].index_version) is not None
+
+
+def test_indexing_remote_shards_leaves_nothing_pinned_and_no_stale_copy(
+    tmp_path: Path, range_server: FileServer
+) -> None:
+    env = Env(tmp_path)
+    urls = serve(range_server, n=2)
+    cache = env.cache()
+    cat = env.resolve(urls, cache=cache)
+    assert cache._pins == {}  # every shard released once indexed
+    assert [r.num_samples for r in cat.manifest.records] == [2, 2]
+    # the object changes on the server; indexed again (no manifest reuse), the cached copy of
+    # the old object is not used: its size and ETag are checked against a HEAD first
+    range_server.put("r0.tar", tar_bytes({f"n{i}.txt": b"x" for i in range(5)}))
+    again = env.resolve(urls, cache=env.cache(), use_cache=False)
+    assert [r.num_samples for r in again.manifest.records] == [5, 2]
+
+
+def test_a_changed_object_of_a_server_without_etags_is_told_by_its_size(tmp_path: Path) -> None:
+    """Without an ETag the version is the Last-Modified date, to the second: an object replaced
+    within that second is told from the cached copy by its size."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = FileServer(root, etag=None)
+    try:
+        url = server.put("a.tar", tar_bytes({"k1.txt": b"a"}))
+        os.utime(root / "a.tar", (1_700_000_000, 1_700_000_000))
+        env = Env(tmp_path)
+        assert env.resolve([url]).manifest.records[0].num_samples == 1
+        server.put("a.tar", tar_bytes({f"k{i}.txt": b"a" * 600 for i in range(9)}))
+        os.utime(root / "a.tar", (1_700_000_000, 1_700_000_000))  # the same Last-Modified
+        again = env.resolve([url], cache=env.cache(), use_cache=False)
+        assert again.manifest.records[0].num_samples == 9
+    finally:
+        server.close()
