@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -344,3 +345,15 @@ def test_large_batches_go_to_the_copy_thread(
     assert [values(o)["bin"] for o in out] == [bytes([i]) * 9000 for i in range(7)]
     c.close()
     assert g._COPY_THREAD_BYTES == 64 << 10 and g._BYTES_FROM_MAP == 16 << 10
+
+
+def test_the_free_reference_baseline_is_measured_alike_each_time() -> None:
+    """``BatchBuffers`` reuses a buffer when its reference count is the baseline measured at
+    import: measured again, and on a buffer held only by a list as ``_get`` reads it, it agrees."""
+    assert g._free_refs() == g._FREE_REFS
+    held = [np.empty(4096, dtype=np.uint8)]
+    alone = sys.getrefcount(held[0])  # outside the assert: its rewriting holds temporaries
+    view = held[0][:10]
+    viewed = sys.getrefcount(held[0])
+    del view
+    assert (alone, viewed) == (g._FREE_REFS, g._FREE_REFS + 1)  # a view of it counts
