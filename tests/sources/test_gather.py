@@ -357,3 +357,12 @@ def test_the_free_reference_baseline_is_measured_alike_each_time() -> None:
     viewed = sys.getrefcount(held[0])
     del view
     assert (alone, viewed) == (g._FREE_REFS, g._FREE_REFS + 1)  # a view of it counts
+
+
+def test_batch_buffers_keep_eight_by_default() -> None:
+    bufs = BatchBuffers()
+    assert bufs.keep_bytes == 512 << 20
+    held = [bufs.get(100) for _ in range(10)]  # every one still in use
+    assert len(bufs._bufs) == 8 and len({id(h.base) for h in held}) == 10
+    del held
+    assert len(bufs._bufs) == 8
