@@ -366,3 +366,22 @@ def test_batch_buffers_keep_eight_by_default() -> None:
     assert len(bufs._bufs) == 8 and len({id(h.base) for h in held}) == 10
     del held
     assert len(bufs._bufs) == 8
+
+
+def test_close_waits_for_the_copy_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader's close returns once its copy thread has finished (here: still loading the
+    compiled copy), not while the thread may still run."""
+    monkeypatch.setattr(g, "_compiled", None)
+    block = threading.Event()
+    monkeypatch.setattr(g, "_load_compiled", lambda: block.wait(60))
+    src = np.frombuffer(b"ab", dtype=np.uint8)
+    dst = np.zeros(2, dtype=np.uint8)
+    c = Copier()
+    assert c.submit([(0, src.ctypes.data, 2)], dst.ctypes.data, None) is None
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (c.close(), closed.set()))
+    closer.start()
+    assert not closed.wait(0.5)  # the thread is still busy: close waits
+    block.set()
+    assert closed.wait(30)
+    closer.join(30)
