@@ -385,3 +385,117 @@ def test_close_waits_for_the_copy_thread(monkeypatch: pytest.MonkeyPatch) -> Non
     block.set()
     assert closed.wait(30)
     closer.join(30)
+
+
+def test_a_tar_ending_at_its_last_members_end(tmp_path: Path, mapped: bool) -> None:
+    """The end-of-archive blocks lost after indexing: the last member ends at the file's last
+    byte, and is read whole on every path."""
+    cut = tar_file(
+        tmp_path / "a.tar", [("k0.cls", b"c"), ("k0.txt", b"a" * 700), ("k1.txt", b"z" * 1024)]
+    )
+    idx = index(cut)
+    os.truncate(cut, int(idx.offsets[2]) + 1024)  # a multiple of 512: no padding either
+    # every field (one copy per sample), some (one per member), and handed on as bytes
+    for fields, own in ((None, frozenset()), ({"txt"}, frozenset()), (None, {"txt"})):
+        out: list[Any] = [None] * 2
+        gather_tar([part(cut, idx, [1, 0])], fields, out, BatchBuffers(), None, own)
+        assert values(out[0]) == {"txt": b"z" * 1024}
+        assert values(out[1])["txt"] == b"a" * 700
+
+
+def test_members_far_past_a_cut_fail_without_a_read(tmp_path: Path, mapped: bool) -> None:
+    """The shard lost most of its bytes after indexing: the members past the cut, pages away,
+    are neither copied nor read (which would fault past the mapping); their samples fail."""
+    members = [(f"k{i}.txt", bytes([65 + i]) * 30_000) for i in range(6)]
+    members += [(f"k{i}.cls", b"c") for i in range(6)]
+    path = tar_file(tmp_path / "a.tar", sorted(members))
+    idx = index(path)
+    os.truncate(path, int(idx.offsets[2]) + 10)  # inside k1's txt (k0: cls, txt; k1: cls, txt)
+    for fields in (None, {"txt"}, {"cls"}):
+        out: list[Any] = [None] * 6
+        gather_tar([part(path, idx, list(range(6)))], fields, out, BatchBuffers())
+        first = values(out[0])
+        assert first == {
+            k: v
+            for k, v in {"cls": b"c", "txt": b"A" * 30_000}.items()
+            if fields is None or k in fields
+        }
+        for j in range(2 if fields == {"cls"} else 1, 6):  # k1's cls lies before the cut
+            assert isinstance(out[j], ShardError) and out[j].key == f"k{j}", (fields, j)
+
+
+def test_the_copy_thread_threshold_is_inclusive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    g._load_compiled()
+    path = tar_file(tmp_path / "a.tar", [(f"k{i}.bin", bytes([i]) * 8192) for i in range(8)])
+    idx = index(path)
+    sizes: list[int] = []
+    c = Copier()
+    real = c.submit
+
+    def spy(ops: Any, dst: int, keep: Any) -> Any:
+        sizes.append(sum(n for _a, _s, n in ops))
+        return real(ops, dst, keep)
+
+    monkeypatch.setattr(c, "submit", spy)
+    out: list[Any] = [None] * 8
+    gather_tar([part(path, idx, list(range(8)))], None, out, BatchBuffers(), c)
+    assert sizes == [64 << 10]  # exactly _COPY_THREAD_BYTES: the thread
+    c.close()
+
+
+def test_one_copy_per_sample_when_every_field_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All of a sample's members lie together: one copy of its span (headers between them
+    included) when all are read; one copy per member read otherwise."""
+    monkeypatch.setattr(g, "_COPY_THREAD_BYTES", 0)
+    g._load_compiled()
+    path = tar_file(
+        tmp_path / "a.tar",
+        [(f"k{i}.{f}", f"{f}{i}".encode() * 50) for i in range(3) for f in ("cls", "jpg", "txt")],
+    )
+    idx = index(path)
+    calls: list[list[tuple[int, int, int]]] = []
+    c = Copier()
+    real = c.submit
+
+    def spy(ops: Any, dst: int, keep: Any) -> Any:
+        calls.append(list(ops))
+        return real(ops, dst, keep)
+
+    monkeypatch.setattr(c, "submit", spy)
+    for fields, n_ops in ((None, 3), ({"cls", "jpg", "txt"}, 3), ({"jpg", "txt"}, 6)):
+        out: list[Any] = [None] * 3
+        gather_tar([part(path, idx, [0, 1, 2])], fields, out, BatchBuffers(), c)
+        assert len(calls[-1]) == n_ops, fields
+        span = calls[-1][0][2]
+        if fields is None or len(fields) == 3:  # cls, header, jpg, header, txt
+            assert span == int(idx.offsets[2]) + int(idx.sizes[2]) - int(idx.offsets[0])
+        for i, o in enumerate(out):
+            want = {f: f"{f}{i}".encode() * 50 for f in ("cls", "jpg", "txt")}
+            assert values(o) == {k: v for k, v in want.items() if fields is None or k in fields}
+    c.close()
+
+
+def test_bytes_members_up_to_16_kib_come_from_the_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tar_file(
+        tmp_path / "a.tar",
+        [("k0.jpg", b"a" * (16 << 10)), ("k1.jpg", b"b" * ((16 << 10) + 1))],
+    )
+    idx = index(path)
+    preads: list[int] = []
+    real = os.pread
+
+    def pread(fd: int, n: int, o: int) -> bytes:
+        preads.append(n)
+        return real(fd, n, o)
+
+    monkeypatch.setattr(g.os, "pread", pread)
+    out: list[Any] = [None] * 2
+    gather_tar([part(path, idx, [0, 1])], None, out, BatchBuffers(), None, frozenset({"jpg"}))
+    assert preads == [(16 << 10) + 1]  # only the larger one is read by pread
+    assert out[0]["jpg"] == b"a" * (16 << 10) and out[1]["jpg"] == b"b" * ((16 << 10) + 1)
