@@ -499,3 +499,20 @@ def test_bytes_members_up_to_16_kib_come_from_the_mapping(
     gather_tar([part(path, idx, [0, 1])], None, out, BatchBuffers(), None, frozenset({"jpg"}))
     assert preads == [(16 << 10) + 1]  # only the larger one is read by pread
     assert out[0]["jpg"] == b"a" * (16 << 10) and out[1]["jpg"] == b"b" * ((16 << 10) + 1)
+
+
+def test_loading_warms_the_specialization_the_copies_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copy thread compiles (or loads from cache) the copy for what ``Copier.submit`` passes:
+    an int64 ``[k, 3]`` array (a float64 warm-up would leave the first real batch to compile)."""
+    import mmload.sources.memcopy as memcopy
+
+    seen: list[tuple[Any, ...]] = []
+
+    def record(ops: np.ndarray, dst: int) -> None:
+        seen.append((ops.dtype, ops.shape))
+
+    monkeypatch.setattr(memcopy, "copy_ranges", record)
+    monkeypatch.setattr(g, "_compiled", None)
+    g._load_compiled()
+    assert seen == [(np.dtype(np.int64), (0, 3))]  # nothing copied
+    assert g._compiled is record
