@@ -5,16 +5,19 @@ server)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mmload.config import RemoteConfig
-from mmload.errors import ShardError
+from mmload.errors import ConfigError, ShardError
 from mmload.sources import Dataset
 from mmload.sources import dataset as dataset_mod
 from mmload.sources.manifest import Manifest
@@ -410,3 +413,106 @@ def test_a_manifest_round_trip_opens_the_same_data_set(tmp_path: Path) -> None:
     ]
     ds.close()
     again.close()
+
+
+# ---------------------------------------------------------------- opening
+
+
+def test_open_passes_its_settings_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = [tar_shard(tmp_path / "d", "a", 3), tar_shard(tmp_path / "d", "b", 2)]
+    monkeypatch.setenv("MMLOAD_CACHE_DIR", str(tmp_path / "default"))
+    cfg = RemoteConfig(fetchers=3)
+    with caplog.at_level(logging.INFO, "mmload.sources.dataset"):
+        ds = Dataset.open(paths, remote=cfg)  # cache_dir: the default
+    assert ds.cache.root == tmp_path / "default" / "shards" and ds.cache.cfg is cfg
+    assert ds.store.dir == tmp_path / "default" / "index"
+    assert (ds.store.key_column, ds.store.skip) == ("__key__", False)
+    assert ds.cache_chunks == 64 and ds.key_column == "__key__"
+    assert ds.manifest_cache_file is not None and ds.manifest_cache_file.is_file()
+    assert ds.manifest_cache_file.parent == tmp_path / "default" / "manifests"
+    assert isinstance(ds.index_seconds, float) and 0 < ds.index_seconds < 60
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith("opened 2 shards, 5 samples in ") and msg.endswith(
+        "s (2 indexed now, the rest from a manifest)"
+    )
+    ds.close_cache()
+    other = Dataset.open(
+        paths,
+        key_column=None,
+        skip_bad=True,
+        cache_dir=tmp_path / "c",
+        index_cache=False,
+        cache_chunks=7,
+    )
+    assert other.store.dir is None and (other.store.key_column, other.store.skip) == (None, True)
+    assert other.cache.root == tmp_path / "c" / "shards" and other.cache_chunks == 7
+    assert other.cache.cfg == RemoteConfig() and other.key_column is None
+    assert not (tmp_path / "c" / "manifests").exists()  # no manifest cache either
+    other.close_cache()
+
+
+def test_open_with_bad_shards_skipped_or_not(tmp_path: Path) -> None:
+    good = tar_shard(tmp_path / "d", "a", 2)
+    bad = tmp_path / "d" / "bad.tar"
+    bad.write_bytes(bytes(100))
+    with pytest.raises(ShardError, match="shorter than one tar header"):
+        Dataset.open([good, str(bad)], cache_dir=tmp_path / "c")  # skip_bad=False by default
+    ds = Dataset.open([good, str(bad)], skip_bad=True, cache_dir=tmp_path / "c")
+    assert ds.num_shards == 1 and [b.shard for b in ds.bad] == [str(bad)]
+    assert ds.bad == ds.manifest.bad and ds.bad is not ds.manifest.bad
+    with pytest.raises(ShardError) as e:
+        Dataset.open([str(bad)], skip_bad=True, cache_dir=tmp_path / "c")
+    assert e.value.reason == "no readable shard in the spec"
+    assert e.value.shard == str([str(bad)])
+
+
+def test_open_refuses_a_data_set_without_samples(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    empty = [str(tmp_path / "d" / n) for n in ("e0.parquet", "e1.parquet")]
+    for p in empty:  # tables of no rows (an empty tar is refused when indexed)
+        pq.write_table(pa.table({"__key__": pa.array([], pa.string())}), p)
+    with pytest.raises(ShardError) as e:
+        Dataset.open(empty, cache_dir=tmp_path / "c")
+    assert e.value.reason == (
+        "the data set has no samples: all 2 readable shards are empty (the first is named here)"
+    )
+    assert e.value.shard == empty[0]
+    one = Dataset.open([*empty, tar_shard(tmp_path / "d", "a", 1)], cache_dir=tmp_path / "c")
+    assert one.num_samples == 1  # one sample is a data set
+    one.close()
+
+
+def test_open_pipes_only_when_allowed(tmp_path: Path) -> None:
+    path = tar_shard(tmp_path / "d", "a", 2)
+    spec = f"pipe:cat {path}"
+    with pytest.raises(ConfigError, match="allow_pipe=True"):
+        Dataset.open(spec, cache_dir=tmp_path / "c")
+    ds = Dataset.open(spec, allow_pipe=True, cache_dir=tmp_path / "c")
+    assert ds.num_samples == 2 and ds.remote.tolist() == [True]
+    ds.close_cache()
+
+
+def test_a_dataset_made_directly_has_defaults(tmp_path: Path) -> None:
+    ds = Dataset.open([tar_shard(tmp_path / "d", "a", 2)], cache_dir=tmp_path / "c")
+    direct = Dataset(ds.specs, ds.manifest, store=ds.store, cache=ds.cache)
+    assert direct.cache_chunks == 64 and direct.index_seconds == 0.0
+    assert direct.manifest_cache_file is None
+    assert direct.remote.dtype == bool and direct._is_tar.dtype == bool
+    ds.close()
+
+
+def test_the_plan_takes_the_last_batch_of_a_shard_read_twice_and_unplanned_pins_go(
+    tmp_path: Path, range_server: FileServer
+) -> None:
+    urls = served(range_server, tmp_path, [2, 2])
+    ds = Dataset.open(urls, cache_dir=tmp_path / "c", remote=RemoteConfig(retries=0))
+    ds.expect([(0, 0, 5), (1, 1, 1), (0, 2, 3)])  # shard 0 again, within its first span
+    assert ds._last_need == {0: 5, 1: 1}
+    ds.expect([])
+    ds.read(np.arange(4))  # read without a plan for them: pinned
+    assert sorted(ds._pinned) == [0, 1]
+    ds.advance(1)  # no plan: no longer needed
+    assert ds._pinned == {}
+    ds.close_cache()
