@@ -156,6 +156,7 @@ def test_a_shard_that_changed_since_its_manifest_is_refused(tmp_path: Path) -> N
         "the shard changed since it was indexed: the manifest says 4 samples, the shard has 3; "
         "run `mmload index` again"
     )
+    assert e.value.shard == paths[0]
     got = ds.read(np.array([1]))[0]
     assert isinstance(got, ShardError) and "manifest says 4 samples" in str(got)
     ds.close()
@@ -515,4 +516,80 @@ def test_the_plan_takes_the_last_batch_of_a_shard_read_twice_and_unplanned_pins_
     assert sorted(ds._pinned) == [0, 1]
     ds.advance(1)  # no plan: no longer needed
     assert ds._pinned == {}
+    ds.close_cache()
+
+
+def test_more_tar_shards_than_stay_open_are_gathered_in_whole_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataset_mod, "_MAX_OPEN_FILES", 2)
+    paths = [tar_shard(tmp_path, f"s{k}", 2) for k in range(7)]
+    ds = Dataset.open(paths, index_cache=False, cache_dir=tmp_path / "c")
+    groups: list[list[str]] = []
+    real = dataset_mod.gather_tar
+
+    def spy(parts: Any, *a: Any) -> None:
+        groups.append([p.url for p in parts])
+        real(parts, *a)
+
+    monkeypatch.setattr(dataset_mod, "gather_tar", spy)
+    ids = np.random.default_rng(3).permutation(14)
+    got = ds.read(ids, {"txt"})
+    order = list(dict.fromkeys(int(i) // 2 for i in ids))  # shards in first-seen order
+    assert groups == [[paths[s] for s in order[g : g + 2]] for g in range(0, 7, 2)]
+    for gid, smp in zip(ids.tolist(), got, strict=True):
+        assert isinstance(smp, dict) and smp["__key__"] == f"s{gid // 2}{gid % 2:03d}"
+        assert bytes(smp["txt"]) == f"s{gid // 2}-{gid % 2}".encode() and "cls" not in smp
+    ds.close()
+
+
+def test_large_batches_use_the_copy_thread_and_bytes_fields_stay_bytes(tmp_path: Path) -> None:
+    rows = [{"__key__": f"k{i:03d}", "bin": bytes([i]) * 5000, "txt": f"t{i}"} for i in range(40)]
+    (path,) = write_tar_shards(rows, str(tmp_path / "s-%d.tar"), maxcount=40)
+    ds = Dataset.open([path], index_cache=False, cache_dir=tmp_path / "c")
+    from mmload.sources import gather
+
+    gather._load_compiled()
+    got = ds.read(np.arange(40), None, frozenset({"txt"}))  # 200 KB: the copy thread's
+    assert ds._copier._pool is not None
+    for i, smp in enumerate(got):
+        assert (
+            isinstance(smp, dict) and type(smp["txt"]) is bytes and smp["txt"] == f"t{i}".encode()
+        )
+        assert isinstance(smp["bin"], memoryview) and bytes(smp["bin"]) == bytes([i]) * 5000
+    ds.close()
+
+
+def test_remote_table_readers_go_with_their_pins(tmp_path: Path, range_server: FileServer) -> None:
+    path = table_shard(tmp_path / "src", "p", 4, group=2)
+    url = range_server.put("p.parquet", Path(path).read_bytes())
+    ds = Dataset.open([url], cache_dir=tmp_path / "c", remote=RemoteConfig(retries=0))
+    ds.expect([(0, 0, 0)])
+    assert [g["__key__"] for g in ds.read(np.arange(4))] == ["p000", "p001", "p002", "p003"]  # type: ignore[index]
+    reader = ds._tables[0]
+    ds.advance(1)
+    assert ds._tables == {} and ds._pinned == {} and reader is not None
+    assert ds.cache._pins == {}
+    ds.close_cache()
+
+
+def test_a_shard_pinned_by_two_threads_at_once_is_released_once(
+    tmp_path: Path, range_server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls = served(range_server, tmp_path, [2])
+    ds = Dataset.open(urls, cache_dir=tmp_path / "c", remote=RemoteConfig(retries=0))
+    real = ds.cache.acquire
+
+    def acquire(need: Any) -> str:
+        path = real(need)
+        real(need)  # another thread of this reader pinned it meanwhile ...
+        ds._pinned[0] = path  # ... and recorded it first
+        return path
+
+    monkeypatch.setattr(ds.cache, "acquire", acquire)
+    ds._path(0)
+    assert ds.cache._pins[urls[0]][1] == 1  # one pin per record: the extra one released
+    monkeypatch.undo()
+    ds.close()
+    assert ds.cache._pins == {}
     ds.close_cache()
