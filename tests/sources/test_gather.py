@@ -320,31 +320,42 @@ def test_a_part_that_failed_to_open_fails_its_samples(tmp_path: Path, mapped: bo
     assert values(out[1]) == {"txt": b"b"} and values(out[3]) == {"txt": b"a"}
 
 
-def test_large_batches_go_to_the_copy_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def spied_copier(monkeypatch: pytest.MonkeyPatch) -> tuple[Copier, list[list[Any]]]:
+    """A copier (with the compiled copy loaded) that records the copies handed to it."""
     g._load_compiled()
-    path = tar_file(tmp_path / "a.tar", [(f"k{i}.bin", bytes([i]) * 9000) for i in range(8)])
-    idx = index(path)
-    sizes: list[int] = []
     c = Copier()
+    calls: list[list[Any]] = []
     real = c.submit
 
     def spy(ops: Any, dst: int, keep: Any) -> Any:
-        sizes.append(sum(n for _a, _s, n in ops))
+        calls.append(list(ops))
         return real(ops, dst, keep)
 
     monkeypatch.setattr(c, "submit", spy)
-    out: list[Any] = [None] * 8
-    gather_tar([part(path, idx, list(range(8)))], None, out, BatchBuffers(), c)
-    assert sizes == [72_000]  # at least _COPY_THREAD_BYTES: the thread
-    assert [values(o)["bin"] for o in out] == [bytes([i]) * 9000 for i in range(8)]
-    out = [None] * 7
-    gather_tar([part(path, idx, list(range(7)))], None, out, BatchBuffers(), c)
-    assert sizes == [72_000]  # 63,000 bytes: inline
-    assert [values(o)["bin"] for o in out] == [bytes([i]) * 9000 for i in range(7)]
-    c.close()
+    return c, calls
+
+
+@pytest.mark.parametrize(
+    ("size", "samples", "threaded"),
+    [
+        (9000, 8, True),  # 72,000 bytes
+        (8192, 8, True),  # 65,536: exactly _COPY_THREAD_BYTES
+        (8191, 8, False),  # 65,528
+        (9000, 7, False),  # 63,000
+    ],
+)
+def test_large_batches_go_to_the_copy_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, samples: int, threaded: bool
+) -> None:
+    path = tar_file(tmp_path / "a.tar", [(f"k{i}.bin", bytes([i]) * size) for i in range(8)])
+    idx = index(path)
+    c, calls = spied_copier(monkeypatch)
+    out: list[Any] = [None] * samples
+    gather_tar([part(path, idx, list(range(samples)))], None, out, BatchBuffers(), c)
+    assert [sum(n for _a, _s, n in ops) for ops in calls] == ([size * samples] if threaded else [])
+    assert [values(o)["bin"] for o in out] == [bytes([i]) * size for i in range(samples)]
     assert g._COPY_THREAD_BYTES == 64 << 10 and g._BYTES_FROM_MAP == 16 << 10
+    c.close()
 
 
 def test_the_free_reference_baseline_is_measured_alike_each_time() -> None:
@@ -424,48 +435,18 @@ def test_members_far_past_a_cut_fail_without_a_read(tmp_path: Path, mapped: bool
             assert isinstance(out[j], ShardError) and out[j].key == f"k{j}", (fields, j)
 
 
-def test_the_copy_thread_threshold_is_inclusive(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    g._load_compiled()
-    path = tar_file(tmp_path / "a.tar", [(f"k{i}.bin", bytes([i]) * 8192) for i in range(8)])
-    idx = index(path)
-    sizes: list[int] = []
-    c = Copier()
-    real = c.submit
-
-    def spy(ops: Any, dst: int, keep: Any) -> Any:
-        sizes.append(sum(n for _a, _s, n in ops))
-        return real(ops, dst, keep)
-
-    monkeypatch.setattr(c, "submit", spy)
-    out: list[Any] = [None] * 8
-    gather_tar([part(path, idx, list(range(8)))], None, out, BatchBuffers(), c)
-    assert sizes == [64 << 10]  # exactly _COPY_THREAD_BYTES: the thread
-    c.close()
-
-
 def test_one_copy_per_sample_when_every_field_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """All of a sample's members lie together: one copy of its span (headers between them
     included) when all are read; one copy per member read otherwise."""
     monkeypatch.setattr(g, "_COPY_THREAD_BYTES", 0)
-    g._load_compiled()
     path = tar_file(
         tmp_path / "a.tar",
         [(f"k{i}.{f}", f"{f}{i}".encode() * 50) for i in range(3) for f in ("cls", "jpg", "txt")],
     )
     idx = index(path)
-    calls: list[list[tuple[int, int, int]]] = []
-    c = Copier()
-    real = c.submit
-
-    def spy(ops: Any, dst: int, keep: Any) -> Any:
-        calls.append(list(ops))
-        return real(ops, dst, keep)
-
-    monkeypatch.setattr(c, "submit", spy)
+    c, calls = spied_copier(monkeypatch)
     for fields, n_ops in ((None, 3), ({"cls", "jpg", "txt"}, 3), ({"jpg", "txt"}, 6)):
         out: list[Any] = [None] * 3
         gather_tar([part(path, idx, [0, 1, 2])], fields, out, BatchBuffers(), c)
