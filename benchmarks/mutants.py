@@ -88,7 +88,7 @@ def main() -> None:
 
     def start(name: str, scope: list[str]) -> None:
         function = name.rsplit("__mutmut_", 1)[0]
-        reach = {t for t in by_function.get(function, []) if scope and t.startswith(tuple(scope))}
+        reach = {t for t in by_function.get(function, []) if t.startswith(tuple(scope))}
         tests = sorted(reach, key=lambda t: duration.get(t, 9.0))
         pid = os.fork()
         if pid == 0:  # the child: run the tests on this mutant, exit with pytest's code
@@ -115,21 +115,20 @@ def main() -> None:
                 f.write(f"{name} {rc} {n} {time.monotonic() - t0:.1f}\n")
             block = False
 
-    def run(names: list[str], scope: list[str]) -> None:
-        for name in names:
-            while len(running) >= a.jobs:
-                for pid, (_, _, t0) in list(running.items()):
-                    if time.monotonic() - t0 > a.timeout:
-                        os.kill(pid, signal.SIGKILL)
-                reap(block=False)
-                time.sleep(0.05)
-            start(name, scope)
-        while running:
+    def wait_until(at_most: int) -> None:
+        """Reap children (killing those past the timeout) until ``at_most`` still run."""
+        while len(running) > at_most:
             for pid, (_, _, t0) in list(running.items()):
                 if time.monotonic() - t0 > a.timeout:
                     os.kill(pid, signal.SIGKILL)
             reap(block=False)
             time.sleep(0.05)
+
+    def run(names: list[str], scope: list[str]) -> None:
+        for name in names:
+            wait_until(a.jobs - 1)
+            start(name, scope)
+        wait_until(0)
 
     if a.two_phase:
         run(todo, [])
